@@ -1,0 +1,222 @@
+//! Core configuration and limits: plain data handed in by the binary (`src/`); the core never
+//! reads files or the environment itself.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Which storage backend holds the Raft logs and snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// fjall under `data_dir`: the production backend.
+    #[default]
+    Fjall,
+    /// In memory: for tests and simulation; nothing survives the process.
+    Memory,
+}
+
+/// Everything the core needs to start a node.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CoreConfig {
+    /// This node's id in the cluster; stable across restarts.
+    pub node_id: u64,
+    /// Directory of the fjall database and snapshots.
+    pub data_dir: PathBuf,
+    /// Storage backend.
+    pub storage: StorageKind,
+    /// Number of shard Raft groups (partitions are spread over them). Fixed at first start:
+    /// changing it later is refused, because partitions are placed by hash over this count.
+    pub shard_count: u32,
+    /// A snapshot is taken after this many applied entries since the last one, after which the log
+    /// before it is purged: this bounds disk use under steady load.
+    pub snapshot_logs_since_last: u64,
+    /// Raft heartbeat interval.
+    pub raft_heartbeat_interval_ms: u64,
+    /// Raft election timeout, lower bound (upper bound is twice this).
+    pub raft_election_timeout_min_ms: u64,
+    /// How often the leader proposes a time tick so that TTLs, delays and queue expiry advance.
+    pub tick_interval_ms: u64,
+    /// Limits.
+    pub limits: Limits,
+}
+
+impl CoreConfig {
+    /// A single-node configuration storing under `data_dir`, with default limits.
+    pub fn single_node(data_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            node_id: 1,
+            data_dir: data_dir.into(),
+            storage: StorageKind::Fjall,
+            shard_count: 4,
+            snapshot_logs_since_last: 5_000,
+            raft_heartbeat_interval_ms: 100,
+            raft_election_timeout_min_ms: 300,
+            tick_interval_ms: 100,
+            limits: Limits::default(),
+        }
+    }
+
+    /// Check internal consistency; the error names the key and the reason.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let fail = |key: &'static str, reason: String| Err(ConfigError { key, reason });
+        if self.shard_count == 0 || self.shard_count > SHARD_COUNT_MAX {
+            return fail("shard_count", format!("must be between 1 and {SHARD_COUNT_MAX}"));
+        }
+        if self.snapshot_logs_since_last == 0 {
+            return fail("snapshot_logs_since_last", "must be at least 1".into());
+        }
+        if self.raft_heartbeat_interval_ms == 0 {
+            return fail("raft_heartbeat_interval_ms", "must be at least 1".into());
+        }
+        if self.raft_election_timeout_min_ms <= self.raft_heartbeat_interval_ms {
+            return fail(
+                "raft_election_timeout_min_ms",
+                "must be greater than raft_heartbeat_interval_ms".into(),
+            );
+        }
+        if self.tick_interval_ms == 0 {
+            return fail("tick_interval_ms", "must be at least 1".into());
+        }
+        self.limits.validate()
+    }
+}
+
+/// Upper bound on `shard_count`: each shard is a Raft group with its own tasks.
+pub const SHARD_COUNT_MAX: u32 = 1024;
+
+/// A configuration value that is out of range.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid configuration: {key}: {reason}")]
+pub struct ConfigError {
+    /// The key, relative to the core's section.
+    pub key: &'static str,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+/// Limits enforced by the core, each with its unit in its name. Every one is configurable.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Limits {
+    /// Largest message payload accepted, in bytes. RabbitMQ's default `max_message_size` is 16 MiB;
+    /// a Raft entry carries whole messages, so large payloads cost replication latency.
+    pub message_size_max_bytes: u64,
+    /// Longest exchange, queue, vhost or routing key name (AMQP short strings are 255 bytes).
+    pub name_len_max_bytes: u32,
+    /// Most messages held by one queue partition (ready, unacked and delayed) when the queue sets
+    /// no `x-max-length`; the whole state machine lives in memory, so this bounds memory.
+    pub queue_messages_max: u64,
+    /// Most payload bytes held by one queue partition when the queue sets no `x-max-length-bytes`.
+    pub queue_bytes_max: u64,
+    /// Most unacknowledged deliveries one consumer may hold on one partition; a prefetch of 0
+    /// (unlimited in AMQP) means this.
+    pub consumer_inflight_max: u32,
+    /// Most consumers attached to one queue partition.
+    pub consumers_per_queue_max: u32,
+    /// Most commands packed into one Raft entry by group commit.
+    pub batch_commands_max: u32,
+    /// Most payload bytes packed into one Raft entry by group commit.
+    pub batch_bytes_max: u64,
+    /// Most Raft entries proposed but not yet committed per group (pipelining depth).
+    pub pipeline_entries_max: u32,
+    /// Most requests waiting for a shard's group commit before callers get `Overloaded`.
+    pub pending_requests_max: u32,
+    /// Most queues in the catalogue.
+    pub queues_max: u32,
+    /// Most exchanges in the catalogue.
+    pub exchanges_max: u32,
+    /// Most bindings in the catalogue.
+    pub bindings_max: u32,
+    /// Most partitions of one queue.
+    pub partitions_per_queue_max: u32,
+    /// Longest delivery delay accepted, in milliseconds.
+    pub delay_max_ms: u64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            message_size_max_bytes: 16 * 1024 * 1024,
+            name_len_max_bytes: 255,
+            queue_messages_max: 10_000_000,
+            queue_bytes_max: 4 * 1024 * 1024 * 1024,
+            consumer_inflight_max: 10_000,
+            consumers_per_queue_max: 10_000,
+            batch_commands_max: 4_096,
+            batch_bytes_max: 8 * 1024 * 1024,
+            pipeline_entries_max: 8,
+            pending_requests_max: 100_000,
+            queues_max: 100_000,
+            exchanges_max: 100_000,
+            bindings_max: 1_000_000,
+            partitions_per_queue_max: 256,
+            delay_max_ms: 365 * 24 * 3600 * 1000,
+        }
+    }
+}
+
+impl Limits {
+    /// Check that every limit is positive and that related limits agree.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let positive: [(&'static str, u64); 15] = [
+            ("limits.message_size_max_bytes", self.message_size_max_bytes),
+            ("limits.name_len_max_bytes", self.name_len_max_bytes.into()),
+            ("limits.queue_messages_max", self.queue_messages_max),
+            ("limits.queue_bytes_max", self.queue_bytes_max),
+            ("limits.consumer_inflight_max", self.consumer_inflight_max.into()),
+            ("limits.consumers_per_queue_max", self.consumers_per_queue_max.into()),
+            ("limits.batch_commands_max", self.batch_commands_max.into()),
+            ("limits.batch_bytes_max", self.batch_bytes_max),
+            ("limits.pipeline_entries_max", self.pipeline_entries_max.into()),
+            ("limits.pending_requests_max", self.pending_requests_max.into()),
+            ("limits.queues_max", self.queues_max.into()),
+            ("limits.exchanges_max", self.exchanges_max.into()),
+            ("limits.bindings_max", self.bindings_max.into()),
+            ("limits.partitions_per_queue_max", self.partitions_per_queue_max.into()),
+            ("limits.delay_max_ms", self.delay_max_ms),
+        ];
+        for (key, value) in positive {
+            if value == 0 {
+                return Err(ConfigError { key, reason: "must be at least 1".into() });
+            }
+        }
+        if self.name_len_max_bytes > 255 {
+            return Err(ConfigError {
+                key: "limits.name_len_max_bytes",
+                reason: "must be at most 255 (AMQP short string)".into(),
+            });
+        }
+        if self.batch_bytes_max < self.message_size_max_bytes {
+            return Err(ConfigError {
+                key: "limits.batch_bytes_max",
+                reason: "must be at least limits.message_size_max_bytes, or a largest message could never be committed".into(),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        CoreConfig::single_node("/tmp/x").validate().expect("defaults valid");
+    }
+
+    #[test]
+    fn zero_limit_is_refused_with_its_key() {
+        let mut config = CoreConfig::single_node("/tmp/x");
+        config.limits.batch_commands_max = 0;
+        let error = config.validate().expect_err("zero refused");
+        assert_eq!(error.key, "limits.batch_commands_max");
+    }
+
+    #[test]
+    fn batch_smaller_than_message_is_refused() {
+        let mut config = CoreConfig::single_node("/tmp/x");
+        config.limits.batch_bytes_max = 1024;
+        assert_eq!(config.validate().expect_err("refused").key, "limits.batch_bytes_max");
+    }
+}

@@ -1,0 +1,73 @@
+//! The core's typed errors. Each says whether the caller may retry it; front-ends map them to their
+//! own reply codes in one table each.
+
+/// An error from a core API call.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CoreError {
+    /// The named object does not exist (AMQP 404).
+    #[error("NOT_FOUND - {0}")]
+    NotFound(String),
+    /// The request contradicts existing state or arguments (AMQP 406).
+    #[error("PRECONDITION_FAILED - {0}")]
+    PreconditionFailed(String),
+    /// The request touches a reserved or forbidden object (AMQP 403).
+    #[error("ACCESS_REFUSED - {0}")]
+    AccessRefused(String),
+    /// The object is exclusively owned by another connection (AMQP 405).
+    #[error("RESOURCE_LOCKED - {0}")]
+    ResourceLocked(String),
+    /// An argument is malformed (AMQP 406 or 501 depending on context).
+    #[error("invalid argument - {0}")]
+    InvalidArgument(String),
+    /// A configured limit would be exceeded; `limit` is the configuration key.
+    #[error("limit {limit} exceeded: {value} > {max}")]
+    LimitExceeded {
+        /// Configuration key of the limit.
+        limit: &'static str,
+        /// The requested value.
+        value: u64,
+        /// The configured maximum.
+        max: u64,
+    },
+    /// This node does not lead the group that owns the request; retry (on the leader).
+    #[error("not leader (leader: {leader:?})")]
+    NotLeader {
+        /// The leader, if known.
+        leader: Option<u64>,
+    },
+    /// Too many requests are waiting; retry later.
+    #[error("overloaded: {0}")]
+    Overloaded(String),
+    /// The core is starting or shutting down; retry later or elsewhere.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// Storage failed; the node stops accepting writes.
+    #[error("storage failure: {0}")]
+    Storage(String),
+    /// An invariant broke: a bug. Reported rather than panicking the whole node.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl CoreError {
+    /// Whether the same request may succeed if retried later (possibly elsewhere).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::NotLeader { .. } | Self::Overloaded(_) | Self::Unavailable(_))
+    }
+}
+
+/// Result alias for core calls.
+pub type CoreResult<T> = Result<T, CoreError>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn retryable_split() {
+        assert!(CoreError::NotLeader { leader: None }.is_retryable());
+        assert!(CoreError::Overloaded("x".into()).is_retryable());
+        assert!(!CoreError::NotFound("x".into()).is_retryable());
+        assert!(!CoreError::Storage("x".into()).is_retryable());
+    }
+}
