@@ -1,8 +1,10 @@
 //! The core's typed errors. Each says whether the caller may retry it; front-ends map them to their
-//! own reply codes in one table each.
+//! own reply codes in one table each. Errors travel inside Raft replies, hence serde.
+
+use serde::{Deserialize, Deserializer, Serialize};
 
 /// An error from a core API call.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error, Serialize, Deserialize)]
 pub enum CoreError {
     /// The named object does not exist (AMQP 404).
     #[error("NOT_FOUND - {0}")]
@@ -23,7 +25,8 @@ pub enum CoreError {
     #[error("limit {limit} exceeded: {value} > {max}")]
     LimitExceeded {
         /// Configuration key of the limit.
-        limit: &'static str,
+        #[serde(deserialize_with = "limit_key")]
+        limit: LimitKey,
         /// The requested value.
         value: u64,
         /// The configured maximum.
@@ -56,6 +59,33 @@ impl CoreError {
     }
 }
 
+/// Every limit key an error may name; deserialising maps a key back onto its static name.
+const LIMIT_KEYS: &[&str] = &[
+    "limits.message_size_max_bytes",
+    "limits.name_len_max_bytes",
+    "limits.queue_messages_max",
+    "limits.queue_bytes_max",
+    "limits.consumer_inflight_max",
+    "limits.consumers_per_queue_max",
+    "limits.batch_commands_max",
+    "limits.batch_bytes_max",
+    "limits.pipeline_entries_max",
+    "limits.pending_requests_max",
+    "limits.queues_max",
+    "limits.exchanges_max",
+    "limits.bindings_max",
+    "limits.partitions_per_queue_max",
+    "limits.delay_max_ms",
+];
+
+/// The configuration key of a limit: always one of a fixed set of names.
+pub type LimitKey = &'static str;
+
+fn limit_key<'de, D: Deserializer<'de>>(deserializer: D) -> Result<LimitKey, D::Error> {
+    let key = String::deserialize(deserializer)?;
+    Ok(LIMIT_KEYS.iter().find(|k| **k == key).copied().unwrap_or("limits.unknown"))
+}
+
 /// Result alias for core calls.
 pub type CoreResult<T> = Result<T, CoreError>;
 
@@ -69,5 +99,12 @@ mod tests {
         assert!(CoreError::Overloaded("x".into()).is_retryable());
         assert!(!CoreError::NotFound("x".into()).is_retryable());
         assert!(!CoreError::Storage("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn limit_error_round_trips() {
+        let error = CoreError::LimitExceeded { limit: "limits.queues_max", value: 3, max: 2 };
+        let bytes = postcard::to_allocvec(&error).expect("encode");
+        assert_eq!(postcard::from_bytes::<CoreError>(&bytes).expect("decode"), error);
     }
 }

@@ -7,7 +7,9 @@ pub mod config;
 pub mod error;
 pub mod model;
 pub mod node;
+pub mod queue;
 pub mod raft;
+pub mod shard;
 
 pub use config::{ConfigError, CoreConfig, Limits, StorageKind};
 pub use error::{CoreError, CoreResult};

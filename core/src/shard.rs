@@ -1,0 +1,331 @@
+//! The state of one shard Raft group: the queue partitions placed on it, and the commands that
+//! change them. Deterministic (see [`crate::raft::ReplicatedState`]); touches only `queue` and
+//! `model`.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::CoreError;
+use crate::model::{MessageRef, QueueArgs, QueueId, QueueName};
+use crate::queue::{AttachError, ConsumerId, DeadLetter, Delivery, Effect, Enqueued, Outcome, Partition, PartitionCaps};
+use crate::raft::ReplicatedState;
+
+/// A partition's address within a shard.
+pub type PartitionKey = (QueueId, u32);
+
+/// A command applied by a shard group.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShardCommand {
+    /// Create a partition (idempotent: an existing one is kept and touched).
+    CreatePartition {
+        /// Queue.
+        queue: QueueId,
+        /// Partition number.
+        partition: u32,
+        /// The queue's name (for dead-letter headers).
+        name: QueueName,
+        /// The queue's arguments.
+        args: QueueArgs,
+        /// Capacity bounds.
+        caps: PartitionCaps,
+    },
+    /// Delete a partition, its messages, and cancel its consumers.
+    DeletePartition {
+        /// Queue.
+        queue: QueueId,
+        /// Partition number.
+        partition: u32,
+    },
+    /// Store one message in one or more partitions of this shard.
+    Publish {
+        /// The partitions it goes to.
+        targets: Vec<PartitionKey>,
+        /// The message.
+        message: MessageRef,
+    },
+    /// Attach a consumer to a partition.
+    Attach {
+        /// Consumer.
+        consumer: ConsumerId,
+        /// Partition.
+        target: PartitionKey,
+        /// Unacked deliveries allowed (0: the configured maximum).
+        prefetch: u32,
+        /// Deliveries are settled on sending (flow-controlled by credit).
+        no_ack: bool,
+        /// Initial credit for a no-ack consumer.
+        credit: u32,
+    },
+    /// Detach a consumer or `basic.get` holder: its unacked deliveries return.
+    Detach {
+        /// Consumer.
+        consumer: ConsumerId,
+        /// Partition.
+        target: PartitionKey,
+    },
+    /// Change a consumer's prefetch.
+    SetPrefetch {
+        /// Consumer.
+        consumer: ConsumerId,
+        /// Partition.
+        target: PartitionKey,
+        /// New prefetch.
+        prefetch: u32,
+    },
+    /// Grant a no-ack consumer more credit.
+    Credit {
+        /// Consumer.
+        consumer: ConsumerId,
+        /// Partition.
+        target: PartitionKey,
+        /// Credit to add.
+        credit: u32,
+    },
+    /// Settle deliveries.
+    Settle {
+        /// Consumer (or `basic.get` holder) holding them.
+        consumer: ConsumerId,
+        /// Partition.
+        target: PartitionKey,
+        /// Offsets.
+        offsets: Vec<u64>,
+        /// Outcome.
+        outcome: Outcome,
+    },
+    /// `basic.get`.
+    Get {
+        /// Holder of the delivery until settled (ignored with `no_ack`).
+        holder: ConsumerId,
+        /// Partition.
+        target: PartitionKey,
+        /// Remove at once.
+        no_ack: bool,
+    },
+    /// Remove every ready message.
+    Purge {
+        /// Partition.
+        target: PartitionKey,
+    },
+    /// Advance time: delays, TTLs.
+    Tick,
+    /// A node (re)started with this incarnation: consumers of its earlier incarnations are gone.
+    NodeUp {
+        /// Node.
+        node: u64,
+        /// Its new incarnation.
+        incarnation: u64,
+    },
+    /// These dead-lettered messages were republished: forget them.
+    DeadLettered {
+        /// Partition.
+        target: PartitionKey,
+        /// Offsets.
+        offsets: Vec<u64>,
+    },
+}
+
+impl ShardCommand {
+    /// Payload bytes the command carries (for batch size limits).
+    pub fn size_bytes(&self) -> u64 {
+        match self {
+            Self::Publish { message, targets } => message.size_bytes() + 12 * targets.len() as u64,
+            Self::Settle { offsets, .. } | Self::DeadLettered { offsets, .. } => 8 * offsets.len() as u64 + 32,
+            _ => 64,
+        }
+    }
+}
+
+/// What became of a message offered to one partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PublishOutcome {
+    /// Stored at this offset.
+    Stored(u64),
+    /// Refused (overflow policy or capacity).
+    Rejected,
+    /// The partition does not exist (the queue was deleted meanwhile).
+    NoPartition,
+}
+
+/// The reply to one [`ShardCommand`].
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub enum ShardReply {
+    /// Done, nothing to report.
+    Done,
+    /// A partition was created (`false`: it existed).
+    Created(bool),
+    /// A partition was deleted with this many messages (`None`: it did not exist).
+    Deleted(Option<u64>),
+    /// Per target, in order.
+    Published(Vec<PublishOutcome>),
+    /// A consumer attached; `active` is false while another single active consumer serves.
+    Attached {
+        /// Whether it receives messages now.
+        active: bool,
+    },
+    /// A consumer detached; consumers left on the partition.
+    Detached {
+        /// Whether it was attached.
+        existed: bool,
+        /// Pushing consumers left.
+        consumers_left: u32,
+    },
+    /// Settled; offsets the consumer did not hold.
+    Settled {
+        /// Offsets not held.
+        unknown: Vec<u64>,
+    },
+    /// `basic.get` result.
+    Got(Option<Delivery>),
+    /// Ready messages removed.
+    Purged(u64),
+    /// The command failed.
+    Error(CoreError),
+}
+
+/// The state of one shard.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ShardState {
+    partitions: BTreeMap<PartitionKey, Partition>,
+}
+
+fn no_partition(target: PartitionKey) -> CoreError {
+    CoreError::NotFound(format!("no partition {} of queue {} on this shard", target.1, target.0))
+}
+
+impl ShardState {
+    /// A partition, if placed here.
+    pub fn partition(&self, key: PartitionKey) -> Option<&Partition> {
+        self.partitions.get(&key)
+    }
+
+    /// Every partition.
+    pub fn partitions(&self) -> impl Iterator<Item = (&PartitionKey, &Partition)> {
+        self.partitions.iter()
+    }
+
+    /// The earliest time a tick would change something.
+    pub fn next_deadline_ms(&self) -> Option<u64> {
+        self.partitions.values().filter_map(Partition::next_deadline_ms).min()
+    }
+
+    /// Dead-letter republishing still to be done (for a new leader).
+    pub fn dead_lettering(&self) -> Vec<DeadLetter> {
+        self.partitions.values().flat_map(Partition::dead_lettering).collect()
+    }
+
+    /// Partitions whose queue's `x-expires` has passed.
+    pub fn expired(&self, now_ms: u64) -> Vec<PartitionKey> {
+        self.partitions.iter().filter(|(_, p)| p.expired(now_ms)).map(|(k, _)| *k).collect()
+    }
+
+    fn with<R>(
+        &mut self,
+        target: PartitionKey,
+        f: impl FnOnce(&mut Partition) -> R,
+        reply: impl FnOnce(R) -> ShardReply,
+    ) -> ShardReply {
+        match self.partitions.get_mut(&target) {
+            Some(partition) => reply(f(partition)),
+            None => ShardReply::Error(no_partition(target)),
+        }
+    }
+}
+
+impl ReplicatedState for ShardState {
+    type Command = ShardCommand;
+    type Reply = ShardReply;
+    type Effect = Effect;
+
+    fn apply(&mut self, now_ms: u64, command: ShardCommand, effects: &mut Vec<Effect>) -> ShardReply {
+        match command {
+            ShardCommand::CreatePartition { queue, partition, name, args, caps } => {
+                let key = (queue, partition);
+                if let Some(existing) = self.partitions.get_mut(&key) {
+                    existing.touch(now_ms);
+                    return ShardReply::Created(false);
+                }
+                self.partitions.insert(key, Partition::new(queue, partition, name, args, caps, now_ms));
+                ShardReply::Created(true)
+            }
+            ShardCommand::DeletePartition { queue, partition } => match self.partitions.remove(&(queue, partition)) {
+                Some(mut removed) => {
+                    removed.cancel_all(effects);
+                    ShardReply::Deleted(Some(removed.len()))
+                }
+                None => ShardReply::Deleted(None),
+            },
+            ShardCommand::Publish { targets, message } => {
+                let outcomes = targets
+                    .iter()
+                    .map(|target| match self.partitions.get_mut(target) {
+                        Some(partition) => match partition.publish(now_ms, message.clone(), effects) {
+                            Enqueued::Stored(offset) => PublishOutcome::Stored(offset),
+                            Enqueued::Rejected => PublishOutcome::Rejected,
+                        },
+                        None => PublishOutcome::NoPartition,
+                    })
+                    .collect();
+                ShardReply::Published(outcomes)
+            }
+            ShardCommand::Attach { consumer, target, prefetch, no_ack, credit } => self.with(
+                target,
+                |p| p.attach(now_ms, consumer, prefetch, no_ack, credit, effects).map(|()| p.is_active(consumer)),
+                |result| match result {
+                    Ok(active) => ShardReply::Attached { active },
+                    Err(AttachError::Duplicate) => ShardReply::Error(CoreError::PreconditionFailed(format!(
+                        "consumer {consumer} is already attached"
+                    ))),
+                    Err(AttachError::TooMany(max)) => ShardReply::Error(CoreError::LimitExceeded {
+                        limit: "limits.consumers_per_queue_max",
+                        value: u64::from(max) + 1,
+                        max: max.into(),
+                    }),
+                },
+            ),
+            ShardCommand::Detach { consumer, target } => match self.partitions.get_mut(&target) {
+                Some(p) => {
+                    let existed = p.detach(now_ms, consumer, effects);
+                    ShardReply::Detached { existed, consumers_left: p.consumer_count() }
+                }
+                // Detaching from a deleted queue is not an error: the consumer is gone either way.
+                None => ShardReply::Detached { existed: false, consumers_left: 0 },
+            },
+            ShardCommand::SetPrefetch { consumer, target, prefetch } => {
+                self.with(target, |p| p.set_prefetch(now_ms, consumer, prefetch, effects), |_| ShardReply::Done)
+            }
+            ShardCommand::Credit { consumer, target, credit } => {
+                self.with(target, |p| p.add_credit(now_ms, consumer, credit, effects), |_| ShardReply::Done)
+            }
+            ShardCommand::Settle { consumer, target, offsets, outcome } => self.with(
+                target,
+                |p| p.settle(now_ms, consumer, &offsets, outcome, effects),
+                |unknown| ShardReply::Settled { unknown },
+            ),
+            ShardCommand::Get { holder, target, no_ack } => {
+                self.with(target, |p| p.get(now_ms, holder, no_ack, effects), ShardReply::Got)
+            }
+            ShardCommand::Purge { target } => self.with(target, Partition::purge, ShardReply::Purged),
+            ShardCommand::Tick => {
+                for partition in self.partitions.values_mut() {
+                    partition.tick(now_ms, effects);
+                }
+                ShardReply::Done
+            }
+            ShardCommand::NodeUp { node, incarnation } => {
+                for partition in self.partitions.values_mut() {
+                    for consumer in partition.stale_consumers(node, incarnation) {
+                        partition.detach(now_ms, consumer, effects);
+                    }
+                }
+                ShardReply::Done
+            }
+            ShardCommand::DeadLettered { target, offsets } => {
+                if let Some(p) = self.partitions.get_mut(&target) {
+                    p.dead_lettered(&offsets);
+                }
+                ShardReply::Done
+            }
+        }
+    }
+}
