@@ -1,1 +1,143 @@
-fn main(){}
+//! Publish-and-confirm throughput of the core API on one node with fsync on, next to fjall's raw
+//! batched-append rate for the same bytes (the physical reference), in one run.
+//!
+//! `cargo bench -p wharf-core --bench publish` (`WHARF_BENCH_SECS` sets each phase's length,
+//! default 5). Each publisher publishes 256-byte messages to one durable queue and waits for every
+//! confirmation before publishing again ("sequential"), or keeps a window of 16 unconfirmed
+//! ("window 16", as an AMQP publisher with confirms does). The queue has `x-max-length` 100,000
+//! (drop-head) so that memory stays bounded without a consumer.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use fjall::{Database, KeyspaceCreateOptions, PersistMode};
+use wharf_core::model::{FieldValue, Headers, Message};
+use wharf_core::node::QueueSpec;
+use wharf_core::{Core, CoreConfig};
+
+const PAYLOAD_BYTES: usize = 256;
+
+fn seconds() -> u64 {
+    std::env::var("WHARF_BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(5)
+}
+
+/// fjall, one keyspace, `batch` values of 256 bytes per batch, fdatasync per batch.
+fn fjall_raw(batch: usize, duration: Duration) -> f64 {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = Database::builder(dir.path()).manual_journal_persist(true).open().expect("open fjall");
+    let keyspace = db.keyspace("bench", KeyspaceCreateOptions::default).expect("keyspace");
+    let value = vec![7u8; PAYLOAD_BYTES];
+    let started = Instant::now();
+    let mut key: u64 = 0;
+    while started.elapsed() < duration {
+        let mut write = db.batch().durability(Some(PersistMode::SyncData));
+        for _ in 0..batch {
+            write.insert(&keyspace, key.to_be_bytes(), value.clone());
+            key += 1;
+        }
+        write.commit().expect("commit");
+    }
+    key as f64 / started.elapsed().as_secs_f64()
+}
+
+struct CoreRun {
+    messages_per_sec: f64,
+    p50_ms: f64,
+    p99_ms: f64,
+}
+
+async fn core_publish(publishers: usize, window: usize, duration: Duration) -> CoreRun {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let core = Core::open(CoreConfig::single_node(dir.path())).await.expect("open core");
+    let mut arguments = Headers::new();
+    arguments.push("x-max-length", FieldValue::I64(100_000));
+    let spec = QueueSpec { vhost: "/".into(), name: "bench".into(), durable: true, arguments, ..QueueSpec::default() };
+    core.declare_queue(spec).await.expect("declare");
+    let stop = Arc::new(AtomicBool::new(false));
+    let confirmed = Arc::new(AtomicU64::new(0));
+    let payload = bytes::Bytes::from(vec![7u8; PAYLOAD_BYTES]);
+    let mut tasks = Vec::new();
+    for _ in 0..publishers {
+        let (core, stop, confirmed, payload) = (core.clone(), stop.clone(), confirmed.clone(), payload.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies_us = Vec::new();
+            let mut pending = std::collections::VecDeque::new();
+            while !stop.load(Ordering::Relaxed) {
+                let message = Message::new("", "bench", payload.clone());
+                let started = Instant::now();
+                pending.push_back((started, core.publish("/", message).await.expect("publish")));
+                if pending.len() >= window
+                    && let Some((started, publish)) = pending.pop_front()
+                {
+                    let published = publish.confirm().await.expect("confirm");
+                    assert!(published.confirmed() && !published.unroutable());
+                    latencies_us.push(started.elapsed().as_micros() as u64);
+                    confirmed.fetch_add(1, Ordering::Relaxed);
+                }
+            }
+            while let Some((_, publish)) = pending.pop_front() {
+                publish.confirm().await.expect("confirm");
+            }
+            latencies_us
+        }));
+    }
+    // Measure after a short warm-up, over the requested duration.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start_count = confirmed.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let count = confirmed.load(Ordering::Relaxed) - start_count;
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("publisher"));
+    }
+    latencies.sort_unstable();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let run = CoreRun { messages_per_sec: count as f64 / elapsed, p50_ms: percentile(0.50), p99_ms: percentile(0.99) };
+    core.shutdown().await.expect("shutdown");
+    run
+}
+
+fn main() {
+    // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run a short smoke.
+    let smoke = !std::env::args().any(|a| a == "--bench");
+    let duration = Duration::from_secs(if smoke { 1 } else { seconds() });
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+
+    println!("fjall raw batched append, {PAYLOAD_BYTES}-byte values, fdatasync per batch:");
+    let mut raw = Vec::new();
+    for batch in [1usize, 64, 256, 1024] {
+        let rate = fjall_raw(batch, duration);
+        println!("  batch {batch:>5}: {rate:>12.0} values/s");
+        raw.push((batch, rate));
+    }
+    println!("core publish-and-confirm, {PAYLOAD_BYTES}-byte messages, fsync on, one node:");
+    let mut results = Vec::new();
+    for (publishers, window) in [(1usize, 1usize), (64, 1), (1, 16), (64, 16)] {
+        let run = runtime.block_on(core_publish(publishers, window, duration));
+        let label = if window == 1 { "sequential".to_owned() } else { format!("window {window}") };
+        println!(
+            "  {publishers:>2} publishers, {label:<10}: {:>10.0} msg/s   p50 {:>6.2} ms   p99 {:>6.2} ms",
+            run.messages_per_sec, run.p50_ms, run.p99_ms
+        );
+        results.push((publishers, window, run));
+    }
+    let best_raw = raw.iter().map(|(_, r)| *r).fold(0.0, f64::max);
+    for (publishers, window, run) in &results {
+        if *publishers == 64 {
+            println!(
+                "  ratio, 64 publishers window {window}: {:.1} % of the best raw fjall rate ({best_raw:.0}/s)",
+                100.0 * run.messages_per_sec / best_raw
+            );
+        }
+    }
+}

@@ -70,10 +70,7 @@ impl CoreConfig {
             return fail("raft_heartbeat_interval_ms", "must be at least 1".into());
         }
         if self.raft_election_timeout_min_ms <= self.raft_heartbeat_interval_ms {
-            return fail(
-                "raft_election_timeout_min_ms",
-                "must be greater than raft_heartbeat_interval_ms".into(),
-            );
+            return fail("raft_election_timeout_min_ms", "must be greater than raft_heartbeat_interval_ms".into());
         }
         if self.tick_interval_ms == 0 {
             return fail("tick_interval_ms", "must be at least 1".into());
@@ -143,7 +140,7 @@ impl Default for Limits {
             consumer_inflight_max: 10_000,
             consumers_per_queue_max: 10_000,
             batch_commands_max: 4_096,
-            batch_bytes_max: 8 * 1024 * 1024,
+            batch_bytes_max: 16 * 1024 * 1024,
             pipeline_entries_max: 8,
             pending_requests_max: 100_000,
             queues_max: 100_000,
@@ -189,7 +186,8 @@ impl Limits {
         if self.batch_bytes_max < self.message_size_max_bytes {
             return Err(ConfigError {
                 key: "limits.batch_bytes_max",
-                reason: "must be at least limits.message_size_max_bytes, or a largest message could never be committed".into(),
+                reason: "must be at least limits.message_size_max_bytes, or a largest message could never be committed"
+                    .into(),
             });
         }
         Ok(())

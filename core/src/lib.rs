@@ -3,10 +3,12 @@
 //!
 //! See `ARCHITECTURE.md` at the repository root for the map of this crate.
 
+pub mod catalogue;
 pub mod config;
 pub mod error;
 pub mod model;
 pub mod node;
+pub mod placement;
 pub mod queue;
 pub mod raft;
 pub mod shard;

@@ -249,12 +249,7 @@ pub struct Message {
 impl Message {
     /// A message with a payload and routing address and nothing else set.
     pub fn new(exchange: impl Into<String>, routing_key: impl Into<String>, payload: impl Into<Bytes>) -> Self {
-        Self {
-            exchange: exchange.into(),
-            routing_key: routing_key.into(),
-            payload: payload.into(),
-            ..Self::default()
-        }
+        Self { exchange: exchange.into(), routing_key: routing_key.into(), payload: payload.into(), ..Self::default() }
     }
 
     /// Bytes counted against queue byte limits (payload only, as RabbitMQ's `x-max-length-bytes`).

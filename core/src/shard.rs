@@ -8,7 +8,9 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
 use crate::model::{MessageRef, QueueArgs, QueueId, QueueName};
-use crate::queue::{AttachError, ConsumerId, DeadLetter, Delivery, Effect, Enqueued, Outcome, Partition, PartitionCaps};
+use crate::queue::{
+    AttachError, ConsumerId, DeadLetter, Delivery, Effect, Enqueued, Outcome, Partition, PartitionCaps,
+};
 use crate::raft::ReplicatedState;
 
 /// A partition's address within a shard.

@@ -98,7 +98,14 @@ impl Model {
     }
 
     /// A delivery (or get) of `offset` to `consumer`: legal only for the head, with capacity.
-    fn deliver(&mut self, consumer: u64, offset: u64, redelivered: bool, count: u32, no_ack: bool) -> Result<(), String> {
+    fn deliver(
+        &mut self,
+        consumer: u64,
+        offset: u64,
+        redelivered: bool,
+        count: u32,
+        no_ack: bool,
+    ) -> Result<(), String> {
         let head = self.ready_order().first().copied();
         if head != Some(offset) {
             return Err(format!("delivered {offset} but the head is {head:?}"));
@@ -122,12 +129,20 @@ impl Model {
     }
 
     /// A message the state machine dead-lettered with `reason`: check the reason holds.
-    fn die(&mut self, offset: u64, reason: &str, allowed_rejects: &BTreeSet<u64>, returned: &BTreeSet<u64>) -> Result<(), String> {
+    fn die(
+        &mut self,
+        offset: u64,
+        reason: &str,
+        allowed_rejects: &BTreeSet<u64>,
+        returned: &BTreeSet<u64>,
+    ) -> Result<(), String> {
         let msg = self.msgs.get(&offset).ok_or(format!("dead-lettered unknown {offset}"))?.clone();
         let legal = match reason {
             "rejected" => allowed_rejects.contains(&offset),
             "expired" => msg.expires_at_ms.is_some_and(|at| at <= self.now_ms),
-            "maxlen" => msg.at == Where::Ready && self.ready_len() > LENGTH_MAX && self.ready_order().first() == Some(&offset),
+            "maxlen" => {
+                msg.at == Where::Ready && self.ready_len() > LENGTH_MAX && self.ready_order().first() == Some(&offset)
+            }
             "delivery_limit" => returned.contains(&offset) && msg.count > DELIVERY_LIMIT,
             _ => false,
         };
@@ -191,7 +206,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
     let caps = PartitionCaps { messages_max: 1_000, bytes_max: 1 << 20, consumer_inflight_max: 100, consumers_max: 10 };
     let name = QueueName { vhost: "/".into(), name: "q".into() };
     let mut fx = Vec::new();
-    state.apply(model.now_ms, ShardCommand::CreatePartition { queue: TARGET.0, partition: 1 - 1, name, args, caps }, &mut fx);
+    state.apply(
+        model.now_ms,
+        ShardCommand::CreatePartition { queue: TARGET.0, partition: TARGET.1, name, args, caps },
+        &mut fx,
+    );
     let mut dying: BTreeSet<u64> = BTreeSet::new();
 
     for op in ops {
@@ -219,7 +238,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 ShardCommand::Detach { consumer: cid(consumer), target: TARGET }
             }
             Op::Settle { consumer, pick, outcome } => {
-                let held: Vec<u64> = model.consumers.get(&consumer).map(|(_, h)| h.iter().copied().collect()).unwrap_or_default();
+                let held: Vec<u64> =
+                    model.consumers.get(&consumer).map(|(_, h)| h.iter().copied().collect()).unwrap_or_default();
                 let offsets: Vec<u64> = held.get(pick % held.len().max(1)).copied().into_iter().collect();
                 let outcome = [Outcome::Ack, Outcome::Requeue, Outcome::Reject][outcome as usize];
                 for &offset in &offsets {
@@ -284,7 +304,9 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 );
             }
             (Op::Get { .. }, ShardReply::Got(Some(d))) => {
-                model.deliver(GETTER, d.position.offset, d.redelivered, d.delivery_count, get_no_ack == Some(true)).map_err(TestCaseError::fail)?;
+                model
+                    .deliver(GETTER, d.position.offset, d.redelivered, d.delivery_count, get_no_ack == Some(true))
+                    .map_err(TestCaseError::fail)?;
             }
             (Op::Get { .. }, ShardReply::Got(None)) => {}
             (Op::Purge, ShardReply::Purged(n)) => {

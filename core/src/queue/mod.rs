@@ -12,7 +12,9 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-use crate::model::{ConnectionId, FieldValue, Headers, Message, MessageRef, Overflow, Position, QueueArgs, QueueId, QueueName};
+use crate::model::{
+    ConnectionId, FieldValue, Headers, Message, MessageRef, Overflow, Position, QueueArgs, QueueId, QueueName,
+};
 
 /// Identity of a consumer: its connection and a number unique within that connection.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -135,7 +137,9 @@ enum State {
     /// In no index: only between two steps of one command (never after a command completes).
     Held,
     Ready,
-    Delayed { visible_at_ms: u64 },
+    Delayed {
+        visible_at_ms: u64,
+    },
     CheckedOut(ConsumerId),
     DeadLettering,
 }
@@ -189,7 +193,14 @@ pub struct Partition {
 
 impl Partition {
     /// A new, empty partition.
-    pub fn new(queue: QueueId, partition: u32, name: QueueName, args: QueueArgs, caps: PartitionCaps, now_ms: u64) -> Self {
+    pub fn new(
+        queue: QueueId,
+        partition: u32,
+        name: QueueName,
+        args: QueueArgs,
+        caps: PartitionCaps,
+        now_ms: u64,
+    ) -> Self {
         Self {
             queue,
             partition,
@@ -267,6 +278,11 @@ impl Partition {
             .filter(|(_, s)| s.state == State::DeadLettering)
             .filter_map(|(&offset, s)| self.dead_letter_job(offset, s, DeathReason::Rejected, None))
             .collect()
+    }
+
+    /// Whether the message at `offset` waits to be republished to the dead-letter exchange.
+    pub fn is_dead_lettering(&self, offset: u64) -> bool {
+        self.messages.get(&offset).is_some_and(|s| s.state == State::DeadLettering)
     }
 
     fn position(&self, offset: u64) -> Position {
@@ -437,7 +453,13 @@ impl Partition {
 
     /// Build the republish job. With `now_ms` the `x-death` headers are added; without, the
     /// stored message already carries them (resuming after a leader change).
-    fn dead_letter_job(&self, offset: u64, stored: &Stored, reason: DeathReason, now_ms: Option<u64>) -> Option<DeadLetter> {
+    fn dead_letter_job(
+        &self,
+        offset: u64,
+        stored: &Stored,
+        reason: DeathReason,
+        now_ms: Option<u64>,
+    ) -> Option<DeadLetter> {
         let exchange = self.args.dead_letter_exchange.clone()?;
         let routing_key =
             self.args.dead_letter_routing_key.clone().unwrap_or_else(|| stored.message.routing_key.clone());
@@ -473,10 +495,8 @@ impl Partition {
         if self.order.len() as u32 >= self.caps.consumers_max {
             return Err(AttachError::TooMany(self.caps.consumers_max));
         }
-        self.consumers.insert(
-            consumer,
-            Consumer { prefetch, credit, no_ack, passive: false, checked_out: BTreeSet::new() },
-        );
+        self.consumers
+            .insert(consumer, Consumer { prefetch, credit, no_ack, passive: false, checked_out: BTreeSet::new() });
         self.order.push_back(consumer);
         self.last_used_ms = now_ms;
         self.dispatch(now_ms, effects);
@@ -503,7 +523,13 @@ impl Partition {
     }
 
     /// Change a consumer's prefetch (AMQP `basic.qos` applied to an existing consumer).
-    pub fn set_prefetch(&mut self, now_ms: u64, consumer: ConsumerId, prefetch: u32, effects: &mut Vec<Effect>) -> bool {
+    pub fn set_prefetch(
+        &mut self,
+        now_ms: u64,
+        consumer: ConsumerId,
+        prefetch: u32,
+        effects: &mut Vec<Effect>,
+    ) -> bool {
         let Some(state) = self.consumers.get_mut(&consumer) else { return false };
         state.prefetch = prefetch;
         self.dispatch(now_ms, effects);
@@ -566,7 +592,13 @@ impl Partition {
 
     /// `basic.get`: take the next ready message. With `no_ack` it is removed at once; otherwise it
     /// is held by `holder` until settled.
-    pub fn get(&mut self, now_ms: u64, holder: ConsumerId, no_ack: bool, effects: &mut Vec<Effect>) -> Option<Delivery> {
+    pub fn get(
+        &mut self,
+        now_ms: u64,
+        holder: ConsumerId,
+        no_ack: bool,
+        effects: &mut Vec<Effect>,
+    ) -> Option<Delivery> {
         self.last_used_ms = now_ms;
         self.expire(now_ms.saturating_add(1), now_ms, effects);
         let &(_, offset) = self.ready.first()?;

@@ -371,8 +371,7 @@ fn single_active_consumer_fails_over_in_attach_order() {
 
 #[test]
 fn delivery_limit_dead_letters() {
-    let args =
-        QueueArgs { delivery_limit: Some(1), dead_letter_exchange: Some("dlx".into()), ..QueueArgs::default() };
+    let args = QueueArgs { delivery_limit: Some(1), dead_letter_exchange: Some("dlx".into()), ..QueueArgs::default() };
     let mut p = partition(args);
     let mut fx = Vec::new();
     p.publish(1_000, message("poison"), &mut fx);

@@ -2,6 +2,12 @@
 //! state trait, the proposal envelope, storage backends, the openraft log store and state machine
 //! adapters, and the network. Touches storage (through [`storage::Storage`]) and nothing above it.
 
+pub mod group;
+pub mod log_store;
+pub mod network;
+pub mod state_machine;
+pub mod storage;
+
 use std::fmt::Debug;
 
 use serde::de::DeserializeOwned;

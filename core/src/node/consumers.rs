@@ -1,0 +1,171 @@
+//! Local consumers: the registry that routes delivery effects from shard state machines to the
+//! consumers attached on this node, and the `Consumer` handle a front-end reads deliveries from.
+//! Touches the node's proposers (attach, detach, credit) and nothing else.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Mutex;
+
+use tokio::sync::mpsc;
+
+use crate::error::CoreResult;
+use crate::model::QueueName;
+use crate::queue::{ConsumerId, Delivery};
+use crate::shard::{PartitionKey, ShardCommand, ShardReply};
+
+use super::Core;
+
+/// Something that happens to a consumer.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConsumerEvent {
+    /// A message for it.
+    Delivery(Delivery),
+    /// The broker cancelled it (its queue was deleted): AMQP's consumer cancel notification.
+    Cancelled,
+}
+
+/// How to consume.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct ConsumeOptions {
+    /// Unacked deliveries allowed per partition (0: `limits.consumer_inflight_max`).
+    pub prefetch: u32,
+    /// Deliveries are settled when sent (AMQP `no-ack`, MQTT QoS 0).
+    pub no_ack: bool,
+}
+
+/// Where deliveries of locally attached consumers go. Apply runs on the Raft state machine task,
+/// so sending never blocks: the channel is unbounded, and its length is bounded by prefetch (ack
+/// mode) or granted credit (no-ack mode), both enforced by the state machine.
+#[derive(Debug, Default)]
+pub(crate) struct Registry {
+    consumers: Mutex<HashMap<ConsumerId, mpsc::UnboundedSender<ConsumerEvent>>>,
+}
+
+impl Registry {
+    pub(crate) fn register(&self, id: ConsumerId) -> mpsc::UnboundedReceiver<ConsumerEvent> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.lock().insert(id, tx);
+        rx
+    }
+
+    pub(crate) fn unregister(&self, id: ConsumerId) {
+        self.lock().remove(&id);
+    }
+
+    /// Hand a delivery to its consumer. A delivery for a consumer that is not here (replayed after
+    /// a restart, or already gone) is dropped: the state machine still holds the message, and it
+    /// returns to the queue when that consumer is detached.
+    pub(crate) fn deliver(&self, delivery: Delivery) {
+        let consumers = self.lock();
+        if let Some(tx) = consumers.get(&delivery.consumer) {
+            let _ = tx.send(ConsumerEvent::Delivery(delivery));
+        }
+    }
+
+    pub(crate) fn cancelled(&self, id: ConsumerId) {
+        if let Some(tx) = self.lock().remove(&id) {
+            let _ = tx.send(ConsumerEvent::Cancelled);
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConsumerId, mpsc::UnboundedSender<ConsumerEvent>>> {
+        // A poisoned lock only means another thread panicked while holding it; the map is still
+        // consistent (every operation is a single insert/remove/get).
+        self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+/// A consumer attached to every partition of a queue. Read deliveries with [`Consumer::recv`];
+/// settle them with [`Core::settle`]; end it with [`Consumer::cancel`] (dropping it detaches it
+/// in the background).
+#[derive(Debug)]
+pub struct Consumer {
+    pub(crate) core: Core,
+    pub(crate) id: ConsumerId,
+    pub(crate) queue: QueueName,
+    pub(crate) targets: Vec<PartitionKey>,
+    pub(crate) rx: mpsc::UnboundedReceiver<ConsumerEvent>,
+    pub(crate) options: ConsumeOptions,
+    /// No-ack mode: deliveries received per partition since credit was last granted.
+    pub(crate) since_credit: BTreeMap<PartitionKey, u32>,
+    pub(crate) credit_window: u32,
+    pub(crate) detached: bool,
+}
+
+impl Consumer {
+    /// This consumer's id.
+    pub fn id(&self) -> ConsumerId {
+        self.id
+    }
+
+    /// The queue it consumes.
+    pub fn queue(&self) -> &QueueName {
+        &self.queue
+    }
+
+    /// The next event; `None` once cancelled by the broker or after the node shut down.
+    pub async fn recv(&mut self) -> Option<ConsumerEvent> {
+        let event = self.rx.recv().await?;
+        if let ConsumerEvent::Delivery(delivery) = &event
+            && self.options.no_ack
+        {
+            let key = (delivery.position.queue, delivery.position.partition);
+            let received = self.since_credit.entry(key).or_insert(0);
+            *received += 1;
+            // Grant again once half the window is used, so the stream never stalls waiting.
+            if *received >= self.credit_window / 2 {
+                let credit = std::mem::take(received);
+                let command = ShardCommand::Credit { consumer: self.id, target: key, credit };
+                // Fire and forget: if it fails the node is stopping, and the stream ends anyway.
+                let _ = self.core.shard_for(key).submit(command, 64);
+            }
+        }
+        if matches!(event, ConsumerEvent::Cancelled) {
+            self.detached = true;
+        }
+        Some(event)
+    }
+
+    /// Detach from every partition: unacked deliveries return to the queue. Returns the number of
+    /// consumers left on the queue.
+    pub async fn cancel(mut self) -> CoreResult<u32> {
+        self.detached = true;
+        self.core.inner.registry.unregister(self.id);
+        let left = detach_all(&self.core, self.id, &self.targets).await?;
+        self.core.after_cancel(&self.queue, left).await;
+        Ok(left)
+    }
+}
+
+pub(crate) async fn detach_all(core: &Core, id: ConsumerId, targets: &[PartitionKey]) -> CoreResult<u32> {
+    let mut waits = Vec::with_capacity(targets.len());
+    for &target in targets {
+        waits.push(core.shard_for(target).submit(ShardCommand::Detach { consumer: id, target }, 64)?);
+    }
+    let mut left = 0;
+    for wait in waits {
+        if let ShardReply::Detached { consumers_left, .. } = super::proposer::wait(wait).await? {
+            left += consumers_left;
+        }
+    }
+    Ok(left)
+}
+
+impl Drop for Consumer {
+    fn drop(&mut self) {
+        if self.detached {
+            return;
+        }
+        self.core.inner.registry.unregister(self.id);
+        let core = self.core.clone();
+        let id = self.id;
+        let targets = std::mem::take(&mut self.targets);
+        let queue = self.queue.clone();
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move {
+                if let Ok(left) = detach_all(&core, id, &targets).await {
+                    core.after_cancel(&queue, left).await;
+                }
+            });
+        }
+    }
+}

@@ -1,0 +1,932 @@
+//! The core API handle every front-end uses: opens storage, runs the meta group and the shard
+//! groups, and exposes declare/bind/publish/consume/settle/get/purge. Touches everything below it
+//! in this crate; nothing below touches it.
+//!
+//! Request paths: catalogue changes go to the meta group; message operations go to the shard that
+//! owns the partition ([`crate::placement`]). Every change is a command committed through a
+//! group's [`proposer::Proposer`] (group commit), and replies come back only after commit.
+
+mod background;
+mod consumers;
+pub(crate) mod proposer;
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use openraft::Raft;
+use tokio::sync::mpsc;
+use tokio::task::JoinHandle;
+
+use self::consumers::Registry;
+pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent};
+use self::proposer::{Proposer, ReplyReceiver, wait};
+use crate::catalogue::{
+    BindingSpec, Catalogue, ExchangeDeclare, ExchangeKind, MetaCommand, MetaReply, QueueDeclare, QueueDef, RoutedQueue,
+};
+use crate::config::{CoreConfig, StorageKind};
+use crate::error::{CoreError, CoreResult};
+use crate::model::{ConnectionId, Headers, Message, Position, QueueId, QueueName};
+use crate::placement::{partition_for, shard_for};
+use crate::queue::{ConsumerId, DeadLetter, Delivery, Effect, Outcome, PartitionCaps};
+use crate::raft::group::{raft_config, start_group, wait_for_leader};
+use crate::raft::state_machine::{EffectSink, StateReader};
+use crate::raft::storage::{Durability, FjallStorage, MemStorage, Storage, Syncer, run_io};
+use crate::raft::{Proposal, Replies};
+use crate::shard::{PartitionKey, PublishOutcome, ShardCommand, ShardReply, ShardState};
+
+openraft::declare_raft_types!(
+    /// Types of the meta group (the catalogue).
+    pub MetaTypes: D = Proposal<MetaCommand>, R = Replies<MetaReply>,
+);
+openraft::declare_raft_types!(
+    /// Types of a shard group (queue partitions).
+    pub ShardTypes: D = Proposal<ShardCommand>, R = Replies<ShardReply>,
+);
+
+/// How long start-up waits for each group to elect itself.
+const LEADER_WAIT_SECS: u64 = 30;
+/// How long shutdown waits for queued and in-flight commits to finish.
+const DRAIN_WAIT_SECS: u64 = 20;
+/// The default virtual host, created on first start.
+pub const DEFAULT_VHOST: &str = "/";
+
+struct Group<C: openraft::RaftTypeConfig, S: crate::raft::ReplicatedState> {
+    raft: Raft<C>,
+    reader: StateReader<S>,
+    proposer: Proposer<S>,
+}
+
+/// A running core node. Cheap to clone; every clone is the same node.
+#[derive(Clone)]
+pub struct Core {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Core {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Core")
+            .field("node_id", &self.inner.config.node_id)
+            .field("incarnation", &self.inner.incarnation)
+            .finish()
+    }
+}
+
+struct Inner {
+    config: CoreConfig,
+    incarnation: u64,
+    storage: Arc<dyn Storage>,
+    meta: Group<MetaTypes, Catalogue>,
+    shards: Vec<Group<ShardTypes, ShardState>>,
+    registry: Arc<Registry>,
+    ready: AtomicBool,
+    closing: AtomicBool,
+    connection_seq: AtomicU64,
+    /// `basic.get` holders per connection, so closing a connection returns what they hold.
+    getters: Mutex<BTreeMap<ConnectionId, Vec<(ConsumerId, PartitionKey)>>>,
+    tasks: Mutex<Vec<JoinHandle<()>>>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+/// What a published message became.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Published {
+    /// Where it was stored, one position per queue that took it.
+    pub positions: Vec<Position>,
+    /// Queues that refused it (`x-overflow: reject-publish`, capacity).
+    pub rejected: Vec<QueueName>,
+    /// Queues the exchange routed it to (taken, refused, or deleted meanwhile).
+    pub routed: usize,
+}
+
+impl Published {
+    /// Whether no queue took it because none matched (AMQP `basic.return` for mandatory).
+    pub fn unroutable(&self) -> bool {
+        self.routed == 0
+    }
+
+    /// Whether every routed queue took it (an AMQP positive confirm).
+    pub fn confirmed(&self) -> bool {
+        self.rejected.is_empty()
+    }
+}
+
+/// Per shard: which routed queue (by index) and partition each outcome answers for, and the reply.
+type ShardWait = (Vec<(usize, PartitionKey)>, ReplyReceiver<ShardReply>);
+
+/// A publish queued for commit: the message is ordered behind earlier publishes of the same
+/// caller. Await [`PendingPublish::confirm`] for the outcome.
+#[derive(Debug)]
+#[must_use = "a publish is confirmed only when its confirmation is awaited"]
+pub struct PendingPublish {
+    routed: Vec<RoutedQueue>,
+    waits: Vec<ShardWait>,
+}
+
+impl PendingPublish {
+    /// Wait until the message is committed (fsynced on a majority) in every queue it was routed to.
+    pub async fn confirm(self) -> CoreResult<Published> {
+        let mut published = Published { routed: self.routed.len(), ..Published::default() };
+        for (indexes, rx) in self.waits {
+            let ShardReply::Published(outcomes) = wait(rx).await? else {
+                return Err(CoreError::Internal("publish answered with another reply".into()));
+            };
+            for ((index, target), outcome) in indexes.into_iter().zip(outcomes) {
+                let queue = &self.routed[index];
+                match outcome {
+                    PublishOutcome::Stored(offset) => {
+                        published.positions.push(Position { queue: target.0, partition: target.1, offset })
+                    }
+                    PublishOutcome::Rejected => published.rejected.push(queue.name.clone()),
+                    PublishOutcome::NoPartition => {}
+                }
+            }
+        }
+        Ok(published)
+    }
+}
+
+/// A queue declaration's answer (AMQP `queue.declare-ok`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QueueDeclared {
+    /// The queue's name (generated when declared with an empty name).
+    pub name: String,
+    /// Its id.
+    pub id: QueueId,
+    /// Ready messages.
+    pub message_count: u64,
+    /// Consumers.
+    pub consumer_count: u32,
+}
+
+/// A queue declaration (AMQP `queue.declare`).
+#[derive(Debug, Clone, Default)]
+pub struct QueueSpec {
+    /// Virtual host.
+    pub vhost: String,
+    /// Name; empty for a server-named queue.
+    pub name: String,
+    /// Only check it exists.
+    pub passive: bool,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Owned by the declaring connection, deleted with it.
+    pub exclusive: bool,
+    /// The declaring connection (required for an exclusive queue; locks others out of it).
+    pub connection: Option<ConnectionId>,
+    /// Deleted when its last consumer leaves.
+    pub auto_delete: bool,
+    /// `x-` arguments.
+    pub arguments: Headers,
+}
+
+/// An exchange declaration (AMQP `exchange.declare`).
+#[derive(Debug, Clone)]
+pub struct ExchangeSpec {
+    /// Virtual host.
+    pub vhost: String,
+    /// Name.
+    pub name: String,
+    /// Kind.
+    pub kind: ExchangeKind,
+    /// Only check it exists.
+    pub passive: bool,
+    /// Survives a restart.
+    pub durable: bool,
+    /// Deleted when its last binding goes.
+    pub auto_delete: bool,
+    /// Cannot be published to directly.
+    pub internal: bool,
+    /// Arguments (`alternate-exchange`).
+    pub arguments: Headers,
+}
+
+impl Core {
+    /// Open storage under the configured data directory, start every Raft group, and bring the
+    /// node's state up to date (clean up after the previous run, reconcile the catalogue with the
+    /// shards).
+    pub async fn open(config: CoreConfig) -> CoreResult<Self> {
+        config.validate().map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
+        let storage: Arc<dyn Storage> = match config.storage {
+            StorageKind::Fjall => {
+                let dir = config.data_dir.clone();
+                let opened = tokio::task::spawn_blocking(move || FjallStorage::open(dir))
+                    .await
+                    .map_err(|e| CoreError::Storage(e.to_string()))?;
+                Arc::new(opened.map_err(|e| CoreError::Storage(e.to_string()))?)
+            }
+            StorageKind::Memory => Arc::new(MemStorage::new()),
+        };
+        Self::open_on(config, storage).await
+    }
+
+    /// Like [`Core::open`], on a given storage (tests reopen a `MemStorage` to simulate restarts).
+    pub async fn open_on(config: CoreConfig, storage: Arc<dyn Storage>) -> CoreResult<Self> {
+        config.validate().map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
+        let storage_error = |e: crate::raft::storage::StorageError| CoreError::Storage(e.to_string());
+        check_shard_count(&storage, config.shard_count).await?;
+        let incarnation = run_io(&storage, |s| s.next_incarnation()).await.map_err(storage_error)?;
+        let syncer = Syncer::new(Arc::clone(&storage)).map_err(storage_error)?;
+        let raft = raft_config(
+            config.raft_heartbeat_interval_ms,
+            config.raft_election_timeout_min_ms,
+            config.snapshot_logs_since_last,
+        )
+        .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
+        let group_error = |e: crate::raft::group::GroupError| CoreError::Unavailable(e.to_string());
+
+        let registry = Arc::new(Registry::default());
+        let (dead_letter_tx, dead_letter_rx) = mpsc::unbounded_channel();
+
+        let meta_effects: EffectSink<<Catalogue as crate::raft::ReplicatedState>::Effect> = Arc::new(|_| {});
+        let (meta_raft, meta_reader) = start_group::<MetaTypes, Catalogue>(
+            "meta",
+            config.node_id,
+            Arc::clone(&raft),
+            Arc::clone(&storage),
+            syncer.clone(),
+            meta_effects,
+        )
+        .await
+        .map_err(group_error)?;
+        let (meta_proposer, meta_task) = Proposer::spawn("meta", meta_raft.clone(), &config.limits);
+        let mut tasks = vec![meta_task];
+
+        let mut shards = Vec::with_capacity(config.shard_count as usize);
+        for index in 0..config.shard_count {
+            let name = format!("shard-{index}");
+            let sink = shard_effect_sink(Arc::clone(&registry), dead_letter_tx.clone());
+            let (raft_handle, reader) = start_group::<ShardTypes, ShardState>(
+                &name,
+                config.node_id,
+                Arc::clone(&raft),
+                Arc::clone(&storage),
+                syncer.clone(),
+                sink,
+            )
+            .await
+            .map_err(group_error)?;
+            let (proposer, task) = Proposer::spawn(&name, raft_handle.clone(), &config.limits);
+            tasks.push(task);
+            shards.push(Group { raft: raft_handle, reader, proposer });
+        }
+        let leader_wait = Duration::from_secs(LEADER_WAIT_SECS);
+        wait_for_leader(&meta_raft, leader_wait).await.map_err(group_error)?;
+        for shard in &shards {
+            wait_for_leader(&shard.raft, leader_wait).await.map_err(group_error)?;
+        }
+
+        let (stop, _) = tokio::sync::watch::channel(false);
+        let core = Self {
+            inner: Arc::new(Inner {
+                config,
+                incarnation,
+                storage,
+                meta: Group { raft: meta_raft, reader: meta_reader, proposer: meta_proposer },
+                shards,
+                registry,
+                ready: AtomicBool::new(false),
+                closing: AtomicBool::new(false),
+                connection_seq: AtomicU64::new(0),
+                getters: Mutex::new(BTreeMap::new()),
+                tasks: Mutex::new(tasks),
+                stop,
+            }),
+        };
+        core.recover().await?;
+        let background = background::spawn(&core, dead_letter_rx);
+        core.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(background);
+        core.inner.ready.store(true, Ordering::Release);
+        tracing::info!(node = core.inner.config.node_id, incarnation, shards = core.inner.shards.len(), "core ready");
+        Ok(core)
+    }
+
+    /// Bring state up to date after a start: the default vhost exists; consumers and exclusive
+    /// queues of earlier incarnations are gone; transient queues do not survive; every queue's
+    /// partitions exist on their shards and no partition outlives its queue.
+    async fn recover(&self) -> CoreResult<()> {
+        let node = self.inner.config.node_id;
+        let incarnation = self.inner.incarnation;
+        if !self.inner.meta.reader.read(|c| c.has_vhost(DEFAULT_VHOST)) {
+            self.meta(MetaCommand::CreateVhost { name: DEFAULT_VHOST.into() }).await?;
+        }
+        let mut waits = Vec::new();
+        for shard in &self.inner.shards {
+            waits.push(shard.proposer.submit(ShardCommand::NodeUp { node, incarnation }, 64)?);
+        }
+        for rx in waits {
+            wait(rx).await?;
+        }
+        let deleted = self.meta(MetaCommand::DeleteOwnedBy { node, incarnation_below: incarnation }).await?;
+        self.drop_deleted_partitions(&deleted).await?;
+        // RabbitMQ semantics: a non-durable queue does not survive a restart of its node.
+        let transient: Vec<(String, String, QueueId)> = self.inner.meta.reader.read(|c| {
+            c.queues().filter(|q| !q.durable).map(|q| (q.name.vhost.clone(), q.name.name.clone(), q.id)).collect()
+        });
+        for (vhost, name, id) in transient {
+            let reply =
+                self.meta(MetaCommand::DeleteQueue { vhost, name, expected_id: Some(id), connection: None }).await?;
+            self.drop_deleted_partitions(&reply).await?;
+        }
+        // Reconcile: a crash between the meta commit and the shard commits of a declaration or
+        // deletion leaves the two out of step; both commands are idempotent, so redo them.
+        let queues: Vec<QueueDef> = self.inner.meta.reader.read(|c| c.queues().cloned().collect());
+        let mut live = std::collections::BTreeSet::new();
+        for queue in &queues {
+            self.create_partitions(queue).await?;
+            for partition in 0..queue.args.partitions {
+                live.insert((queue.id, partition));
+            }
+        }
+        for (index, shard) in self.inner.shards.iter().enumerate() {
+            let orphans: Vec<PartitionKey> =
+                shard.reader.read(|s| s.partitions().map(|(k, _)| *k).filter(|k| !live.contains(k)).collect());
+            for (queue, partition) in orphans {
+                tracing::info!(shard = index, %queue, partition, "deleting a partition whose queue is gone");
+                shard.proposer.call(ShardCommand::DeletePartition { queue, partition }, 64).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether every Raft group has a leader and the node serves requests.
+    pub fn is_ready(&self) -> bool {
+        self.inner.ready.load(Ordering::Acquire) && !self.inner.closing.load(Ordering::Acquire)
+    }
+
+    /// The configuration the node runs with.
+    pub fn config(&self) -> &CoreConfig {
+        &self.inner.config
+    }
+
+    /// This run's incarnation number.
+    pub fn incarnation(&self) -> u64 {
+        self.inner.incarnation
+    }
+
+    /// A new connection id on this node, for a front-end's new client connection.
+    pub fn new_connection(&self) -> ConnectionId {
+        ConnectionId {
+            node: self.inner.config.node_id,
+            incarnation: self.inner.incarnation,
+            seq: self.inner.connection_seq.fetch_add(1, Ordering::Relaxed),
+        }
+    }
+
+    /// Stop accepting requests, let queued and in-flight commits finish, stop the groups and make
+    /// storage durable. Idempotent.
+    pub async fn shutdown(&self) -> CoreResult<()> {
+        if self.inner.closing.swap(true, Ordering::AcqRel) {
+            return Ok(());
+        }
+        tracing::info!("core shutting down: draining commits");
+        let _ = self.inner.stop.send(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(DRAIN_WAIT_SECS);
+        // A barrier per group: its reply means everything queued before it is committed.
+        let mut barriers = Vec::new();
+        for shard in &self.inner.shards {
+            barriers.push(shard.proposer.submit(ShardCommand::Tick, 64));
+        }
+        for barrier in barriers.into_iter().flatten() {
+            if tokio::time::timeout_at(deadline, wait(barrier)).await.is_err() {
+                tracing::warn!("a shard did not drain within {DRAIN_WAIT_SECS} s");
+            }
+        }
+        let tasks: Vec<JoinHandle<()>> =
+            std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
+        for task in &tasks {
+            task.abort();
+        }
+        let mut failures = Vec::new();
+        if let Err(e) = self.inner.meta.raft.shutdown().await {
+            failures.push(format!("meta: {e}"));
+        }
+        for (index, shard) in self.inner.shards.iter().enumerate() {
+            if let Err(e) = shard.raft.shutdown().await {
+                failures.push(format!("shard-{index}: {e}"));
+            }
+        }
+        run_io(&self.inner.storage, |s| s.sync()).await.map_err(|e| CoreError::Storage(e.to_string()))?;
+        self.inner.ready.store(false, Ordering::Release);
+        if failures.is_empty() {
+            tracing::info!("core stopped");
+            Ok(())
+        } else {
+            Err(CoreError::Internal(format!("groups did not stop cleanly: {}", failures.join("; "))))
+        }
+    }
+
+    fn check_open(&self) -> CoreResult<()> {
+        if self.inner.closing.load(Ordering::Acquire) {
+            return Err(CoreError::Unavailable("the node is shutting down".into()));
+        }
+        Ok(())
+    }
+
+    fn shard_index(&self, key: PartitionKey) -> usize {
+        shard_for(key.0, key.1, self.inner.config.shard_count) as usize
+    }
+
+    pub(crate) fn shard_for(&self, key: PartitionKey) -> &Proposer<ShardState> {
+        &self.inner.shards[self.shard_index(key)].proposer
+    }
+
+    fn shard_reader(&self, key: PartitionKey) -> &StateReader<ShardState> {
+        &self.inner.shards[self.shard_index(key)].reader
+    }
+
+    async fn meta(&self, command: MetaCommand) -> CoreResult<MetaReply> {
+        match self.inner.meta.proposer.call(command, 256).await? {
+            MetaReply::Error(error) => Err(error),
+            reply => Ok(reply),
+        }
+    }
+
+    async fn create_partitions(&self, queue: &QueueDef) -> CoreResult<()> {
+        let limits = &self.inner.config.limits;
+        let caps = PartitionCaps {
+            messages_max: limits.queue_messages_max,
+            bytes_max: limits.queue_bytes_max,
+            consumer_inflight_max: limits.consumer_inflight_max,
+            consumers_max: limits.consumers_per_queue_max,
+        };
+        let mut waits = Vec::new();
+        for partition in 0..queue.args.partitions {
+            let command = ShardCommand::CreatePartition {
+                queue: queue.id,
+                partition,
+                name: queue.name.clone(),
+                args: queue.args.clone(),
+                caps,
+            };
+            waits.push(self.shard_for((queue.id, partition)).submit(command, 256)?);
+        }
+        for rx in waits {
+            wait(rx).await?;
+        }
+        Ok(())
+    }
+
+    /// Delete the shard partitions of queues a meta reply says were deleted; returns the messages
+    /// they held.
+    async fn drop_deleted_partitions(&self, reply: &MetaReply) -> CoreResult<u64> {
+        let mut waits = Vec::new();
+        for (queue, partitions) in deleted_queues(reply) {
+            for partition in 0..partitions {
+                let command = ShardCommand::DeletePartition { queue, partition };
+                waits.push(self.shard_for((queue, partition)).submit(command, 64)?);
+            }
+        }
+        let mut messages = 0;
+        for rx in waits {
+            if let ShardReply::Deleted(Some(count)) = wait(rx).await? {
+                messages += count;
+            }
+        }
+        Ok(messages)
+    }
+
+    // ----- catalogue -------------------------------------------------------------------------
+
+    /// Create a virtual host with its predeclared exchanges.
+    pub async fn create_vhost(&self, name: &str) -> CoreResult<()> {
+        self.check_open()?;
+        self.meta(MetaCommand::CreateVhost { name: name.into() }).await.map(drop)
+    }
+
+    /// Delete a virtual host and everything in it.
+    pub async fn delete_vhost(&self, name: &str) -> CoreResult<()> {
+        self.check_open()?;
+        let reply = self.meta(MetaCommand::DeleteVhost { name: name.into() }).await?;
+        self.drop_deleted_partitions(&reply).await.map(drop)
+    }
+
+    /// Declare an exchange (AMQP `exchange.declare`).
+    pub async fn declare_exchange(&self, spec: ExchangeSpec) -> CoreResult<()> {
+        self.check_open()?;
+        self.meta(MetaCommand::DeclareExchange(ExchangeDeclare {
+            vhost: spec.vhost,
+            name: spec.name,
+            kind: spec.kind,
+            durable: spec.durable,
+            auto_delete: spec.auto_delete,
+            internal: spec.internal,
+            arguments: spec.arguments,
+            passive: spec.passive,
+        }))
+        .await
+        .map(drop)
+    }
+
+    /// Delete an exchange (AMQP `exchange.delete`).
+    pub async fn delete_exchange(&self, vhost: &str, name: &str, if_unused: bool) -> CoreResult<()> {
+        self.check_open()?;
+        self.meta(MetaCommand::DeleteExchange { vhost: vhost.into(), name: name.into(), if_unused }).await.map(drop)
+    }
+
+    /// Declare a queue (AMQP `queue.declare`): created in the catalogue, then its partitions on
+    /// their shards.
+    pub async fn declare_queue(&self, spec: QueueSpec) -> CoreResult<QueueDeclared> {
+        self.check_open()?;
+        let vhost = spec.vhost.clone();
+        let reply = self
+            .meta(MetaCommand::DeclareQueue(QueueDeclare {
+                vhost: spec.vhost,
+                name: spec.name,
+                durable: spec.durable,
+                exclusive: spec.exclusive,
+                connection: spec.connection,
+                auto_delete: spec.auto_delete,
+                arguments: spec.arguments,
+                passive: spec.passive,
+            }))
+            .await?;
+        let MetaReply::QueueDeclared { id, name, .. } = reply else {
+            return Err(CoreError::Internal(format!("queue.declare answered {reply:?}")));
+        };
+        let queue = self.queue_def(&vhost, &name)?;
+        if !spec.passive {
+            // Also touches existing partitions (x-expires counts from the last use).
+            self.create_partitions(&queue).await?;
+        }
+        let (message_count, consumer_count) = self.queue_counts(&queue);
+        Ok(QueueDeclared { name, id, message_count, consumer_count })
+    }
+
+    fn queue_def(&self, vhost: &str, name: &str) -> CoreResult<QueueDef> {
+        self.inner
+            .meta
+            .reader
+            .read(|c| c.queue(vhost, name).cloned())
+            .ok_or_else(|| CoreError::NotFound(format!("no queue '{name}' in vhost '{vhost}'")))
+    }
+
+    /// Ready messages and consumers of a queue, summed over its partitions.
+    fn queue_counts(&self, queue: &QueueDef) -> (u64, u32) {
+        let mut messages = 0;
+        let mut consumers = 0;
+        for partition in 0..queue.args.partitions {
+            let key = (queue.id, partition);
+            let (m, c) = self
+                .shard_reader(key)
+                .read(|s| s.partition(key).map_or((0, 0), |p| (p.ready_len(), p.consumer_count())));
+            messages += m;
+            consumers += c;
+        }
+        (messages, consumers)
+    }
+
+    /// Ready messages and consumers of a queue (AMQP passive declare).
+    pub fn queue_status(&self, vhost: &str, name: &str) -> CoreResult<(u64, u32)> {
+        let queue = self.queue_def(vhost, name)?;
+        Ok(self.queue_counts(&queue))
+    }
+
+    /// Delete a queue (AMQP `queue.delete`) on behalf of `connection` (an exclusive queue can only
+    /// be deleted by its owner); returns the messages it held.
+    pub async fn delete_queue(
+        &self,
+        vhost: &str,
+        name: &str,
+        if_unused: bool,
+        if_empty: bool,
+        connection: Option<ConnectionId>,
+    ) -> CoreResult<u64> {
+        self.check_open()?;
+        let queue = self.queue_def(vhost, name)?;
+        let (messages, consumers) = self.queue_counts(&queue);
+        if if_unused && consumers > 0 {
+            return Err(CoreError::PreconditionFailed(format!("queue '{name}' in vhost '{vhost}' in use")));
+        }
+        if if_empty && messages > 0 {
+            return Err(CoreError::PreconditionFailed(format!("queue '{name}' in vhost '{vhost}' not empty")));
+        }
+        let reply = self
+            .meta(MetaCommand::DeleteQueue {
+                vhost: vhost.into(),
+                name: name.into(),
+                expected_id: Some(queue.id),
+                connection,
+            })
+            .await?;
+        self.drop_deleted_partitions(&reply).await
+    }
+
+    /// Bind a queue or exchange to an exchange, on behalf of `connection` (exclusive queues of
+    /// other connections are locked).
+    pub async fn bind(&self, binding: BindingSpec, connection: Option<ConnectionId>) -> CoreResult<()> {
+        self.check_open()?;
+        self.meta(MetaCommand::Bind { binding, connection }).await.map(drop)
+    }
+
+    /// Remove a binding.
+    pub async fn unbind(&self, binding: BindingSpec, connection: Option<ConnectionId>) -> CoreResult<()> {
+        self.check_open()?;
+        self.meta(MetaCommand::Unbind { binding, connection }).await.map(drop)
+    }
+
+    /// Read the catalogue (for listings, routing checks, admin views).
+    pub fn with_catalogue<T>(&self, f: impl FnOnce(&Catalogue) -> T) -> T {
+        self.inner.meta.reader.read(f)
+    }
+
+    // ----- messages --------------------------------------------------------------------------
+
+    /// Route a message and queue it for commit on every shard it goes to. Publishes queued by one
+    /// caller keep their order within each partition. Await the result's `confirm()`.
+    pub async fn publish(&self, vhost: &str, message: Message) -> CoreResult<PendingPublish> {
+        self.check_open()?;
+        let limits = &self.inner.config.limits;
+        let size = message.payload_len();
+        if size > limits.message_size_max_bytes {
+            return Err(CoreError::LimitExceeded {
+                limit: "limits.message_size_max_bytes",
+                value: size,
+                max: limits.message_size_max_bytes,
+            });
+        }
+        if let Some(delay) = message.delay_ms
+            && delay > limits.delay_max_ms
+        {
+            return Err(CoreError::LimitExceeded {
+                limit: "limits.delay_max_ms",
+                value: delay,
+                max: limits.delay_max_ms,
+            });
+        }
+        let route = self
+            .inner
+            .meta
+            .reader
+            .read(|c| c.route(vhost, &message.exchange, &message.routing_key, &message.headers))?;
+        let key = message.partition_key.as_deref().unwrap_or(&message.routing_key);
+        // One command per shard, naming every partition there: a message routed to many queues is
+        // carried once per shard, not once per queue.
+        let mut per_shard: BTreeMap<usize, Vec<(usize, PartitionKey)>> = BTreeMap::new();
+        for (index, queue) in route.queues.iter().enumerate() {
+            let target = (queue.id, partition_for(key, queue.partitions));
+            per_shard.entry(self.shard_index(target)).or_default().push((index, target));
+        }
+        let message = Arc::new(message);
+        let mut waits = Vec::with_capacity(per_shard.len());
+        for (shard, indexes) in per_shard {
+            let targets = indexes.iter().map(|(_, target)| *target).collect();
+            let command = ShardCommand::Publish { targets, message: Arc::clone(&message) };
+            let size = command.size_bytes();
+            waits.push((indexes, self.inner.shards[shard].proposer.submit(command, size)?));
+        }
+        metrics::counter!("wharf_core_published_messages_total").increment(1);
+        Ok(PendingPublish { routed: route.queues, waits })
+    }
+
+    /// Publish and wait for the confirmation.
+    pub async fn publish_confirmed(&self, vhost: &str, message: Message) -> CoreResult<Published> {
+        self.publish(vhost, message).await?.confirm().await
+    }
+
+    /// Attach a consumer to every partition of a queue.
+    pub async fn consume(
+        &self,
+        vhost: &str,
+        queue: &str,
+        id: ConsumerId,
+        options: ConsumeOptions,
+    ) -> CoreResult<Consumer> {
+        self.check_open()?;
+        let def = self.queue_def(vhost, queue)?;
+        let limits = &self.inner.config.limits;
+        let credit_window = limits.consumer_inflight_max.clamp(2, 1_000);
+        // Register before attaching: deliveries can be produced while the attach is applied.
+        let rx = self.inner.registry.register(id);
+        let targets: Vec<PartitionKey> = (0..def.args.partitions).map(|p| (def.id, p)).collect();
+        let mut attached = Vec::new();
+        for &target in &targets {
+            let command = ShardCommand::Attach {
+                consumer: id,
+                target,
+                prefetch: options.prefetch,
+                no_ack: options.no_ack,
+                credit: credit_window,
+            };
+            let result = match self.shard_for(target).call(command, 64).await {
+                Ok(ShardReply::Error(e)) => Err(e),
+                Ok(_) => Ok(()),
+                Err(e) => Err(e),
+            };
+            if let Err(error) = result {
+                self.inner.registry.unregister(id);
+                let _ = consumers::detach_all(self, id, &attached).await;
+                return Err(error);
+            }
+            attached.push(target);
+        }
+        Ok(Consumer {
+            core: self.clone(),
+            id,
+            queue: def.name.clone(),
+            targets,
+            rx,
+            options,
+            since_credit: BTreeMap::new(),
+            credit_window,
+            detached: false,
+        })
+    }
+
+    /// After a consumer left: an auto-delete queue whose last consumer left is deleted.
+    pub(crate) async fn after_cancel(&self, queue: &QueueName, consumers_left: u32) {
+        if consumers_left > 0 {
+            return;
+        }
+        let Ok(def) = self.queue_def(&queue.vhost, &queue.name) else { return };
+        if def.auto_delete
+            && let Err(error) = self.delete_queue(&queue.vhost, &queue.name, false, false, None).await
+        {
+            tracing::warn!(%queue, %error, "auto-delete of a queue failed");
+        }
+    }
+
+    /// Change the prefetch of a consumer on every partition of its queue (AMQP `basic.qos` on a
+    /// consumer that already exists).
+    pub async fn set_prefetch(&self, consumer: &Consumer, prefetch: u32) -> CoreResult<()> {
+        self.check_open()?;
+        let mut waits = Vec::new();
+        for &target in &consumer.targets {
+            let command = ShardCommand::SetPrefetch { consumer: consumer.id, target, prefetch };
+            waits.push(self.shard_for(target).submit(command, 64)?);
+        }
+        for rx in waits {
+            wait(rx).await?;
+        }
+        Ok(())
+    }
+
+    /// Settle deliveries held by `consumer` (a consumer or a `basic.get` holder). Returns the
+    /// positions it did not hold (already settled, or never delivered to it).
+    pub async fn settle(
+        &self,
+        consumer: ConsumerId,
+        positions: &[Position],
+        outcome: Outcome,
+    ) -> CoreResult<Vec<Position>> {
+        self.check_open()?;
+        let mut per_partition: BTreeMap<PartitionKey, Vec<u64>> = BTreeMap::new();
+        for position in positions {
+            per_partition.entry((position.queue, position.partition)).or_default().push(position.offset);
+        }
+        let mut waits = Vec::with_capacity(per_partition.len());
+        for (target, offsets) in per_partition {
+            let command = ShardCommand::Settle { consumer, target, offsets, outcome };
+            let size = command.size_bytes();
+            waits.push((target, self.shard_for(target).submit(command, size)?));
+        }
+        let mut unknown = Vec::new();
+        for (target, rx) in waits {
+            match wait(rx).await? {
+                ShardReply::Settled { unknown: offsets } => {
+                    unknown.extend(offsets.into_iter().map(|offset| Position {
+                        queue: target.0,
+                        partition: target.1,
+                        offset,
+                    }))
+                }
+                // The queue was deleted: nothing is held any more.
+                ShardReply::Error(CoreError::NotFound(_)) => {}
+                ShardReply::Error(error) => return Err(error),
+                other => return Err(CoreError::Internal(format!("settle answered {other:?}"))),
+            }
+        }
+        Ok(unknown)
+    }
+
+    /// `basic.get`: take one message from a queue. Without `no_ack` it is held by `holder` until
+    /// settled, or until the holder's connection closes ([`Core::close_connection`]).
+    pub async fn get(
+        &self,
+        vhost: &str,
+        queue: &str,
+        holder: ConsumerId,
+        no_ack: bool,
+    ) -> CoreResult<Option<Delivery>> {
+        self.check_open()?;
+        let def = self.queue_def(vhost, queue)?;
+        // Start at a rotating partition so that one partition does not starve the others.
+        let start = self.inner.connection_seq.load(Ordering::Relaxed) as u32;
+        for step in 0..def.args.partitions {
+            let target = (def.id, (start.wrapping_add(step)) % def.args.partitions);
+            let reply = self.shard_for(target).call(ShardCommand::Get { holder, target, no_ack }, 64).await?;
+            match reply {
+                ShardReply::Got(Some(delivery)) => {
+                    if !no_ack {
+                        self.inner
+                            .getters
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .entry(holder.connection)
+                            .or_default()
+                            .push((holder, target));
+                    }
+                    return Ok(Some(delivery));
+                }
+                ShardReply::Got(None) => {}
+                ShardReply::Error(error) => return Err(error),
+                other => return Err(CoreError::Internal(format!("get answered {other:?}"))),
+            }
+        }
+        Ok(None)
+    }
+
+    /// Remove every ready message of a queue; returns how many.
+    pub async fn purge(&self, vhost: &str, queue: &str) -> CoreResult<u64> {
+        self.check_open()?;
+        let def = self.queue_def(vhost, queue)?;
+        let mut waits = Vec::new();
+        for partition in 0..def.args.partitions {
+            let target = (def.id, partition);
+            waits.push(self.shard_for(target).submit(ShardCommand::Purge { target }, 64)?);
+        }
+        let mut purged = 0;
+        for rx in waits {
+            match wait(rx).await? {
+                ShardReply::Purged(count) => purged += count,
+                ShardReply::Error(error) => return Err(error),
+                other => return Err(CoreError::Internal(format!("purge answered {other:?}"))),
+            }
+        }
+        Ok(purged)
+    }
+
+    /// A client connection closed: what its `basic.get` calls hold returns to the queues, and its
+    /// exclusive queues are deleted. (Its consumers are cancelled by dropping their handles.)
+    pub async fn close_connection(&self, connection: ConnectionId) -> CoreResult<()> {
+        let held = self
+            .inner
+            .getters
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&connection)
+            .unwrap_or_default();
+        for (holder, target) in held {
+            self.shard_for(target).call(ShardCommand::Detach { consumer: holder, target }, 64).await?;
+        }
+        let reply = self.meta(MetaCommand::DeleteConnectionQueues { owner: connection }).await?;
+        self.drop_deleted_partitions(&reply).await.map(drop)
+    }
+}
+
+/// The (queue, partitions) a meta reply reports deleted.
+fn deleted_queues(reply: &MetaReply) -> Vec<(QueueId, u32)> {
+    match reply {
+        MetaReply::QueueDeleted(queue) => vec![(queue.id, queue.partitions)],
+        MetaReply::QueuesDeleted(queues) => queues.iter().map(|q| (q.id, q.partitions)).collect(),
+        _ => Vec::new(),
+    }
+}
+
+/// Refuse to start with a shard count other than the one the data was written with: partitions
+/// are placed by hash over it, so changing it would lose track of every partition.
+async fn check_shard_count(storage: &Arc<dyn Storage>, shard_count: u32) -> CoreResult<()> {
+    let stored =
+        run_io(storage, |s| s.get_meta("node", "shard_count")).await.map_err(|e| CoreError::Storage(e.to_string()))?;
+    match stored {
+        Some(bytes) => {
+            let stored = bytes
+                .try_into()
+                .map(u32::from_be_bytes)
+                .map_err(|_| CoreError::Storage("the stored shard count is not a 32-bit number".into()))?;
+            if stored != shard_count {
+                return Err(CoreError::InvalidArgument(format!(
+                    "invalid configuration: core.shard_count: the data directory was created with {stored} shards, \
+                     and the shard count cannot change (configured: {shard_count})"
+                )));
+            }
+            Ok(())
+        }
+        None => {
+            run_io(storage, move |s| s.put_meta("node", "shard_count", &shard_count.to_be_bytes(), Durability::Synced))
+                .await
+                .map_err(|e| CoreError::Storage(e.to_string()))
+        }
+    }
+}
+
+/// Effects of a shard's state machine, for this node: deliveries and cancellations to local
+/// consumers, dead-letter work to the republishing task.
+fn shard_effect_sink(registry: Arc<Registry>, dead_letters: mpsc::UnboundedSender<DeadLetter>) -> EffectSink<Effect> {
+    Arc::new(move |effects: Vec<Effect>| {
+        for effect in effects {
+            match effect {
+                Effect::Deliver(delivery) => registry.deliver(delivery),
+                Effect::ConsumerCancelled(id) => registry.cancelled(id),
+                Effect::DeadLetter(job) => {
+                    let _ = dead_letters.send(job);
+                }
+            }
+        }
+    })
+}
+
+#[allow(dead_code, reason = "the Cursor import is used by declare_raft_types! expansions")]
+type SnapshotData = Cursor<Vec<u8>>;

@@ -1,0 +1,144 @@
+//! Starting one Raft group: builds its log store and state machine on the node's shared storage,
+//! starts openraft, and forms a single-voter cluster on first start. Also the openraft
+//! configuration every group uses, and a wait for leadership. Touches the storage only through the
+//! log store and state machine.
+
+use std::collections::BTreeMap;
+use std::io::Cursor;
+use std::sync::Arc;
+use std::time::Duration;
+
+use openraft::error::{Fatal, InitializeError, RaftError};
+use openraft::metrics::WaitError;
+use openraft::{BasicNode, Config, Entry, Raft, RaftTypeConfig, SnapshotPolicy};
+
+use super::log_store::LogStore;
+use super::network::SingleNodeNetwork;
+use super::state_machine::{EffectSink, StateMachineStore, StateReader};
+use super::storage::{Storage, StorageError, Syncer};
+use super::{Proposal, ReplicatedState, Replies};
+
+/// Entries kept in the log below the last snapshot. Small, so that the log is purged soon after
+/// each snapshot and disk use stays bounded; a follower lagging by more gets the snapshot instead.
+pub const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 64;
+
+/// Most entries in one append-entries RPC. Each entry is a group-commit batch (up to
+/// `limits.batch_bytes_max`), so a few dozen already make a large message.
+pub const APPEND_ENTRIES_PER_RPC_MAX: u64 = 32;
+
+/// An error starting or waiting on a Raft group.
+#[derive(Debug, thiserror::Error)]
+pub enum GroupError {
+    /// The group's storage failed while opening it.
+    #[error("raft group {group}: storage: {source}")]
+    Storage {
+        /// The group.
+        group: String,
+        /// The storage error.
+        #[source]
+        source: StorageError,
+    },
+    /// The openraft configuration is invalid.
+    #[error("invalid raft config: {0}")]
+    Config(Box<openraft::ConfigError>),
+    /// openraft stopped (storage failure at startup, panic, or shutdown).
+    #[error("raft group {group}: {source}")]
+    Fatal {
+        /// The group.
+        group: String,
+        /// openraft's reason.
+        #[source]
+        source: Box<Fatal<u64>>,
+    },
+    /// Forming the single-voter cluster failed.
+    #[error("raft group {group}: initialize: {source}")]
+    Initialize {
+        /// The group.
+        group: String,
+        /// openraft's reason.
+        #[source]
+        source: Box<RaftError<u64, InitializeError<u64, BasicNode>>>,
+    },
+    /// Waiting for a leader timed out, or the group shut down meanwhile.
+    #[error("waiting for a raft leader: {0}")]
+    Wait(#[from] WaitError),
+}
+
+/// The openraft configuration for a group: heartbeats every `heartbeat_interval_ms`, elections
+/// after a random timeout in `[election_timeout_min_ms, 2 × election_timeout_min_ms)`, a snapshot
+/// every `snapshot_logs_since_last` applied entries, after which the log is purged up to
+/// [`LOGS_KEPT_AFTER_SNAPSHOT`] entries below it.
+pub fn raft_config(
+    heartbeat_interval_ms: u64,
+    election_timeout_min_ms: u64,
+    snapshot_logs_since_last: u64,
+) -> Result<Arc<Config>, GroupError> {
+    let config = Config {
+        cluster_name: "wharf".into(),
+        heartbeat_interval: heartbeat_interval_ms,
+        election_timeout_min: election_timeout_min_ms,
+        election_timeout_max: election_timeout_min_ms.saturating_mul(2),
+        snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs_since_last),
+        max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
+        max_payload_entries: APPEND_ENTRIES_PER_RPC_MAX,
+        ..Config::default()
+    };
+    Ok(Arc::new(config.validate().map_err(|e| GroupError::Config(Box::new(e)))?))
+}
+
+/// Start the Raft group `name` on this node, with its log and snapshots in `storage`.
+///
+/// `syncer` must sync `storage`; share one per storage between all groups (that is what makes
+/// their appends share fdatasyncs). `effects` receives the effects of applied commands.
+///
+/// On first start (nothing in the log, no vote) the group is initialized with this node as its
+/// only voter; on a restart it resumes from its last snapshot and log. It elects itself leader
+/// after an election timeout: see [`wait_for_leader`].
+pub async fn start_group<C, S>(
+    name: &str,
+    node_id: u64,
+    raft_config: Arc<Config>,
+    storage: Arc<dyn Storage>,
+    syncer: Syncer,
+    effects: EffectSink<S::Effect>,
+) -> Result<(Raft<C>, StateReader<S>), GroupError>
+where
+    C: RaftTypeConfig<
+            NodeId = u64,
+            Node = BasicNode,
+            Entry = Entry<C>,
+            D = Proposal<S::Command>,
+            R = Replies<S::Reply>,
+            SnapshotData = Cursor<Vec<u8>>,
+        >,
+    S: ReplicatedState,
+{
+    let storage_err = |source| GroupError::Storage { group: name.to_owned(), source };
+    let log_store = LogStore::<C>::new(name, Arc::clone(&storage), syncer).map_err(storage_err)?;
+    let state_machine = StateMachineStore::<C, S>::open(name, storage, effects).await.map_err(storage_err)?;
+    let reader = state_machine.reader();
+
+    let fatal = |source| GroupError::Fatal { group: name.to_owned(), source: Box::new(source) };
+    let raft = Raft::new(node_id, raft_config, SingleNodeNetwork, log_store, state_machine).await.map_err(fatal)?;
+    if !raft.is_initialized().await.map_err(fatal)? {
+        let voters = BTreeMap::from([(node_id, BasicNode::default())]);
+        raft.initialize(voters)
+            .await
+            .map_err(|source| GroupError::Initialize { group: name.to_owned(), source: Box::new(source) })?;
+    }
+    Ok((raft, reader))
+}
+
+/// Wait until the group has a leader (any node), at most `timeout`; returns the leader's id.
+pub async fn wait_for_leader<C>(raft: &Raft<C>, timeout: Duration) -> Result<u64, GroupError>
+where
+    C: RaftTypeConfig<NodeId = u64>,
+{
+    loop {
+        let metrics = raft.wait(Some(timeout)).metrics(|m| m.current_leader.is_some(), "a leader is known").await?;
+        // The predicate held on exactly these metrics, so this returns on the first pass.
+        if let Some(leader) = metrics.current_leader {
+            return Ok(leader);
+        }
+    }
+}

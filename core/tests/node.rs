@@ -1,0 +1,407 @@
+//! End-to-end tests of the core API (`Core`): real Raft groups, proposers, state machines and
+//! background tasks, on in-memory storage (restarts reopen the same `MemStorage`) or on fjall.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
+use wharf_core::model::{FieldValue, Headers, Message};
+use wharf_core::node::{ConsumeOptions, Consumer, ConsumerEvent, ExchangeSpec, QueueSpec};
+use wharf_core::queue::{ConsumerId, Delivery, Outcome};
+use wharf_core::raft::storage::MemStorage;
+use wharf_core::{Core, CoreConfig, CoreError, StorageKind};
+
+fn config() -> CoreConfig {
+    let mut config = CoreConfig::single_node("/nonexistent");
+    config.storage = StorageKind::Memory;
+    config.shard_count = 3;
+    config.tick_interval_ms = 10;
+    config.raft_heartbeat_interval_ms = 50;
+    config.raft_election_timeout_min_ms = 150;
+    config
+}
+
+async fn open(storage: &MemStorage) -> Core {
+    Core::open_on(config(), Arc::new(storage.clone())).await.expect("open core")
+}
+
+fn args(pairs: &[(&str, FieldValue)]) -> Headers {
+    let mut headers = Headers::new();
+    for (name, value) in pairs {
+        headers.push(*name, value.clone());
+    }
+    headers
+}
+
+async fn queue(core: &Core, name: &str, arguments: Headers) {
+    let spec = QueueSpec { vhost: "/".into(), name: name.into(), durable: true, arguments, ..QueueSpec::default() };
+    core.declare_queue(spec).await.expect("declare queue");
+}
+
+fn consumer_id(core: &Core, seq: u64) -> ConsumerId {
+    ConsumerId { connection: core.new_connection(), seq }
+}
+
+async fn next(consumer: &mut Consumer) -> Delivery {
+    match tokio::time::timeout(Duration::from_secs(10), consumer.recv()).await {
+        Ok(Some(ConsumerEvent::Delivery(delivery))) => delivery,
+        other => panic!("expected a delivery, got {other:?}"),
+    }
+}
+
+async fn nothing(consumer: &mut Consumer, millis: u64) {
+    if let Ok(event) = tokio::time::timeout(Duration::from_millis(millis), consumer.recv()).await {
+        panic!("expected nothing, got {event:?}");
+    }
+}
+
+fn body(delivery: &Delivery) -> String {
+    String::from_utf8_lossy(&delivery.message.payload).into_owned()
+}
+
+#[tokio::test]
+async fn publish_consume_ack_through_exchanges() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "orders", Headers::new()).await;
+    core.bind(
+        BindingSpec {
+            vhost: "/".into(),
+            source: "amq.topic".into(),
+            destination: Destination::Queue("orders".into()),
+            routing_key: "orders.*.created".into(),
+            arguments: Headers::new(),
+        },
+        None,
+    )
+    .await
+    .expect("bind");
+    let published =
+        core.publish_confirmed("/", Message::new("amq.topic", "orders.eu.created", "a")).await.expect("publish");
+    assert_eq!(published.positions.len(), 1);
+    assert!(published.confirmed());
+    let missed =
+        core.publish_confirmed("/", Message::new("amq.topic", "orders.eu.shipped", "b")).await.expect("publish");
+    assert!(missed.unroutable(), "no binding matches: unroutable (basic.return for mandatory)");
+    core.publish_confirmed("/", Message::new("", "orders", "c")).await.expect("default exchange");
+
+    let id = consumer_id(&core, 1);
+    let mut consumer =
+        core.consume("/", "orders", id, ConsumeOptions { prefetch: 10, no_ack: false }).await.expect("consume");
+    let first = next(&mut consumer).await;
+    let second = next(&mut consumer).await;
+    assert_eq!((body(&first), body(&second)), ("a".into(), "c".into()));
+    assert_eq!(first.position, published.positions[0]);
+    let unknown = core.settle(id, &[first.position, second.position], Outcome::Ack).await.expect("ack");
+    assert!(unknown.is_empty());
+    let again = core.settle(id, &[first.position], Outcome::Ack).await.expect("double ack");
+    assert_eq!(again, vec![first.position], "a second ack of the same delivery is reported unknown");
+    assert_eq!(core.queue_status("/", "orders").expect("status"), (0, 1));
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn publishing_to_missing_exchange_is_not_found() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let error = core.publish("/", Message::new("nope", "k", "x")).await.expect_err("no exchange");
+    assert!(matches!(error, CoreError::NotFound(_)), "{error}");
+    assert!(!error.is_retryable());
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn message_size_limit_is_enforced() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    config.limits.message_size_max_bytes = 1_000;
+    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    queue(&core, "q", Headers::new()).await;
+    let error = core.publish("/", Message::new("", "q", vec![0u8; 1_001])).await.expect_err("too large");
+    assert!(
+        matches!(error, CoreError::LimitExceeded { limit: "limits.message_size_max_bytes", value: 1_001, max: 1_000 }),
+        "{error}"
+    );
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn nack_without_requeue_dead_letters_to_another_queue() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "dead", Headers::new()).await;
+    let dlx = args(&[
+        ("x-dead-letter-exchange", FieldValue::from("")),
+        ("x-dead-letter-routing-key", FieldValue::from("dead")),
+    ]);
+    queue(&core, "work", dlx).await;
+    core.publish_confirmed("/", Message::new("", "work", "poison")).await.expect("publish");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", "work", id, ConsumeOptions::default()).await.expect("consume");
+    let delivery = next(&mut consumer).await;
+    core.settle(id, &[delivery.position], Outcome::Reject).await.expect("reject");
+
+    let dead_id = consumer_id(&core, 2);
+    let mut dead = core.consume("/", "dead", dead_id, ConsumeOptions::default()).await.expect("consume dead");
+    let died = next(&mut dead).await;
+    assert_eq!(body(&died), "poison");
+    assert_eq!(died.message.routing_key, "dead");
+    let reason = died.message.headers.get("x-first-death-reason").and_then(FieldValue::as_str);
+    assert_eq!(reason, Some("rejected"));
+    // The source queue let go of it once the republish was confirmed.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(core.queue_status("/", "work").expect("status").0, 0);
+    consumer.cancel().await.expect("cancel");
+    dead.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn delayed_delivery_and_ttl_follow_committed_time() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "later", Headers::new()).await;
+    queue(&core, "short", args(&[("x-message-ttl", FieldValue::I32(50))])).await;
+    let mut delayed = Message::new("", "later", "late");
+    delayed.delay_ms = Some(300);
+    core.publish_confirmed("/", delayed).await.expect("publish delayed");
+    core.publish_confirmed("/", Message::new("", "short", "gone")).await.expect("publish ttl");
+
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", "later", id, ConsumeOptions::default()).await.expect("consume");
+    nothing(&mut consumer, 150).await;
+    assert_eq!(body(&next(&mut consumer).await), "late");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(core.queue_status("/", "short").expect("status").0, 0, "expired by a tick");
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn queue_expires_when_unused() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "temp", args(&[("x-expires", FieldValue::I32(100))])).await;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while core.queue_status("/", "temp").is_ok() {
+        assert!(tokio::time::Instant::now() < deadline, "queue did not expire");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn auto_delete_queue_goes_with_its_last_consumer() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let spec = QueueSpec { vhost: "/".into(), name: "auto".into(), auto_delete: true, ..QueueSpec::default() };
+    core.declare_queue(spec).await.expect("declare");
+    let consumer = core.consume("/", "auto", consumer_id(&core, 1), ConsumeOptions::default()).await.expect("consume");
+    assert!(core.queue_status("/", "auto").is_ok());
+    consumer.cancel().await.expect("cancel");
+    assert!(matches!(core.queue_status("/", "auto"), Err(CoreError::NotFound(_))));
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn exclusive_queue_is_deleted_with_its_connection_and_get_returns() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let owner = core.new_connection();
+    let spec = QueueSpec {
+        vhost: "/".into(),
+        name: "mine".into(),
+        exclusive: true,
+        connection: Some(owner),
+        ..QueueSpec::default()
+    };
+    core.declare_queue(spec.clone()).await.expect("declare");
+    let other = QueueSpec { connection: Some(core.new_connection()), ..spec };
+    let locked = core.declare_queue(other).await.expect_err("locked");
+    assert!(matches!(locked, CoreError::ResourceLocked(_)), "{locked}");
+
+    queue(&core, "shared", Headers::new()).await;
+    core.publish_confirmed("/", Message::new("", "shared", "one")).await.expect("publish");
+    let getter = core.new_connection();
+    let holder = ConsumerId { connection: getter, seq: 0 };
+    let got = core.get("/", "shared", holder, false).await.expect("get").expect("a message");
+    assert_eq!(body(&got), "one");
+    assert_eq!(core.queue_status("/", "shared").expect("status").0, 0);
+    core.close_connection(getter).await.expect("close getter");
+    assert_eq!(core.queue_status("/", "shared").expect("status").0, 1, "unsettled get returned on close");
+    let again = core.get("/", "shared", holder, true).await.expect("get").expect("the message again");
+    assert!(again.redelivered);
+
+    core.close_connection(owner).await.expect("close owner");
+    assert!(matches!(core.queue_status("/", "mine"), Err(CoreError::NotFound(_))));
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn reject_publish_overflow_is_a_negative_confirm() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let limited = args(&[("x-max-length", FieldValue::I32(1)), ("x-overflow", FieldValue::from("reject-publish"))]);
+    queue(&core, "full", limited).await;
+    assert!(core.publish_confirmed("/", Message::new("", "full", "1")).await.expect("first").confirmed());
+    let refused = core.publish_confirmed("/", Message::new("", "full", "2")).await.expect("second");
+    assert!(!refused.confirmed());
+    assert_eq!(refused.rejected.len(), 1);
+    assert_eq!(core.purge("/", "full").await.expect("purge"), 1);
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn fanout_to_partitioned_queues_and_headers_exchange() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "p", args(&[("x-partitions", FieldValue::I32(4))])).await;
+    queue(&core, "h", Headers::new()).await;
+    core.declare_exchange(ExchangeSpec {
+        vhost: "/".into(),
+        name: "fan".into(),
+        kind: ExchangeKind::Fanout,
+        passive: false,
+        durable: true,
+        auto_delete: false,
+        internal: false,
+        arguments: Headers::new(),
+    })
+    .await
+    .expect("declare exchange");
+    for (source, destination, arguments) in [
+        ("fan", "p", Headers::new()),
+        ("amq.headers", "h", args(&[("x-match", "any".into()), ("region", "eu".into()), ("tier", "gold".into())])),
+    ] {
+        let binding = BindingSpec {
+            vhost: "/".into(),
+            source: source.into(),
+            destination: Destination::Queue(destination.into()),
+            routing_key: String::new(),
+            arguments,
+        };
+        core.bind(binding, None).await.expect("bind");
+    }
+    for i in 0..40 {
+        let mut message = Message::new("fan", "", format!("m{i}"));
+        message.partition_key = Some(format!("customer-{}", i % 5));
+        core.publish_confirmed("/", message).await.expect("publish");
+    }
+    let id = consumer_id(&core, 1);
+    let mut consumer =
+        core.consume("/", "p", id, ConsumeOptions { prefetch: 100, no_ack: true }).await.expect("consume");
+    let mut per_partition: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
+    for _ in 0..40 {
+        let delivery = next(&mut consumer).await;
+        per_partition.entry(delivery.position.partition).or_default().push(delivery.position.offset);
+    }
+    assert!(per_partition.len() > 1, "partition keys spread over partitions");
+    for offsets in per_partition.values() {
+        assert!(offsets.windows(2).all(|w| w[0] < w[1]), "order within a partition");
+    }
+    let mut message = Message::new("amq.headers", "", "eu");
+    message.headers.push("region", "eu");
+    assert_eq!(core.publish_confirmed("/", message).await.expect("publish").positions.len(), 1);
+    let message = Message::new("amq.headers", "", "none");
+    assert!(core.publish_confirmed("/", message).await.expect("publish").unroutable());
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn restart_returns_unacked_messages_and_forgets_transient_queues() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "durable", Headers::new()).await;
+    let transient = QueueSpec { vhost: "/".into(), name: "transient".into(), durable: false, ..QueueSpec::default() };
+    core.declare_queue(transient).await.expect("declare transient");
+    for body in ["a", "b"] {
+        core.publish_confirmed("/", Message::new("", "durable", body)).await.expect("publish");
+    }
+    let id = consumer_id(&core, 1);
+    let mut consumer =
+        core.consume("/", "durable", id, ConsumeOptions { prefetch: 1, no_ack: false }).await.expect("consume");
+    let held = next(&mut consumer).await;
+    assert!(!held.redelivered);
+    // The process dies with the consumer attached and its delivery unsettled: stop the groups
+    // (no detach is ever proposed), then lose every write that was not durable.
+    std::mem::forget(consumer);
+    core.shutdown().await.expect("stop the groups");
+    drop(core);
+    storage.crash();
+
+    let core = open(&storage).await;
+    assert!(core.incarnation() > id.connection.incarnation);
+    assert!(matches!(core.queue_status("/", "transient"), Err(CoreError::NotFound(_))), "transient queue survived");
+    assert_eq!(core.queue_status("/", "durable").expect("status"), (2, 0), "the held message is back");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", "durable", id, ConsumeOptions::default()).await.expect("consume");
+    let first = next(&mut consumer).await;
+    assert_eq!(body(&first), "a");
+    assert!(first.redelivered, "it may have been processed: redelivered");
+    assert_eq!(first.delivery_count, 1);
+    assert_eq!(body(&next(&mut consumer).await), "b");
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn fjall_restart_keeps_catalogue_and_messages_and_refuses_another_shard_count() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = CoreConfig::single_node(dir.path());
+    config.raft_heartbeat_interval_ms = 50;
+    config.raft_election_timeout_min_ms = 150;
+    config.snapshot_logs_since_last = 20;
+    let core = Core::open(config.clone()).await.expect("open");
+    queue(&core, "kept", Headers::new()).await;
+    for i in 0..100 {
+        core.publish_confirmed("/", Message::new("", "kept", format!("{i}"))).await.expect("publish");
+    }
+    core.shutdown().await.expect("shutdown");
+    drop(core);
+
+    let core = Core::open(config.clone()).await.expect("reopen");
+    assert_eq!(core.queue_status("/", "kept").expect("status").0, 100);
+    let id = consumer_id(&core, 1);
+    let mut consumer =
+        core.consume("/", "kept", id, ConsumeOptions { prefetch: 0, no_ack: true }).await.expect("consume");
+    for i in 0..100 {
+        assert_eq!(body(&next(&mut consumer).await), format!("{i}"));
+    }
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+    drop(core);
+
+    config.shard_count += 1;
+    let error = Core::open(config).await.expect_err("shard count changed");
+    assert!(error.to_string().contains("core.shard_count"), "{error}");
+}
+
+#[tokio::test]
+async fn overload_is_a_retryable_error() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    config.shard_count = 1;
+    config.limits.pending_requests_max = 4;
+    config.limits.pipeline_entries_max = 1;
+    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    queue(&core, "q", Headers::new()).await;
+    let mut pending = Vec::new();
+    let mut overloaded = None;
+    for _ in 0..10_000 {
+        match core.publish("/", Message::new("", "q", "x")).await {
+            Ok(p) => pending.push(p),
+            Err(error) => {
+                overloaded = Some(error);
+                break;
+            }
+        }
+    }
+    let error = overloaded.expect("the request queue filled up");
+    assert!(matches!(error, CoreError::Overloaded(_)) && error.is_retryable(), "{error}");
+    for p in pending {
+        p.confirm().await.expect("queued publishes still commit");
+    }
+    core.shutdown().await.expect("shutdown");
+}

@@ -1,0 +1,110 @@
+//! The command line of the `wharf` binary (clap derive): subcommands and flags only. Parses
+//! arguments; reads no files and does no IO.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::settings::Overrides;
+
+/// Wharf message broker: MQTT, AMQP 0.9.1 and gRPC on one replicated, transactional core.
+#[derive(Debug, Parser)]
+#[command(name = "wharf", version, about, propagate_version = true)]
+pub struct Cli {
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run a broker node (single node, storage under ./data, by default).
+    Serve(ServeArgs),
+    /// Print or check configuration files.
+    #[command(subcommand)]
+    Config(ConfigCommand),
+}
+
+/// Flags of `wharf serve`. Flags override the configuration file and the environment.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    /// TOML configuration file (see `wharf config default`).
+    #[arg(long, value_name = "FILE")]
+    pub config: Option<PathBuf>,
+    /// Data directory; overrides `node.data_dir`.
+    #[arg(long, value_name = "DIR")]
+    pub data_dir: Option<PathBuf>,
+    /// Admin HTTP address (`/healthz`, `/readyz`, `/metrics`); overrides `admin.listen`.
+    #[arg(long, value_name = "ADDR")]
+    pub admin_listen: Option<SocketAddr>,
+    /// Log level or filter; overrides `log.level`. `RUST_LOG`, when set, wins over both.
+    #[arg(long, value_name = "LEVEL")]
+    pub log_level: Option<String>,
+}
+
+impl ServeArgs {
+    /// The flags that override settings.
+    pub fn overrides(&self) -> Overrides {
+        Overrides {
+            data_dir: self.data_dir.clone(),
+            admin_listen: self.admin_listen,
+            log_level: self.log_level.clone(),
+        }
+    }
+}
+
+/// `wharf config` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ConfigCommand {
+    /// Print a commented configuration file holding every default to stdout.
+    Default,
+    /// Check a configuration file as `wharf serve --config FILE` would load it (the file, then
+    /// WHARF__SECTION__KEY environment variables); exit 0 if valid, 1 with the error if not.
+    Check {
+        /// The TOML file to check.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory;
+
+    use super::*;
+
+    #[test]
+    fn cli_is_well_formed() {
+        Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn serve_flags_parse() {
+        let cli = Cli::try_parse_from([
+            "wharf",
+            "serve",
+            "--config",
+            "w.toml",
+            "--data-dir",
+            "/d",
+            "--admin-listen",
+            "127.0.0.1:1",
+            "--log-level",
+            "debug",
+        ])
+        .expect("parses");
+        let Command::Serve(args) = cli.command else { panic!("not serve") };
+        let overrides = args.overrides();
+        assert_eq!(args.config.as_deref(), Some(std::path::Path::new("w.toml")));
+        assert_eq!(overrides.data_dir.as_deref(), Some(std::path::Path::new("/d")));
+        assert_eq!(overrides.admin_listen, Some("127.0.0.1:1".parse().expect("address")));
+        assert_eq!(overrides.log_level.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn config_check_requires_a_file() {
+        assert!(Cli::try_parse_from(["wharf", "config", "check"]).is_err());
+    }
+}

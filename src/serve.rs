@@ -1,0 +1,181 @@
+//! `wharf serve`: the life of a node. Loads the settings, starts logging, metrics and the admin
+//! endpoint, opens the core, and on SIGINT or SIGTERM shuts them down in order. Owns the Tokio
+//! runtime and the process's exit code; touches the core only through `Core`'s public API.
+
+use std::process::ExitCode;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::oneshot;
+use tracing::{error, info, warn};
+use wharf_core::Core;
+
+use crate::admin::{self, AdminState};
+use crate::cli::ServeArgs;
+use crate::settings::{self, Settings};
+use crate::telemetry;
+
+/// Exit code for configuration refused at start-up (clap uses the same code for bad flags).
+pub const EXIT_INVALID_CONFIG: u8 = 2;
+
+/// Longest wait, from the shutdown signal, for the admin endpoint and the core to stop. Past it
+/// the process exits with code 1, so a supervisor is not left waiting on a stuck node.
+pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long runtime shutdown waits for tasks still running after the node has stopped.
+const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
+
+/// Run `wharf serve` to completion and return the process's exit code.
+pub fn run(args: &ServeArgs) -> ExitCode {
+    let started = Instant::now();
+    // Configuration errors go to stderr directly: logging is configured by the settings.
+    let settings = match Settings::load(args.config.as_deref(), None, &args.overrides()) {
+        Ok(settings) => settings,
+        Err(error) => {
+            eprintln!("wharf: invalid configuration: {error}");
+            return ExitCode::from(EXIT_INVALID_CONFIG);
+        }
+    };
+    if let Err(error) = telemetry::init_logging(&settings.log.level) {
+        eprintln!("wharf: {error:#}");
+        return ExitCode::from(EXIT_INVALID_CONFIG);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().thread_name("wharf").build() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            error!(%error, "cannot start the Tokio runtime");
+            return ExitCode::FAILURE;
+        }
+    };
+    let code = runtime.block_on(async {
+        serve(settings, started).await.unwrap_or_else(|error| {
+            error!("{error:#}");
+            ExitCode::FAILURE
+        })
+    });
+    // Past a clean shutdown nothing should remain; after a timed-out one, do not wait again.
+    runtime.shutdown_timeout(RUNTIME_SHUTDOWN_TIMEOUT);
+    code
+}
+
+async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode> {
+    let metrics = telemetry::init_metrics()?;
+    tokio::spawn({
+        let metrics = metrics.clone();
+        async move {
+            let mut interval = tokio::time::interval(telemetry::METRICS_UPKEEP_INTERVAL);
+            loop {
+                interval.tick().await;
+                metrics.run_upkeep();
+            }
+        }
+    });
+    // Installed before anything slow, so that an early signal is not lost to the default action.
+    let mut signals = Signals::install().context("installing signal handlers")?;
+
+    let core_config = settings.core_config();
+    info!(
+        version = env!("CARGO_PKG_VERSION"),
+        node_id = core_config.node_id,
+        data_dir = %core_config.data_dir.display(),
+        storage = settings::storage_name(core_config.storage),
+        shard_count = core_config.shard_count,
+        "starting wharf"
+    );
+
+    let listener = TcpListener::bind(settings.admin.listen)
+        .await
+        .with_context(|| format!("binding the admin HTTP listener on {}", settings.admin.listen))?;
+    info!(address = %listener.local_addr()?, "admin HTTP listening");
+    let core_cell = Arc::new(OnceLock::new());
+    let (stop_admin, admin_stopped) = oneshot::channel::<()>();
+    let mut admin = tokio::spawn(admin::serve(listener, AdminState::new(core_cell.clone(), metrics, started), async {
+        // A dropped sender stops the endpoint too.
+        let _ = admin_stopped.await;
+    }));
+
+    info!("opening the core");
+    let core = tokio::select! {
+        opened = Core::open(core_config) => opened.context("opening the core")?,
+        signal = signals.recv() => {
+            // The core must survive a crash at any point, so abandoning the open is safe; waiting
+            // for a long recovery to finish only to shut down would not be.
+            info!(signal, "shutdown requested while the core was opening; abandoning the open");
+            let _ = stop_admin.send(());
+            return Ok(ExitCode::SUCCESS);
+        }
+    };
+    let _ = core_cell.set(core.clone());
+    info!(ready = core.is_ready(), "core open; serving");
+
+    let admin_exited = tokio::select! {
+        signal = signals.recv() => {
+            info!(signal, "shutdown requested");
+            false
+        }
+        exited = &mut admin => {
+            // axum's server only returns once told to stop, so this is a bug or a panic.
+            error!(result = ?exited, "admin HTTP endpoint stopped unexpectedly; shutting down");
+            true
+        }
+    };
+
+    let shutdown = async {
+        info!("stopping the admin HTTP listener");
+        let _ = stop_admin.send(());
+        // A finished `JoinHandle` must not be polled again.
+        if !admin_exited {
+            match admin.await {
+                Ok(Ok(())) => info!("admin HTTP listener stopped"),
+                Ok(Err(error)) => warn!(%error, "admin HTTP listener failed while stopping"),
+                Err(error) => warn!(%error, "admin HTTP task failed while stopping"),
+            }
+        }
+        info!("shutting down the core");
+        core.shutdown().await
+    };
+    tokio::select! {
+        finished = tokio::time::timeout(SHUTDOWN_TIMEOUT, shutdown) => match finished {
+            Ok(Ok(())) => {
+                info!("core shut down; exiting");
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(Err(error)) => {
+                error!(%error, "core shutdown failed");
+                Ok(ExitCode::FAILURE)
+            }
+            Err(_) => {
+                error!(timeout_secs = SHUTDOWN_TIMEOUT.as_secs(), "shutdown did not finish in time; exiting");
+                Ok(ExitCode::FAILURE)
+            }
+        },
+        signal = signals.recv() => {
+            error!(signal, "second signal during shutdown; exiting without finishing it");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}
+
+/// SIGTERM (supervisors) and SIGINT (a terminal's Ctrl-C), both meaning "shut down".
+#[derive(Debug)]
+struct Signals {
+    terminate: Signal,
+    interrupt: Signal,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Self> {
+        Ok(Self { terminate: signal(SignalKind::terminate())?, interrupt: signal(SignalKind::interrupt())? })
+    }
+
+    /// Wait for the next signal and return its name.
+    async fn recv(&mut self) -> &'static str {
+        tokio::select! {
+            _ = self.terminate.recv() => "SIGTERM",
+            _ = self.interrupt.recv() => "SIGINT",
+        }
+    }
+}

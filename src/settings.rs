@@ -1,0 +1,568 @@
+//! Settings of the `wharf` binary, layered lowest first: built-in defaults, an optional TOML file,
+//! `WHARF__SECTION__KEY` environment variables, then command-line flags. This module is the only
+//! place in the workspace that reads configuration (files and the environment); it hands the core
+//! a plain `CoreConfig` and touches nothing else.
+//!
+//! Every section is a typed struct with `deny_unknown_fields`, so a misspelt key is refused at
+//! start-up instead of being silently ignored.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use config::{Config, Environment, File, FileFormat};
+use serde::Deserialize;
+use wharf_core::{CoreConfig, Limits, StorageKind};
+
+/// Prefix of environment variables read as settings: `WHARF__CORE__SHARD_COUNT=8` sets
+/// `core.shard_count`. The double underscore separates the prefix, the section and the key, because
+/// keys themselves contain single underscores.
+pub const ENV_PREFIX: &str = "WHARF";
+
+/// Separator between the prefix, the section and the key in an environment variable's name.
+pub const ENV_SEPARATOR: &str = "__";
+
+/// Data directory used when none is configured: relative to the working directory.
+pub const DATA_DIR_DEFAULT: &str = "./data";
+
+/// Admin HTTP listen address used when none is configured (see the ports in the design overview).
+pub const ADMIN_LISTEN_DEFAULT: &str = "0.0.0.0:15672";
+
+/// Log filter used when none is configured and `RUST_LOG` is unset: `info`, except for openraft and
+/// lsm-tree, which log every election and flush at `info` (one line per shard each).
+pub const LOG_LEVEL_DEFAULT: &str = "info,openraft=warn,lsm_tree=warn";
+
+/// Why the settings were refused. Either way the message names the key.
+#[derive(Debug, thiserror::Error)]
+pub enum SettingsError {
+    /// The file could not be read or parsed, or a value has the wrong type or an unknown key
+    /// (reported by the `config` crate, whose message names the key and where it came from).
+    #[error("{0}")]
+    Source(#[from] config::ConfigError),
+    /// Every value parsed but one is out of range or inconsistent with another.
+    #[error("{key}: {reason}")]
+    Invalid {
+        /// Dotted key, `section.key`, as written in the file.
+        key: String,
+        /// Why it is refused.
+        reason: String,
+    },
+}
+
+/// All settings of a node.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct Settings {
+    /// `[node]`: identity and storage.
+    pub node: NodeSettings,
+    /// `[core]`: Raft groups and timing.
+    pub core: CoreSettings,
+    /// `[limits]`: the core's limits, one key per field of `wharf_core::Limits`.
+    pub limits: LimitsSettings,
+    /// `[admin]`: the admin HTTP endpoint.
+    pub admin: AdminSettings,
+    /// `[log]`: logging.
+    pub log: LogSettings,
+}
+
+/// `[node]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NodeSettings {
+    /// This node's id in the cluster; stable across restarts.
+    pub id: u64,
+    /// Directory holding the database and snapshots.
+    pub data_dir: PathBuf,
+    /// Storage backend: `fjall` (on disk) or `memory` (nothing survives the process).
+    pub storage: StorageKind,
+}
+
+impl Default for NodeSettings {
+    fn default() -> Self {
+        let core = CoreConfig::single_node(DATA_DIR_DEFAULT);
+        Self { id: core.node_id, data_dir: core.data_dir, storage: core.storage }
+    }
+}
+
+/// `[core]` section: the non-limit fields of `CoreConfig`, same names.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoreSettings {
+    /// Number of shard Raft groups; fixed at first start.
+    pub shard_count: u32,
+    /// Applied entries between snapshots (bounds log size on disk).
+    pub snapshot_logs_since_last: u64,
+    /// Raft heartbeat interval, milliseconds.
+    pub raft_heartbeat_interval_ms: u64,
+    /// Raft election timeout lower bound, milliseconds.
+    pub raft_election_timeout_min_ms: u64,
+    /// Interval of the leader's time tick (TTLs, delays, expiry), milliseconds.
+    pub tick_interval_ms: u64,
+}
+
+impl Default for CoreSettings {
+    fn default() -> Self {
+        // The core's single-node configuration is the one source of these defaults.
+        let core = CoreConfig::single_node(DATA_DIR_DEFAULT);
+        Self {
+            shard_count: core.shard_count,
+            snapshot_logs_since_last: core.snapshot_logs_since_last,
+            raft_heartbeat_interval_ms: core.raft_heartbeat_interval_ms,
+            raft_election_timeout_min_ms: core.raft_election_timeout_min_ms,
+            tick_interval_ms: core.tick_interval_ms,
+        }
+    }
+}
+
+/// Declares `LimitsSettings` as a mirror of `wharf_core::Limits` (which does not refuse unknown keys)
+/// together with the conversions both ways and the commented lines of `wharf config default`. The
+/// conversions name every field without `..`, so a field added to `Limits` fails to compile here
+/// until it is added to this list too.
+macro_rules! limits_settings {
+    ($($field:ident: $type:ty => $doc:literal,)+) => {
+        /// `[limits]` section: every field of `wharf_core::Limits`, same names and units.
+        #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+        #[serde(deny_unknown_fields, default)]
+        pub struct LimitsSettings {
+            $(
+                #[doc = $doc]
+                pub $field: $type,
+            )+
+        }
+
+        impl From<Limits> for LimitsSettings {
+            fn from(limits: Limits) -> Self {
+                let Limits { $($field),+ } = limits;
+                Self { $($field),+ }
+            }
+        }
+
+        impl From<LimitsSettings> for Limits {
+            fn from(settings: LimitsSettings) -> Self {
+                let LimitsSettings { $($field),+ } = settings;
+                Self { $($field),+ }
+            }
+        }
+
+        impl LimitsSettings {
+            fn write_toml(&self, out: &mut String) {
+                $(entry(out, $doc, stringify!($field), self.$field);)+
+            }
+        }
+    };
+}
+
+limits_settings! {
+    message_size_max_bytes: u64 => "Largest message payload accepted, in bytes.",
+    name_len_max_bytes: u32 => "Longest exchange, queue, vhost or routing key name, in bytes (at most 255).",
+    queue_messages_max: u64 => "Most messages held by one queue partition when the queue sets no x-max-length.",
+    queue_bytes_max: u64 => "Most payload bytes held by one queue partition when the queue sets no x-max-length-bytes.",
+    consumer_inflight_max: u32 => "Most unacknowledged deliveries one consumer may hold on one partition.",
+    consumers_per_queue_max: u32 => "Most consumers attached to one queue partition.",
+    batch_commands_max: u32 => "Most commands packed into one Raft entry by group commit.",
+    batch_bytes_max: u64 => "Most payload bytes packed into one Raft entry (at least message_size_max_bytes).",
+    pipeline_entries_max: u32 => "Most Raft entries proposed but not yet committed per group.",
+    pending_requests_max: u32 => "Most requests waiting for a shard's group commit before callers get Overloaded.",
+    queues_max: u32 => "Most queues in the catalogue.",
+    exchanges_max: u32 => "Most exchanges in the catalogue.",
+    bindings_max: u32 => "Most bindings in the catalogue.",
+    partitions_per_queue_max: u32 => "Most partitions of one queue.",
+    delay_max_ms: u64 => "Longest delivery delay accepted, in milliseconds.",
+}
+
+impl Default for LimitsSettings {
+    fn default() -> Self {
+        Limits::default().into()
+    }
+}
+
+/// `[admin]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AdminSettings {
+    /// Address of the admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
+    pub listen: SocketAddr,
+}
+
+impl Default for AdminSettings {
+    fn default() -> Self {
+        Self { listen: ADMIN_LISTEN_DEFAULT.parse().expect("the default admin address is valid") }
+    }
+}
+
+/// `[log]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct LogSettings {
+    /// A level (`error`, `warn`, `info`, `debug`, `trace`) or a `tracing` filter such as
+    /// `info,wharf_core=debug`. `RUST_LOG`, when set, replaces it.
+    pub level: String,
+}
+
+impl Default for LogSettings {
+    fn default() -> Self {
+        Self { level: LOG_LEVEL_DEFAULT.into() }
+    }
+}
+
+/// Values given as command-line flags: the highest layer.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+    /// `--admin-listen`.
+    pub admin_listen: Option<SocketAddr>,
+    /// `--log-level`.
+    pub log_level: Option<String>,
+}
+
+impl Settings {
+    /// Load the settings: defaults, then `file` if given (it must exist), then the environment,
+    /// then `overrides`; then validate them, core settings included.
+    ///
+    /// `env` replaces the process environment when given, so tests need not mutate it.
+    pub fn load(
+        file: Option<&Path>,
+        env: Option<HashMap<String, String>>,
+        overrides: &Overrides,
+    ) -> Result<Self, SettingsError> {
+        let mut builder = Config::builder();
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        builder = builder.add_source(
+            Environment::with_prefix(ENV_PREFIX).prefix_separator(ENV_SEPARATOR).separator(ENV_SEPARATOR).source(env),
+        );
+        let mut settings: Self = builder.build()?.try_deserialize()?;
+        settings.apply(overrides);
+        settings.validate()?;
+        Ok(settings)
+    }
+
+    fn apply(&mut self, overrides: &Overrides) {
+        if let Some(data_dir) = &overrides.data_dir {
+            self.node.data_dir.clone_from(data_dir);
+        }
+        if let Some(listen) = overrides.admin_listen {
+            self.admin.listen = listen;
+        }
+        if let Some(level) = &overrides.log_level {
+            self.log.level.clone_from(level);
+        }
+    }
+
+    /// Check the values the types alone do not: the log filter and everything `CoreConfig` checks.
+    pub fn validate(&self) -> Result<(), SettingsError> {
+        validate_log_level(&self.log.level)
+            .map_err(|reason| SettingsError::Invalid { key: "log.level".into(), reason })?;
+        self.core_config()
+            .validate()
+            .map_err(|error| SettingsError::Invalid { key: settings_key(error.key), reason: error.reason })
+    }
+
+    /// The core's configuration.
+    pub fn core_config(&self) -> CoreConfig {
+        // A struct literal without `..`: a field added to `CoreConfig` must be mapped here.
+        CoreConfig {
+            node_id: self.node.id,
+            data_dir: self.node.data_dir.clone(),
+            storage: self.node.storage,
+            shard_count: self.core.shard_count,
+            snapshot_logs_since_last: self.core.snapshot_logs_since_last,
+            raft_heartbeat_interval_ms: self.core.raft_heartbeat_interval_ms,
+            raft_election_timeout_min_ms: self.core.raft_election_timeout_min_ms,
+            tick_interval_ms: self.core.tick_interval_ms,
+            limits: self.limits.clone().into(),
+        }
+    }
+}
+
+/// A bare word is a target name to `tracing`'s filter syntax, so a misspelt level (`debgu`) would
+/// silently select the logs of a target called `debgu`: bare words must be levels.
+fn validate_log_level(level: &str) -> Result<(), String> {
+    let is_bare_word = !level.contains(['=', ',', '[', ':']);
+    if is_bare_word {
+        return level
+            .trim()
+            .parse::<tracing_subscriber::filter::LevelFilter>()
+            .map(drop)
+            .map_err(|_| "must be one of off, error, warn, info, debug, trace, or a filter with `=`".into());
+    }
+    tracing_subscriber::EnvFilter::builder().parse(level).map(drop).map_err(|error| error.to_string())
+}
+
+/// Maps a key named by `CoreConfig::validate` (relative to `CoreConfig`) to the key in the file.
+fn settings_key(core_key: &str) -> String {
+    match core_key {
+        "node_id" => "node.id".into(),
+        "data_dir" => "node.data_dir".into(),
+        "storage" => "node.storage".into(),
+        key if key.starts_with("limits.") => key.into(),
+        key => format!("core.{key}"),
+    }
+}
+
+/// The commented default configuration file printed by `wharf config default`. It parses back to
+/// `Settings::default()`.
+pub fn default_file() -> String {
+    let settings = Settings::default();
+    let mut out = String::new();
+    out.push_str(
+        "# Wharf configuration. Every key is shown with its default value.\n\
+         #\n\
+         # Layers, lowest first: these defaults, this file (wharf serve --config FILE), environment\n\
+         # variables WHARF__SECTION__KEY (e.g. WHARF__CORE__SHARD_COUNT=8), then command-line flags\n\
+         # (--data-dir, --admin-listen, --log-level). Unknown keys are refused.\n",
+    );
+
+    section(&mut out, "node");
+    entry(&mut out, "This node's id in the cluster; stable across restarts.", "id", settings.node.id);
+    entry(
+        &mut out,
+        "Directory of the database and snapshots.",
+        "data_dir",
+        toml_string(&settings.node.data_dir.to_string_lossy()),
+    );
+    entry(
+        &mut out,
+        "Storage backend: \"fjall\" (on disk) or \"memory\" (nothing survives the process).",
+        "storage",
+        toml_string(storage_name(settings.node.storage)),
+    );
+
+    section(&mut out, "core");
+    let core = &settings.core;
+    entry(
+        &mut out,
+        "Number of shard Raft groups. Fixed at first start: changing it later is refused.",
+        "shard_count",
+        core.shard_count,
+    );
+    entry(
+        &mut out,
+        "Applied entries after which a snapshot is taken and the log before it purged.",
+        "snapshot_logs_since_last",
+        core.snapshot_logs_since_last,
+    );
+    entry(
+        &mut out,
+        "Raft heartbeat interval, milliseconds.",
+        "raft_heartbeat_interval_ms",
+        core.raft_heartbeat_interval_ms,
+    );
+    entry(
+        &mut out,
+        "Raft election timeout lower bound, milliseconds (the upper bound is twice this).",
+        "raft_election_timeout_min_ms",
+        core.raft_election_timeout_min_ms,
+    );
+    entry(
+        &mut out,
+        "How often the leader advances time for TTLs, delays and expiry, milliseconds.",
+        "tick_interval_ms",
+        core.tick_interval_ms,
+    );
+
+    section(&mut out, "limits");
+    settings.limits.write_toml(&mut out);
+
+    section(&mut out, "admin");
+    entry(
+        &mut out,
+        "Admin HTTP address: /healthz, /readyz and /metrics (Prometheus).",
+        "listen",
+        toml_string(&settings.admin.listen.to_string()),
+    );
+
+    section(&mut out, "log");
+    entry(
+        &mut out,
+        "Level (error, warn, info, debug, trace) or a filter such as \"info,wharf_core=debug\".\n\
+         The default quietens openraft and lsm_tree, which log every election and flush at info.\n\
+         RUST_LOG, when set, replaces it.",
+        "level",
+        toml_string(&settings.log.level),
+    );
+    out
+}
+
+/// The name of a storage backend as written in the configuration.
+pub fn storage_name(storage: StorageKind) -> &'static str {
+    match storage {
+        StorageKind::Fjall => "fjall",
+        StorageKind::Memory => "memory",
+    }
+}
+
+fn section(out: &mut String, name: &str) {
+    let _ = write!(out, "\n[{name}]\n");
+}
+
+fn entry(out: &mut String, doc: &str, key: &str, value: impl std::fmt::Display) {
+    for line in doc.lines() {
+        let _ = writeln!(out, "# {line}");
+    }
+    let _ = writeln!(out, "{key} = {value}");
+}
+
+/// A TOML basic string: quoted, with backslashes, quotes and control characters escaped.
+fn toml_string(value: &str) -> String {
+    let mut out = String::with_capacity(value.len() + 2);
+    out.push('"');
+    for c in value.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() => {
+                let _ = write!(out, "\\u{:04X}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(pairs: &[(&str, &str)]) -> Option<HashMap<String, String>> {
+        Some(pairs.iter().map(|(k, v)| ((*k).to_owned(), (*v).to_owned())).collect())
+    }
+
+    fn write_file(contents: &str) -> tempfile::NamedTempFile {
+        let file = tempfile::NamedTempFile::new().expect("temp file");
+        std::fs::write(file.path(), contents).expect("write config");
+        file
+    }
+
+    fn load_error(file: Option<&str>, env_pairs: &[(&str, &str)]) -> String {
+        let file = file.map(write_file);
+        Settings::load(file.as_ref().map(|f| f.path()), env(env_pairs), &Overrides::default())
+            .expect_err("refused")
+            .to_string()
+    }
+
+    #[test]
+    fn no_sources_gives_defaults() {
+        let settings = Settings::load(None, env(&[]), &Overrides::default()).expect("defaults load");
+        assert_eq!(settings, Settings::default());
+        assert_eq!(settings.node.data_dir, Path::new("./data"));
+        assert_eq!(settings.admin.listen.to_string(), "0.0.0.0:15672");
+        assert_eq!(settings.log.level, "info,openraft=warn,lsm_tree=warn");
+        assert_eq!(Limits::from(settings.limits), Limits::default());
+    }
+
+    #[test]
+    fn default_file_parses_back_to_the_defaults() {
+        let file = write_file(&default_file());
+        let settings = Settings::load(Some(file.path()), env(&[]), &Overrides::default()).expect("default file loads");
+        assert_eq!(settings, Settings::default());
+    }
+
+    #[test]
+    fn default_file_has_every_limit() {
+        let text = default_file();
+        for key in ["message_size_max_bytes", "batch_bytes_max", "delay_max_ms", "partitions_per_queue_max"] {
+            assert!(text.contains(&format!("\n{key} = ")), "{key} missing from the default file");
+        }
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let file = write_file(
+            "[node]\nid = 7\ndata_dir = \"/from/file\"\n[core]\nshard_count = 8\n\
+             [limits]\nqueues_max = 10\n[log]\nlevel = \"warn\"\n",
+        );
+        let env = env(&[
+            ("WHARF__CORE__SHARD_COUNT", "16"),
+            ("WHARF__NODE__DATA_DIR", "/from/env"),
+            ("WHARF__LIMITS__EXCHANGES_MAX", "20"),
+            ("WHARF__ADMIN__LISTEN", "127.0.0.1:9000"),
+            ("UNRELATED__CORE__SHARD_COUNT", "99"),
+        ]);
+        let overrides =
+            Overrides { data_dir: Some("/from/flag".into()), admin_listen: None, log_level: Some("debug".into()) };
+        let settings = Settings::load(Some(file.path()), env, &overrides).expect("loads");
+        assert_eq!(settings.node.id, 7, "file over default");
+        assert_eq!(settings.core.shard_count, 16, "env over file");
+        assert_eq!(settings.limits.queues_max, 10, "file over default");
+        assert_eq!(settings.limits.exchanges_max, 20, "env over default");
+        assert_eq!(settings.node.data_dir, Path::new("/from/flag"), "flag over env over file");
+        assert_eq!(settings.admin.listen.to_string(), "127.0.0.1:9000", "env over default");
+        assert_eq!(settings.log.level, "debug", "flag over file");
+        assert_eq!(settings.core.tick_interval_ms, CoreSettings::default().tick_interval_ms);
+
+        let core = settings.core_config();
+        assert_eq!((core.node_id, core.shard_count, core.limits.queues_max), (7, 16, 10));
+    }
+
+    #[test]
+    fn env_keys_are_case_insensitive_and_strings_stay_strings() {
+        let env = env(&[("wharf__node__data_dir", "1234"), ("WHARF__NODE__STORAGE", "memory")]);
+        let settings = Settings::load(None, env, &Overrides::default()).expect("loads");
+        assert_eq!(settings.node.data_dir, Path::new("1234"));
+        assert_eq!(settings.node.storage, StorageKind::Memory);
+    }
+
+    #[test]
+    fn unknown_key_in_file_is_refused_with_its_name() {
+        let error = load_error(Some("[core]\nshard_cont = 8\n"), &[]);
+        assert!(error.contains("shard_cont"), "{error}");
+        let error = load_error(Some("[nodes]\nid = 1\n"), &[]);
+        assert!(error.contains("nodes"), "{error}");
+    }
+
+    #[test]
+    fn unknown_key_in_env_is_refused_with_its_name() {
+        let error = load_error(None, &[("WHARF__LIMITS__QUEUES_MAXX", "5")]);
+        assert!(error.contains("queues_maxx"), "{error}");
+    }
+
+    #[test]
+    fn wrong_type_is_refused_with_its_key() {
+        let error = load_error(None, &[("WHARF__CORE__SHARD_COUNT", "many")]);
+        assert!(error.contains("core.shard_count"), "{error}");
+        let error = load_error(Some("[node]\nstorage = \"rocks\"\n"), &[]);
+        assert!(error.contains("rocks"), "{error}");
+        let error = load_error(Some("[admin]\nlisten = \"nowhere\"\n"), &[]);
+        assert!(error.contains("admin.listen"), "{error}");
+    }
+
+    #[test]
+    fn core_validation_names_the_key_in_the_file() {
+        let error = load_error(None, &[("WHARF__CORE__SHARD_COUNT", "0")]);
+        assert!(error.starts_with("core.shard_count: "), "{error}");
+        let error = load_error(Some("[limits]\nbatch_bytes_max = 1024\n"), &[]);
+        assert!(error.starts_with("limits.batch_bytes_max: "), "{error}");
+        let error =
+            load_error(Some("[core]\nraft_heartbeat_interval_ms = 500\nraft_election_timeout_min_ms = 500\n"), &[]);
+        assert!(error.starts_with("core.raft_election_timeout_min_ms: "), "{error}");
+    }
+
+    #[test]
+    fn invalid_log_filter_is_refused() {
+        for level in ["debgu", "info,wharf_core=loud"] {
+            let error = load_error(None, &[("WHARF__LOG__LEVEL", level)]);
+            assert!(error.starts_with("log.level: "), "{level}: {error}");
+        }
+        for level in ["warn", "DEBUG", "info,wharf_core=debug"] {
+            Settings::load(None, env(&[("WHARF__LOG__LEVEL", level)]), &Overrides::default()).expect(level);
+        }
+    }
+
+    #[test]
+    fn missing_file_is_refused() {
+        let error = Settings::load(Some(Path::new("/nonexistent/wharf.toml")), env(&[]), &Overrides::default())
+            .expect_err("refused")
+            .to_string();
+        assert!(error.contains("/nonexistent/wharf.toml"), "{error}");
+    }
+
+    #[test]
+    fn toml_string_escapes() {
+        assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+}

@@ -1,0 +1,225 @@
+//! Black-box smoke tests of the real `wharf` binary: start `wharf serve`, probe the admin HTTP
+//! endpoint over a plain TCP socket, stop it with SIGTERM; and check that bad configuration is
+//! refused at start-up. Touches only temporary directories, loopback ports and child processes.
+
+use std::io::{Read as _, Write as _};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::Path;
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::thread::sleep;
+use std::time::{Duration, Instant};
+
+/// Longest wait for the node to answer `/healthz` and `/readyz` (a cold debug build on a busy CI
+/// machine can be slow).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for the process to exit after SIGTERM (the binary's own limit is 30 s).
+const EXIT_TIMEOUT: Duration = Duration::from_secs(40);
+/// Per-request connect, read and write timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// `wharf` with an environment free of `WHARF__*` variables from the developer's shell.
+fn wharf() -> Command {
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    for (key, _) in std::env::vars_os() {
+        if key.to_string_lossy().to_ascii_uppercase().starts_with("WHARF__") {
+            command.env_remove(key);
+        }
+    }
+    command.env_remove("RUST_LOG");
+    command
+}
+
+/// A loopback port free at the time of asking.
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port").local_addr().expect("local address").port()
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`: the status code and the body, or `None` if the
+/// server does not answer (yet).
+fn get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT).ok()?;
+    stream.set_read_timeout(Some(REQUEST_TIMEOUT)).ok()?;
+    stream.set_write_timeout(Some(REQUEST_TIMEOUT)).ok()?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let status = head.split(' ').nth(1)?.parse().ok()?;
+    Some((status, body.to_owned()))
+}
+
+/// Poll `path` until it answers `status`, or panic after `START_TIMEOUT`.
+fn wait_for(node: &mut Node, path: &str, status: u16) -> String {
+    let deadline = Instant::now() + START_TIMEOUT;
+    let mut last = None;
+    while Instant::now() < deadline {
+        if let Some(exit) = node.child.try_wait().expect("poll the child") {
+            panic!("wharf exited early with {exit} while waiting for {path}\n{}", node.log());
+        }
+        match get(node.admin, path) {
+            Some((code, body)) if code == status => return body,
+            other => last = other,
+        }
+        sleep(Duration::from_millis(100));
+    }
+    panic!("{path} did not answer {status} within {START_TIMEOUT:?}; last answer {last:?}\n{}", node.log());
+}
+
+/// A running `wharf serve`, killed on drop so a failing test leaves no process behind.
+struct Node {
+    child: Child,
+    admin: SocketAddr,
+    dir: tempfile::TempDir,
+}
+
+impl Node {
+    fn start() -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let admin = SocketAddr::from(([127, 0, 0, 1], free_port()));
+        // Logs go to a file: an unread pipe could fill up and block the node.
+        let log = std::fs::File::create(dir.path().join("wharf.log")).expect("log file");
+        let child = wharf()
+            .args(["serve", "--admin-listen", &admin.to_string(), "--data-dir"])
+            .arg(dir.path().join("data"))
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("log file"))
+            .stderr(log)
+            .spawn()
+            .expect("start wharf");
+        Self { child, admin, dir }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("wharf.log")).unwrap_or_default()
+    }
+
+    fn terminate(&self) {
+        let status = Command::new("kill").args(["-TERM", &self.child.id().to_string()]).status().expect("run kill");
+        assert!(status.success(), "kill -TERM failed: {status}");
+    }
+
+    fn wait_exit(&mut self) -> ExitStatus {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.try_wait().expect("poll the child") {
+                return status;
+            }
+            sleep(Duration::from_millis(50));
+        }
+        panic!("wharf did not exit within {EXIT_TIMEOUT:?} of SIGTERM\n{}", self.log());
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+#[test]
+fn serve_answers_admin_endpoints_and_stops_on_sigterm() {
+    let mut node = Node::start();
+
+    assert_eq!(wait_for(&mut node, "/healthz", 200).trim(), "ok");
+    // With the real core, readiness follows leader election: poll rather than expect it at once.
+    wait_for(&mut node, "/readyz", 200);
+
+    let (status, metrics) = get(node.admin, "/metrics").expect("/metrics answers");
+    assert_eq!(status, 200);
+    assert!(metrics.contains("# TYPE wharf_build_info gauge"), "{metrics}");
+    assert!(metrics.contains(&format!("wharf_build_info{{version=\"{}\"}} 1", env!("CARGO_PKG_VERSION"))), "{metrics}");
+    assert!(metrics.contains("wharf_uptime_seconds "), "{metrics}");
+    assert!(metrics.contains("wharf_admin_http_requests_total{path=\"/healthz\",status=\"200\"}"), "{metrics}");
+
+    assert_eq!(get(node.admin, "/no-such-path").expect("404 answers").0, 404);
+
+    node.terminate();
+    let status = node.wait_exit();
+    let log = node.log();
+    assert_eq!(status.code(), Some(0), "wharf exited with {status}\n{log}");
+    assert!(log.contains("SIGTERM"), "{log}");
+    assert!(log.contains("admin HTTP listener stopped"), "{log}");
+    assert!(log.contains("core shut down"), "{log}");
+    assert!(get(node.admin, "/healthz").is_none(), "admin endpoint still answers after exit");
+}
+
+/// Run a command expected to exit on its own, killing it (and failing) if it is still running
+/// after `EXIT_TIMEOUT`: a configuration wrongly accepted would otherwise leave a node serving.
+fn run(command: &mut Command) -> Output {
+    let mut child =
+        command.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("start wharf");
+    let deadline = Instant::now() + EXIT_TIMEOUT;
+    while Instant::now() < deadline {
+        if child.try_wait().expect("poll the child").is_some() {
+            return child.wait_with_output().expect("collect the output");
+        }
+        sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    let output = child.wait_with_output().expect("collect the output");
+    panic!("wharf did not exit within {EXIT_TIMEOUT:?}\n{}", stderr(&output));
+}
+
+fn stderr(output: &Output) -> String {
+    String::from_utf8_lossy(&output.stderr).into_owned()
+}
+
+#[test]
+fn serve_refuses_invalid_env_value_with_exit_code_2() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = run(wharf()
+        .args(["serve", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .env("WHARF__CORE__SHARD_COUNT", "0"));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("core.shard_count"), "{}", stderr(&output));
+}
+
+#[test]
+fn serve_refuses_unknown_key_in_file_with_exit_code_2() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let file = dir.path().join("wharf.toml");
+    std::fs::write(&file, "[core]\nshard_cuont = 8\n").expect("write config");
+    let output = run(wharf()
+        .args(["serve", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .arg("--config")
+        .arg(&file));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("shard_cuont"), "{}", stderr(&output));
+}
+
+#[test]
+fn config_default_passes_config_check() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let output = run(wharf().args(["config", "default"]));
+    assert!(output.status.success(), "{}", stderr(&output));
+    let file = dir.path().join("default.toml");
+    std::fs::write(&file, &output.stdout).expect("write config");
+
+    let output = run(wharf().args(["config", "check", "--config"]).arg(&file));
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+
+    std::fs::write(&file, "[limits]\nqueues_max = 0\n").expect("write config");
+    let output = run(wharf().args(["config", "check", "--config"]).arg(&file));
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("limits.queues_max"), "{}", stderr(&output));
+}
+
+#[test]
+fn version_flag_prints_the_version() {
+    let output = run(wharf().arg("--version"));
+    assert!(output.status.success());
+    assert_eq!(String::from_utf8_lossy(&output.stdout).trim(), format!("wharf {}", env!("CARGO_PKG_VERSION")));
+}
+
+#[test]
+fn missing_config_file_is_refused() {
+    let output = run(wharf().args(["serve", "--config"]).arg(Path::new("/nonexistent/wharf.toml")));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("/nonexistent/wharf.toml"), "{}", stderr(&output));
+}
