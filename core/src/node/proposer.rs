@@ -120,6 +120,8 @@ where
         // Waiting for a pipeline slot is what makes batches grow under load: requests keep
         // queueing meanwhile, and the next entry takes them all.
         let Ok(permit) = Arc::clone(&in_flight).acquire_owned().await else { break };
+        // Let tasks that were just woken (by the previous entry's replies) run and queue first.
+        tokio::task::yield_now().await;
         let mut bytes = first.size_bytes;
         let mut batch = vec![first];
         while batch.len() < commands_max {
@@ -143,10 +145,12 @@ where
                 let group = group.clone();
                 tokio::spawn(async move {
                     let result = receiver.await;
-                    drop(permit);
                     metrics::histogram!("wharf_core_commit_seconds", "group" => group.clone())
                         .record(started.elapsed().as_secs_f64());
                     deliver_replies::<C, S>(&group, result, replies);
+                    // Freed only after the replies went out, so that callers woken by them can
+                    // queue their next requests before the next entry is cut.
+                    drop(permit);
                 });
             }
             Err(fatal) => {

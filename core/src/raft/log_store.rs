@@ -3,11 +3,12 @@
 //! postcard behind a version byte. Touches only its group's entries and metadata in the storage,
 //! and the node's [`Syncer`] for group commit.
 
+use std::collections::BTreeMap;
 use std::fmt::{self, Debug};
 use std::io;
 use std::marker::PhantomData;
 use std::ops::{Bound, RangeBounds};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftTypeConfig, StorageIOError, Vote};
@@ -28,6 +29,11 @@ const COMMITTED_KEY: &str = "committed";
 /// Metadata key of the last purged log id.
 const PURGED_KEY: &str = "purged";
 
+/// Most recently appended entries kept decoded in memory. openraft 0.9 reads every committed entry
+/// back from the log store to apply it; serving those reads from memory saves a storage round trip
+/// and a decode of every message per entry. Older entries are read from storage.
+const TAIL_ENTRIES_MAX: usize = 1_024;
+
 type RaftResult<T> = Result<T, openraft::StorageError<u64>>;
 
 /// The log of one Raft group, stored in a [`Storage`] shared with the node's other groups.
@@ -36,36 +42,73 @@ type RaftResult<T> = Result<T, openraft::StorageError<u64>>;
 ///
 /// Entries are stored as `[FORMAT_VERSION][postcard(log id)][postcard(payload)]`, so that the log id
 /// of the last entry can be read without decoding its (possibly large) payload.
-pub struct LogStore<C> {
+pub struct LogStore<C: RaftTypeConfig> {
     group: Arc<str>,
     storage: Arc<dyn Storage>,
     syncer: Syncer,
+    /// The last appended entries, exactly as stored (kept in step by append, truncate, purge).
+    tail: Arc<Mutex<BTreeMap<u64, Entry<C>>>>,
     _config: PhantomData<fn() -> C>,
 }
 
-impl<C> Clone for LogStore<C> {
+impl<C: RaftTypeConfig> Clone for LogStore<C> {
     fn clone(&self) -> Self {
         Self {
             group: Arc::clone(&self.group),
             storage: Arc::clone(&self.storage),
             syncer: self.syncer.clone(),
+            tail: Arc::clone(&self.tail),
             _config: PhantomData,
         }
     }
 }
 
-impl<C> Debug for LogStore<C> {
+impl<C: RaftTypeConfig> Debug for LogStore<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("LogStore").field("group", &self.group).finish_non_exhaustive()
     }
 }
 
-impl<C> LogStore<C> {
+impl<C: RaftTypeConfig> LogStore<C>
+where
+    C::D: Clone,
+{
     /// The log of `group` in `storage`. `syncer` must sync that same storage (share one per
     /// storage between all groups): appends are durable only once it has synced.
     pub fn new(group: &str, storage: Arc<dyn Storage>, syncer: Syncer) -> Result<Self, StorageError> {
         validate_group_name(group)?;
-        Ok(Self { group: group.into(), storage, syncer, _config: PhantomData })
+        Ok(Self {
+            group: group.into(),
+            storage,
+            syncer,
+            tail: Arc::new(Mutex::new(BTreeMap::new())),
+            _config: PhantomData,
+        })
+    }
+
+    fn tail(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, Entry<C>>> {
+        // Every operation on the map is a single insert/remove/split: consistent even if a panic
+        // poisoned the lock.
+        self.tail.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Entries `[start, end)` from the in-memory tail, if it holds every one of them.
+    fn read_tail(&self, start: u64, end: Option<u64>) -> Option<Vec<Entry<C>>> {
+        let tail = self.tail();
+        let first = *tail.keys().next()?;
+        let last = *tail.keys().next_back()?;
+        let end = end.unwrap_or(last + 1).min(last + 1);
+        if start < first || start > end {
+            return None;
+        }
+        // The tail is contiguous (appends follow each other; truncate and purge cut its ends).
+        Some(tail.range(start..end).map(|(_, entry)| entry.clone()).collect())
+    }
+
+    /// Run a storage call that does not wait for the disk (a write to fjall's memtable and journal
+    /// buffer, no sync) inline: handing it to the blocking pool costs more than the call.
+    fn io_now<T>(&self, f: impl FnOnce(&dyn Storage, &str) -> Result<T, StorageError>) -> Result<T, StorageError> {
+        f(self.storage.as_ref(), &self.group)
     }
 
     /// The group's name.
@@ -172,6 +215,7 @@ fn index_bounds(range: &impl RangeBounds<u64>) -> (u64, Option<u64>) {
 impl<C> RaftLogReader<C> for LogStore<C>
 where
     C: RaftTypeConfig<NodeId = u64, Node = BasicNode, Entry = Entry<C>>,
+    C::D: Clone,
     EntryPayload<C>: Serialize + DeserializeOwned,
 {
     async fn try_get_log_entries<RB: RangeBounds<u64> + Clone + Debug + OptionalSend>(
@@ -179,6 +223,9 @@ where
         range: RB,
     ) -> RaftResult<Vec<C::Entry>> {
         let (start, end) = index_bounds(&range);
+        if let Some(entries) = self.read_tail(start, end) {
+            return Ok(entries);
+        }
         let raw = self.io(move |storage, group| storage.read_range(group, start, end)).await.map_err(read_err)?;
         raw.iter().map(|(index, bytes)| decode_entry::<C>(*index, bytes)).collect::<Result<_, _>>().map_err(read_err)
     }
@@ -187,6 +234,7 @@ where
 impl<C> RaftLogStorage<C> for LogStore<C>
 where
     C: RaftTypeConfig<NodeId = u64, Node = BasicNode, Entry = Entry<C>>,
+    C::D: Clone,
     EntryPayload<C>: Serialize + DeserializeOwned,
 {
     type LogReader = Self;
@@ -225,8 +273,7 @@ where
         // rest is applied once the leader commits again). Ordered durability guarantees that a
         // durable committed id never points past durable entries.
         let bytes = encode_versioned(&committed, "committed").map_err(write_err)?;
-        self.io(move |storage, group| storage.put_meta(group, COMMITTED_KEY, &bytes, Durability::Buffered))
-            .await
+        self.io_now(|storage, group| storage.put_meta(group, COMMITTED_KEY, &bytes, Durability::Buffered))
             .map_err(write_err)
     }
 
@@ -240,14 +287,22 @@ where
         I: IntoIterator<Item = C::Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
     {
+        let entries: Vec<Entry<C>> = entries.into_iter().collect();
         let encoded = entries
-            .into_iter()
-            .map(|entry| Ok((entry.log_id.index, encode_entry(&entry)?)))
+            .iter()
+            .map(|entry| Ok((entry.log_id.index, encode_entry(entry)?)))
             .collect::<Result<Vec<_>, StorageError>>()
             .map_err(write_err)?;
         if !encoded.is_empty() {
             // Written, not synced: readable as soon as this returns, as openraft requires.
-            self.io(move |storage, group| storage.append(group, encoded)).await.map_err(write_err)?;
+            self.io_now(|storage, group| storage.append(group, encoded)).map_err(write_err)?;
+            let mut tail = self.tail();
+            for entry in entries {
+                tail.insert(entry.log_id.index, entry);
+            }
+            while tail.len() > TAIL_ENTRIES_MAX {
+                tail.pop_first();
+            }
         }
         // Durability comes from the shared syncer, which completes this callback after a sync
         // that starts after the write above: one fdatasync for every append queued meanwhile, of
@@ -258,12 +313,17 @@ where
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> RaftResult<()> {
         let from_index = log_id.index;
+        drop(self.tail().split_off(&from_index));
         self.io(move |storage, group| storage.truncate(group, from_index)).await.map_err(write_err)
     }
 
     async fn purge(&mut self, log_id: LogId<u64>) -> RaftResult<()> {
         let bytes = encode_versioned(&log_id, "purged log id").map_err(write_err)?;
         let upto_index = log_id.index;
+        {
+            let mut tail = self.tail();
+            *tail = tail.split_off(&upto_index.saturating_add(1));
+        }
         self.io(move |storage, group| storage.purge(group, upto_index, &[(PURGED_KEY, &bytes)]))
             .await
             .map_err(write_err)

@@ -286,7 +286,7 @@ impl FjallStorage {
             return Ok(keyspace.clone());
         }
         validate_group_name(group)?;
-        let keyspace = self.db.keyspace(&format!("{LOG_KEYSPACE_PREFIX}{group}"), KeyspaceCreateOptions::default)?;
+        let keyspace = self.db.keyspace(&format!("{LOG_KEYSPACE_PREFIX}{group}"), log_keyspace_options)?;
         logs.insert(group.to_owned(), keyspace.clone());
         Ok(keyspace)
     }
@@ -495,6 +495,24 @@ fn remove_stale_snapshot_temps(dir: &Path) -> Result<(), StorageError> {
     }
     Ok(())
 }
+
+/// Options of a Raft log keyspace. A log entry is written once, read at most once from disk (the
+/// log store keeps recent entries in memory), and deleted when a snapshot covers it: key-value
+/// separation keeps large entries out of compaction, which otherwise rewrites every one of them
+/// several times; compression is off because payloads are often compressed already and the CPU is
+/// better spent elsewhere.
+fn log_keyspace_options() -> KeyspaceCreateOptions {
+    KeyspaceCreateOptions::default()
+        .data_block_compression_policy(fjall::config::CompressionPolicy::disabled())
+        .with_kv_separation(Some(
+            fjall::KvSeparationOptions::default()
+                .compression(fjall::CompressionType::None)
+                .separation_threshold(LOG_SEPARATION_THRESHOLD_BYTES),
+        ))
+}
+
+/// Log entries at least this large are stored in blob files (key-value separation).
+const LOG_SEPARATION_THRESHOLD_BYTES: u32 = 4 * 1024;
 
 // ------------------------------------------------------------------------------------------------
 // In memory
