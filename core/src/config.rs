@@ -137,8 +137,8 @@ impl Default for Limits {
         Self {
             message_size_max_bytes: 16 * 1024 * 1024,
             name_len_max_bytes: 255,
-            queue_messages_max: 10_000_000,
-            queue_bytes_max: 4 * 1024 * 1024 * 1024,
+            queue_messages_max: 1_000_000,
+            queue_bytes_max: 1024 * 1024 * 1024,
             consumer_inflight_max: 10_000,
             consumers_per_queue_max: 10_000,
             batch_commands_max: 4_096,

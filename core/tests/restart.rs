@@ -67,6 +67,10 @@ fn confirmed_messages_survive_sigkill_in_order() {
     // A second run on the data left by the first crash, killed again.
     confirmed.extend(publish_then_kill(path, 1_000_000, KILL_AFTER[1]));
 
+    // The runs must cross snapshots, so that restarts load one and replay only the log after it.
+    let snapshots = std::fs::read_dir(dir.path().join("snapshots")).map(|d| d.count()).unwrap_or(0);
+    assert!(snapshots > 0, "no snapshot was taken: the test would not cover restoring one");
+
     let output = Command::new(HARNESS).args(["consume", path]).stderr(Stdio::inherit()).output().expect("consume");
     assert!(output.status.success(), "consumer failed: {:?}", output.status);
     let text = String::from_utf8(output.stdout).expect("utf-8");

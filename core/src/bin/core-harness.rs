@@ -29,7 +29,7 @@ fn main() {
     let result = runtime.block_on(async {
         let mut config = CoreConfig::single_node(dir);
         // Small snapshots so that a run crosses snapshot + purge, and restarts load a snapshot.
-        config.snapshot_logs_since_last = 200;
+        config.snapshot_logs_since_last = 8;
         let core = Core::open(config).await?;
         let mut arguments = Headers::new();
         arguments.push("x-partitions", wharf_core::model::FieldValue::I64(PARTITIONS));
