@@ -405,3 +405,33 @@ async fn overload_is_a_retryable_error() {
     }
     core.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn dead_letter_cycles_without_rejection_are_dropped() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    // Expired messages go back to the same queue (default exchange, their own routing key): a
+    // cycle with no consumer in it, which must end rather than loop forever.
+    let looping = args(&[("x-message-ttl", FieldValue::I32(20)), ("x-dead-letter-exchange", FieldValue::from(""))]);
+    queue(&core, "loop", looping).await;
+    core.publish_confirmed("/", Message::new("", "loop", "round")).await.expect("publish");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Were it still cycling, it would reach a consumer between two expiries.
+    let watcher = consumer_id(&core, 9);
+    let mut watching = core.consume("/", "loop", watcher, ConsumeOptions::default()).await.expect("consume");
+    nothing(&mut watching, 300).await;
+    watching.cancel().await.expect("cancel");
+
+    // A rejection is a consumer's decision: the message may come back to the same queue.
+    queue(&core, "retry", args(&[("x-dead-letter-exchange", FieldValue::from(""))])).await;
+    core.publish_confirmed("/", Message::new("", "retry", "again")).await.expect("publish");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", "retry", id, ConsumeOptions::default()).await.expect("consume");
+    let first = next(&mut consumer).await;
+    core.settle(id, &[first.position], Outcome::Reject).await.expect("reject");
+    let back = next(&mut consumer).await;
+    assert_eq!(body(&back), "again");
+    assert_eq!(back.message.headers.get("x-first-death-reason").and_then(FieldValue::as_str), Some("rejected"));
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}

@@ -54,6 +54,10 @@ async fn ticker(weak: Weak<Inner>) {
         let Some(core) = upgrade(&weak) else { return };
         let now = now_ms();
         for (index, shard) in core.inner.shards.iter().enumerate() {
+            // Time advances where the group is led: a follower's tick would only be refused.
+            if !core.leads(&shard.raft) {
+                continue;
+            }
             // At most one tick in flight per shard: a slow commit must not pile ticks up.
             if let Some(rx) = outstanding.get_mut(&index) {
                 match rx.try_recv() {
@@ -125,6 +129,11 @@ async fn republish(core: &Core, batch: Vec<DeadLetter>) {
     let mut pending = Vec::new();
     for job in batch {
         let target = (job.position.queue, job.position.partition);
+        // Only the shard's leader republishes, so that replicas do not each send a copy. (A new
+        // leader finds the pending ones in its state when it starts: `spawn` scans for them.)
+        if !core.leads(&core.inner.shards[core.shard_index(target)].raft) {
+            continue;
+        }
         let still = core
             .shard_reader(target)
             .read(|s| s.partition(target).is_some_and(|p| p.is_dead_lettering(job.position.offset)));
@@ -144,7 +153,7 @@ async fn republish(core: &Core, batch: Vec<DeadLetter>) {
         message.exchange = job.exchange.clone();
         message.routing_key = job.routing_key.clone();
         loop {
-            match core.publish(&vhost, message.clone()).await {
+            match core.publish_to(&vhost, message.clone(), |queue| !is_cycle(&message, &queue.name.name)).await {
                 Ok(pending) => {
                     confirms.push((target, job.position.offset, pending));
                     break;
@@ -182,4 +191,24 @@ async fn republish(core: &Core, batch: Vec<DeadLetter>) {
     for rx in waits {
         let _ = wait(rx).await;
     }
+}
+
+/// Whether dead-lettering `message` into `queue` closes a cycle that no consumer took part in.
+/// RabbitMQ drops such a message for that queue, or a queue dead-lettering into itself (say, with
+/// a TTL and no dead-letter routing key) would loop forever: walking the `x-death` history from
+/// the newest entry, a rejection first means a consumer was involved (not a cycle); the queue first
+/// means it would come back without one (a cycle).
+fn is_cycle(message: &crate::model::Message, queue: &str) -> bool {
+    use crate::model::FieldValue;
+    let Some(FieldValue::Array(deaths)) = message.headers.get("x-death") else { return false };
+    for death in deaths {
+        let FieldValue::Table(death) = death else { continue };
+        if death.get("reason").and_then(FieldValue::as_str) == Some("rejected") {
+            return false;
+        }
+        if death.get("queue").and_then(FieldValue::as_str) == Some(queue) {
+            return true;
+        }
+    }
+    false
 }

@@ -418,6 +418,11 @@ impl Core {
         }
     }
 
+    /// Whether this node currently leads `raft`'s group.
+    fn leads<C: openraft::RaftTypeConfig<NodeId = u64>>(&self, raft: &Raft<C>) -> bool {
+        raft.metrics().borrow().current_leader == Some(self.inner.config.node_id)
+    }
+
     fn check_open(&self) -> CoreResult<()> {
         if self.inner.closing.load(Ordering::Acquire) {
             return Err(CoreError::Unavailable("the node is shutting down".into()));
@@ -637,6 +642,16 @@ impl Core {
     /// Route a message and queue it for commit on every shard it goes to. Publishes queued by one
     /// caller keep their order within each partition. Await the result's `confirm()`.
     pub async fn publish(&self, vhost: &str, message: Message) -> CoreResult<PendingPublish> {
+        self.publish_to(vhost, message, |_| true).await
+    }
+
+    /// [`Core::publish`] to the routed queues `keep` accepts.
+    pub(crate) async fn publish_to(
+        &self,
+        vhost: &str,
+        message: Message,
+        keep: impl Fn(&RoutedQueue) -> bool,
+    ) -> CoreResult<PendingPublish> {
         self.check_open()?;
         let limits = &self.inner.config.limits;
         let size = message.payload_len();
@@ -656,11 +671,12 @@ impl Core {
                 max: limits.delay_max_ms,
             });
         }
-        let route = self
+        let mut route = self
             .inner
             .meta
             .reader
             .read(|c| c.route(vhost, &message.exchange, &message.routing_key, &message.headers))?;
+        route.queues.retain(|queue| keep(queue));
         let key = message.partition_key.as_deref().unwrap_or(&message.routing_key);
         // One command per shard, naming every partition there: a message routed to many queues is
         // carried once per shard, not once per queue.
