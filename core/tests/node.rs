@@ -220,6 +220,20 @@ async fn exclusive_queue_is_deleted_with_its_connection_and_get_returns() {
     let other = QueueSpec { connection: Some(core.new_connection()), ..spec };
     let locked = core.declare_queue(other).await.expect_err("locked");
     assert!(matches!(locked, CoreError::ResourceLocked(_)), "{locked}");
+    let stranger = consumer_id(&core, 1);
+    let refused = core.consume("/", "mine", stranger, ConsumeOptions::default()).await.expect_err("locked");
+    assert!(matches!(refused, CoreError::ResourceLocked(_)), "{refused}");
+    let refused = core.get("/", "mine", stranger, true).await.expect_err("locked");
+    assert!(matches!(refused, CoreError::ResourceLocked(_)), "{refused}");
+    let refused = core.purge("/", "mine", Some(stranger.connection)).await.expect_err("locked");
+    assert!(matches!(refused, CoreError::ResourceLocked(_)), "{refused}");
+    let owned = ConsumerId { connection: owner, seq: 1 };
+    core.consume("/", "mine", owned, ConsumeOptions::default())
+        .await
+        .expect("the owner consumes")
+        .cancel()
+        .await
+        .expect("cancel");
 
     queue(&core, "shared", Headers::new()).await;
     core.publish_confirmed("/", Message::new("", "shared", "one")).await.expect("publish");
@@ -248,7 +262,7 @@ async fn reject_publish_overflow_is_a_negative_confirm() {
     let refused = core.publish_confirmed("/", Message::new("", "full", "2")).await.expect("second");
     assert!(!refused.confirmed());
     assert_eq!(refused.rejected.len(), 1);
-    assert_eq!(core.purge("/", "full").await.expect("purge"), 1);
+    assert_eq!(core.purge("/", "full", None).await.expect("purge"), 1);
     core.shutdown().await.expect("shutdown");
 }
 
@@ -316,6 +330,20 @@ async fn restart_returns_unacked_messages_and_forgets_transient_queues() {
     queue(&core, "durable", Headers::new()).await;
     let transient = QueueSpec { vhost: "/".into(), name: "transient".into(), durable: false, ..QueueSpec::default() };
     core.declare_queue(transient).await.expect("declare transient");
+    for (name, durable) in [("transient-x", false), ("durable-x", true)] {
+        core.declare_exchange(ExchangeSpec {
+            vhost: "/".into(),
+            name: name.into(),
+            kind: ExchangeKind::Direct,
+            passive: false,
+            durable,
+            auto_delete: false,
+            internal: false,
+            arguments: Headers::new(),
+        })
+        .await
+        .expect("declare exchange");
+    }
     for body in ["a", "b"] {
         core.publish_confirmed("/", Message::new("", "durable", body)).await.expect("publish");
     }
@@ -333,6 +361,8 @@ async fn restart_returns_unacked_messages_and_forgets_transient_queues() {
 
     let core = open(&storage).await;
     assert!(core.incarnation() > id.connection.incarnation);
+    assert!(core.with_catalogue(|c| c.exchange("/", "transient-x").is_none()), "transient exchange survived");
+    assert!(core.with_catalogue(|c| c.exchange("/", "durable-x").is_some()), "durable exchange lost");
     assert!(matches!(core.queue_status("/", "transient"), Err(CoreError::NotFound(_))), "transient queue survived");
     assert_eq!(core.queue_status("/", "durable").expect("status"), (2, 0), "the held message is back");
     let id = consumer_id(&core, 1);
@@ -433,5 +463,69 @@ async fn dead_letter_cycles_without_rejection_are_dropped() {
     assert_eq!(body(&back), "again");
     assert_eq!(back.message.headers.get("x-first-death-reason").and_then(FieldValue::as_str), Some("rejected"));
     consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn deleting_a_queue_cancels_its_consumers() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "doomed", args(&[("x-partitions", FieldValue::I32(2))])).await;
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", "doomed", id, ConsumeOptions::default()).await.expect("consume");
+    core.delete_queue("/", "doomed", false, false, None).await.expect("delete");
+    let event = tokio::time::timeout(Duration::from_secs(5), consumer.recv()).await.expect("an event");
+    assert_eq!(event, Some(ConsumerEvent::Cancelled), "consumer cancel notification");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn if_unused_and_if_empty_are_checked() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "busy", Headers::new()).await;
+    core.publish_confirmed("/", Message::new("", "busy", "x")).await.expect("publish");
+    let not_empty = core.delete_queue("/", "busy", false, true, None).await.expect_err("not empty");
+    assert!(matches!(not_empty, CoreError::PreconditionFailed(_)), "{not_empty}");
+    let consumer = core.consume("/", "busy", consumer_id(&core, 1), ConsumeOptions::default()).await.expect("consume");
+    let in_use = core.delete_queue("/", "busy", true, false, None).await.expect_err("in use");
+    assert!(matches!(in_use, CoreError::PreconditionFailed(_)), "{in_use}");
+    consumer.cancel().await.expect("cancel");
+    assert_eq!(core.delete_queue("/", "busy", true, false, None).await.expect("delete"), 1, "held one message");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn no_ack_consumer_credit_is_renewed_and_prefetch_can_change() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    // A credit window of 4: the stream must renew credit many times to receive 50 messages.
+    config.limits.consumer_inflight_max = 4;
+    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    queue(&core, "stream", Headers::new()).await;
+    queue(&core, "acked", Headers::new()).await;
+    for i in 0..50 {
+        core.publish_confirmed("/", Message::new("", "stream", format!("{i}"))).await.expect("publish");
+        core.publish_confirmed("/", Message::new("", "acked", format!("{i}"))).await.expect("publish");
+    }
+    let id = consumer_id(&core, 1);
+    let mut stream =
+        core.consume("/", "stream", id, ConsumeOptions { prefetch: 0, no_ack: true }).await.expect("consume");
+    for i in 0..50 {
+        assert_eq!(body(&next(&mut stream).await), format!("{i}"));
+    }
+    assert_eq!(core.queue_status("/", "stream").expect("status").0, 0);
+
+    let id = consumer_id(&core, 2);
+    let mut acked =
+        core.consume("/", "acked", id, ConsumeOptions { prefetch: 1, no_ack: false }).await.expect("consume");
+    let first = next(&mut acked).await;
+    nothing(&mut acked, 100).await;
+    core.set_prefetch(&acked, 3).await.expect("set prefetch");
+    let more = [next(&mut acked).await, next(&mut acked).await];
+    nothing(&mut acked, 100).await;
+    assert_eq!((body(&first), body(&more[0]), body(&more[1])), ("0".into(), "1".into(), "2".into()));
+    stream.cancel().await.expect("cancel");
+    acked.cancel().await.expect("cancel");
     core.shutdown().await.expect("shutdown");
 }

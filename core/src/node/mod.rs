@@ -330,6 +330,20 @@ impl Core {
                 self.meta(MetaCommand::DeleteQueue { vhost, name, expected_id: Some(id), connection: None }).await?;
             self.drop_deleted_partitions(&reply).await?;
         }
+        // Likewise a non-durable exchange (its bindings go with it).
+        let transient: Vec<(String, String)> = self.inner.meta.reader.read(|c| {
+            c.vhosts()
+                .flat_map(|vhost| {
+                    c.exchanges_in(vhost).filter(|e| !e.durable).map(move |e| (vhost.to_owned(), e.name.clone()))
+                })
+                .collect()
+        });
+        for (vhost, name) in transient {
+            match self.meta(MetaCommand::DeleteExchange { vhost, name, if_unused: false }).await {
+                Ok(_) | Err(CoreError::NotFound(_)) => {}
+                Err(error) => return Err(error),
+            }
+        }
         // Reconcile: a crash between the meta commit and the shard commits of a declaration or
         // deletion leaves the two out of step; both commands are idempotent, so redo them.
         let queues: Vec<QueueDef> = self.inner.meta.reader.read(|c| c.queues().cloned().collect());
@@ -560,6 +574,20 @@ impl Core {
         Ok(QueueDeclared { name, id, message_count, consumer_count })
     }
 
+    /// The queue, if `connection` may use it: an exclusive queue belongs to its declaring
+    /// connection alone (AMQP 405 `RESOURCE_LOCKED` for anyone else).
+    fn usable_queue(&self, vhost: &str, name: &str, connection: Option<ConnectionId>) -> CoreResult<QueueDef> {
+        let def = self.queue_def(vhost, name)?;
+        match def.exclusive_owner {
+            Some(owner) if connection != Some(owner) => Err(CoreError::ResourceLocked(format!(
+                "cannot obtain exclusive access to locked queue '{name}' in vhost '{vhost}'. It could be \
+                 originally declared on another connection or the exclusive property value does not match \
+                 that of the original declaration."
+            ))),
+            _ => Ok(def),
+        }
+    }
+
     fn queue_def(&self, vhost: &str, name: &str) -> CoreResult<QueueDef> {
         self.inner
             .meta
@@ -711,7 +739,7 @@ impl Core {
         options: ConsumeOptions,
     ) -> CoreResult<Consumer> {
         self.check_open()?;
-        let def = self.queue_def(vhost, queue)?;
+        let def = self.usable_queue(vhost, queue, Some(id.connection))?;
         let limits = &self.inner.config.limits;
         let credit_window = limits.consumer_inflight_max.clamp(2, 1_000);
         // Register before attaching: deliveries can be produced while the attach is applied.
@@ -827,7 +855,7 @@ impl Core {
         no_ack: bool,
     ) -> CoreResult<Option<Delivery>> {
         self.check_open()?;
-        let def = self.queue_def(vhost, queue)?;
+        let def = self.usable_queue(vhost, queue, Some(holder.connection))?;
         // Start at a rotating partition so that one partition does not starve the others.
         let start = self.inner.connection_seq.load(Ordering::Relaxed) as u32;
         for step in 0..def.args.partitions {
@@ -854,10 +882,10 @@ impl Core {
         Ok(None)
     }
 
-    /// Remove every ready message of a queue; returns how many.
-    pub async fn purge(&self, vhost: &str, queue: &str) -> CoreResult<u64> {
+    /// Remove every ready message of a queue on behalf of `connection`; returns how many.
+    pub async fn purge(&self, vhost: &str, queue: &str, connection: Option<ConnectionId>) -> CoreResult<u64> {
         self.check_open()?;
-        let def = self.queue_def(vhost, queue)?;
+        let def = self.usable_queue(vhost, queue, connection)?;
         let mut waits = Vec::new();
         for partition in 0..def.args.partitions {
             let target = (def.id, partition);
