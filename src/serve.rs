@@ -99,7 +99,17 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
 
     info!("opening the core");
     let core = tokio::select! {
-        opened = Core::open(core_config) => opened.context("opening the core")?,
+        opened = Core::open(core_config) => match opened {
+            Ok(core) => core,
+            // The data directory contradicts the configuration (e.g. another shard count): a
+            // configuration error like any other, with the same exit code.
+            Err(wharf_core::CoreError::InvalidArgument(reason)) => {
+                error!("opening the core: {reason}");
+                let _ = stop_admin.send(());
+                return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
+            }
+            Err(other) => return Err(other).context("opening the core"),
+        },
         signal = signals.recv() => {
             // The core must survive a crash at any point, so abandoning the open is safe; waiting
             // for a long recovery to finish only to shut down would not be.

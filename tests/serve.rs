@@ -223,3 +223,17 @@ fn missing_config_file_is_refused() {
     assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
     assert!(stderr(&output).contains("/nonexistent/wharf.toml"), "{}", stderr(&output));
 }
+
+#[test]
+fn serve_refuses_a_shard_count_other_than_the_data_directorys() {
+    let mut node = Node::start();
+    wait_for(&mut node, "/readyz", 200);
+    node.terminate();
+    assert_eq!(node.wait_exit().code(), Some(0), "{}", node.log());
+    let output = run(wharf()
+        .args(["serve", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+        .arg(node.dir.path().join("data"))
+        .env("WHARF__CORE__SHARD_COUNT", "7"));
+    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+    assert!(stderr(&output).contains("core.shard_count"), "{}", stderr(&output));
+}
