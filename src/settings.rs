@@ -169,6 +169,10 @@ limits_settings! {
     bindings_max: u32 => "Most bindings in the catalogue.",
     partitions_per_queue_max: u32 => "Most partitions of one queue.",
     delay_max_ms: u64 => "Longest delivery delay accepted, in milliseconds.",
+    idempotency_window_ms: u64 => "How long an idempotency key is remembered after its message was committed (default for queues without x-idempotency-window-ms), in milliseconds.",
+    idempotency_keys_max: u64 => "Most idempotency keys remembered per queue partition (the oldest are forgotten first).",
+    idempotency_key_bytes_max: u64 => "Most bytes of idempotency keys remembered per queue partition.",
+    idempotency_key_len_max_bytes: u32 => "Longest idempotency key accepted, in bytes.",
 }
 
 impl Default for LimitsSettings {

@@ -130,6 +130,16 @@ pub struct Limits {
     pub partitions_per_queue_max: u32,
     /// Longest delivery delay accepted, in milliseconds.
     pub delay_max_ms: u64,
+    /// How long an idempotency key is remembered after its message was committed, unless the queue
+    /// sets `x-idempotency-window-ms`. Measured on committed time, so replicas agree.
+    pub idempotency_window_ms: u64,
+    /// Most idempotency keys remembered per queue partition; beyond it the oldest are forgotten
+    /// before their window ends.
+    pub idempotency_keys_max: u64,
+    /// Most bytes of idempotency keys remembered per queue partition (oldest forgotten first).
+    pub idempotency_key_bytes_max: u64,
+    /// Longest idempotency key accepted, in bytes.
+    pub idempotency_key_len_max_bytes: u32,
 }
 
 impl Default for Limits {
@@ -150,6 +160,10 @@ impl Default for Limits {
             bindings_max: 1_000_000,
             partitions_per_queue_max: 256,
             delay_max_ms: 365 * 24 * 3600 * 1000,
+            idempotency_window_ms: 7 * 24 * 3600 * 1000,
+            idempotency_keys_max: 1_000_000,
+            idempotency_key_bytes_max: 64 * 1024 * 1024,
+            idempotency_key_len_max_bytes: 256,
         }
     }
 }
@@ -157,7 +171,7 @@ impl Default for Limits {
 impl Limits {
     /// Check that every limit is positive and that related limits agree.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 15] = [
+        let positive: [(&'static str, u64); 19] = [
             ("limits.message_size_max_bytes", self.message_size_max_bytes),
             ("limits.name_len_max_bytes", self.name_len_max_bytes.into()),
             ("limits.queue_messages_max", self.queue_messages_max),
@@ -173,6 +187,10 @@ impl Limits {
             ("limits.bindings_max", self.bindings_max.into()),
             ("limits.partitions_per_queue_max", self.partitions_per_queue_max.into()),
             ("limits.delay_max_ms", self.delay_max_ms),
+            ("limits.idempotency_window_ms", self.idempotency_window_ms),
+            ("limits.idempotency_keys_max", self.idempotency_keys_max),
+            ("limits.idempotency_key_bytes_max", self.idempotency_key_bytes_max),
+            ("limits.idempotency_key_len_max_bytes", self.idempotency_key_len_max_bytes.into()),
         ];
         for (key, value) in positive {
             if value == 0 {

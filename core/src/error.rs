@@ -76,6 +76,10 @@ const LIMIT_KEYS: &[&str] = &[
     "limits.bindings_max",
     "limits.partitions_per_queue_max",
     "limits.delay_max_ms",
+    "limits.idempotency_window_ms",
+    "limits.idempotency_keys_max",
+    "limits.idempotency_key_bytes_max",
+    "limits.idempotency_key_len_max_bytes",
 ];
 
 /// The configuration key of a limit: always one of a fixed set of names.

@@ -344,6 +344,9 @@ pub struct QueueArgs {
     pub delivery_limit: Option<u32>,
     /// `x-partitions` (Wharf): number of partitions, at least 1.
     pub partitions: u32,
+    /// `x-idempotency-window-ms` (Wharf): how long this queue remembers idempotency keys; none:
+    /// `limits.idempotency_window_ms`.
+    pub idempotency_window_ms: Option<u64>,
 }
 
 impl Default for QueueArgs {
@@ -360,6 +363,7 @@ impl Default for QueueArgs {
             single_active_consumer: false,
             delivery_limit: None,
             partitions: 1,
+            idempotency_window_ms: None,
         }
     }
 }

@@ -143,6 +143,8 @@ impl ShardCommand {
 pub enum PublishOutcome {
     /// Stored at this offset.
     Stored(u64),
+    /// Not stored: its idempotency key was committed before, at this offset.
+    Duplicate(u64),
     /// Refused (overflow policy or capacity).
     Rejected,
     /// The partition does not exist (the queue was deleted meanwhile).
@@ -263,6 +265,7 @@ impl ReplicatedState for ShardState {
                     .map(|target| match self.partitions.get_mut(target) {
                         Some(partition) => match partition.publish(now_ms, message.clone(), effects) {
                             Enqueued::Stored(offset) => PublishOutcome::Stored(offset),
+                            Enqueued::Duplicate(offset) => PublishOutcome::Duplicate(offset),
                             Enqueued::Rejected => PublishOutcome::Rejected,
                         },
                         None => PublishOutcome::NoPartition,

@@ -529,3 +529,129 @@ async fn no_ack_consumer_credit_is_renewed_and_prefetch_can_change() {
     acked.cancel().await.expect("cancel");
     core.shutdown().await.expect("shutdown");
 }
+
+fn with_key(queue: &str, body: &str, key: &str) -> Message {
+    let mut message = Message::new("", queue, body.to_owned());
+    message.idempotency_key = Some(key.into());
+    message
+}
+
+#[tokio::test]
+async fn idempotency_keys_give_a_duplicate_verdict_and_answer_was_it_committed() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "payments", args(&[("x-partitions", FieldValue::I32(3))])).await;
+    let first = core.publish_confirmed("/", with_key("payments", "pay 10", "txn-1")).await.expect("publish");
+    assert!(!first.is_duplicate());
+    let original = first.positions[0];
+
+    // The producer did not see the confirm and retries with the same key.
+    let retry = core.publish_confirmed("/", with_key("payments", "pay 10", "txn-1")).await.expect("retry");
+    assert!(retry.is_duplicate() && retry.confirmed(), "{retry:?}");
+    assert_eq!(retry.duplicates, vec![original], "the original's position is returned");
+
+    let found = core.idempotency_lookup("/", "payments", "txn-1").await.expect("lookup").expect("committed");
+    assert_eq!(found.position, original);
+    assert!(found.committed_ms > 0);
+    assert_eq!(core.idempotency_lookup("/", "payments", "txn-2").await.expect("lookup"), None);
+
+    // Consumed and acknowledged: a late retry still must not pay twice.
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", "payments", id, ConsumeOptions::default()).await.expect("consume");
+    let delivery = next(&mut consumer).await;
+    core.settle(id, &[delivery.position], Outcome::Ack).await.expect("ack");
+    let late = core.publish_confirmed("/", with_key("payments", "pay 10", "txn-1")).await.expect("late retry");
+    assert!(late.is_duplicate());
+    nothing(&mut consumer, 100).await;
+
+    let too_long = "k".repeat(257);
+    let error = core.publish("/", with_key("payments", "x", &too_long)).await.expect_err("key too long");
+    assert!(matches!(error, CoreError::LimitExceeded { limit: "limits.idempotency_key_len_max_bytes", .. }), "{error}");
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn concurrent_retries_of_one_key_store_it_once() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "orders", Headers::new()).await;
+    // Sent together, before any is committed: Raft orders them, the first stores, the rest wait
+    // for it and get its position.
+    let mut pending = Vec::new();
+    for _ in 0..20 {
+        pending.push(core.publish("/", with_key("orders", "order 7", "order-7")).await.expect("publish"));
+    }
+    let mut stored = Vec::new();
+    let mut duplicates = Vec::new();
+    for p in pending {
+        let published = p.confirm().await.expect("confirm");
+        stored.extend(published.positions);
+        duplicates.extend(published.duplicates);
+    }
+    assert_eq!(stored.len(), 1, "stored once");
+    assert_eq!(duplicates.len(), 19);
+    assert!(duplicates.iter().all(|d| *d == stored[0]));
+    assert_eq!(core.queue_status("/", "orders").expect("status").0, 1);
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn idempotency_keys_survive_a_restart_and_expire_with_the_queue_window() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let mut config = CoreConfig::single_node(dir.path());
+    config.raft_heartbeat_interval_ms = 50;
+    config.raft_election_timeout_min_ms = 150;
+    config.tick_interval_ms = 10;
+    config.snapshot_logs_since_last = 5;
+    let core = Core::open(config.clone()).await.expect("open");
+    queue(&core, "kept", Headers::new()).await;
+    queue(&core, "brief", args(&[("x-idempotency-window-ms", FieldValue::I32(200))])).await;
+    let original = core.publish_confirmed("/", with_key("kept", "a", "k")).await.expect("publish").positions[0];
+    for i in 0..20 {
+        // Enough entries to cross snapshots: the registry must be in them.
+        core.publish_confirmed("/", with_key("kept", "filler", &format!("f{i}"))).await.expect("publish");
+    }
+    core.shutdown().await.expect("shutdown");
+    drop(core);
+
+    let core = Core::open(config).await.expect("reopen");
+    let retry = core.publish_confirmed("/", with_key("kept", "a", "k")).await.expect("retry");
+    assert_eq!(retry.duplicates, vec![original], "the registry survived the restart");
+
+    core.publish_confirmed("/", with_key("brief", "b", "short")).await.expect("publish");
+    assert!(core.publish_confirmed("/", with_key("brief", "b", "short")).await.expect("retry").is_duplicate());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(core.idempotency_lookup("/", "brief", "short").await.expect("lookup"), None, "window over");
+    let after = core.publish_confirmed("/", with_key("brief", "b", "short")).await.expect("publish");
+    assert!(!after.is_duplicate(), "outside the window it is a new message");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_key_is_scoped_to_each_destination_queue() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "a", Headers::new()).await;
+    queue(&core, "b", Headers::new()).await;
+    for name in ["a", "b"] {
+        let binding = BindingSpec {
+            vhost: "/".into(),
+            source: "amq.fanout".into(),
+            destination: Destination::Queue(name.into()),
+            routing_key: String::new(),
+            arguments: Headers::new(),
+        };
+        core.bind(binding, None).await.expect("bind");
+    }
+    let mut message = Message::new("amq.fanout", "", "to both");
+    message.idempotency_key = Some("k".into());
+    let first = core.publish_confirmed("/", message.clone()).await.expect("publish");
+    assert_eq!(first.positions.len(), 2, "one message per queue");
+    let retry = core.publish_confirmed("/", message).await.expect("retry");
+    assert!(retry.is_duplicate());
+    assert_eq!(retry.duplicates.len(), 2, "each queue recognises it");
+    // The same key sent straight to one queue is that queue's duplicate too.
+    assert!(core.publish_confirmed("/", with_key("a", "direct", "k")).await.expect("publish").is_duplicate());
+    core.shutdown().await.expect("shutdown");
+}

@@ -25,10 +25,12 @@ use wharf_core::shard::{PublishOutcome, ShardCommand, ShardReply, ShardState};
 const TARGET: (QueueId, u32) = (QueueId(1), 0);
 const LENGTH_MAX: u64 = 6;
 const DELIVERY_LIMIT: u32 = 2;
+/// Idempotency window: short enough that ticks make keys expire within a sequence.
+const WINDOW_MS: u64 = 500;
 
 #[derive(Debug, Clone)]
 enum Op {
-    Publish { priority: u8, ttl_ms: Option<u64> },
+    Publish { priority: u8, ttl_ms: Option<u64>, key: Option<u8> },
     Attach { consumer: u64, prefetch: u32 },
     Detach { consumer: u64 },
     Settle { consumer: u64, pick: usize, outcome: u8 },
@@ -40,7 +42,8 @@ enum Op {
 
 fn op() -> impl Strategy<Value = Op> {
     prop_oneof![
-        4 => (0u8..4, prop::option::of(1u64..50)).prop_map(|(priority, ttl_ms)| Op::Publish { priority, ttl_ms }),
+        4 => (0u8..4, prop::option::of(1u64..50), prop::option::of(0u8..4))
+            .prop_map(|(priority, ttl_ms, key)| Op::Publish { priority, ttl_ms, key }),
         1 => (0u64..3, 1u32..4).prop_map(|(consumer, prefetch)| Op::Attach { consumer, prefetch }),
         1 => (0u64..3).prop_map(|consumer| Op::Detach { consumer }),
         4 => (0u64..4, 0usize..4, 0u8..3).prop_map(|(consumer, pick, outcome)| Op::Settle { consumer, pick, outcome }),
@@ -75,6 +78,8 @@ struct Model {
     /// consumer seq → (prefetch, held offsets); seq 3 is the `basic.get` holder (prefetch 0).
     consumers: BTreeMap<u64, (u32, BTreeSet<u64>)>,
     acked: BTreeSet<u64>,
+    /// Idempotency key → (offset, committed time) of the message first published with it.
+    keys: BTreeMap<u8, (u64, u64)>,
     dead: BTreeMap<u64, String>,
     purged: BTreeSet<u64>,
 }
@@ -203,7 +208,15 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         dead_letter_exchange: Some("dlx".into()),
         ..QueueArgs::default()
     };
-    let caps = PartitionCaps { messages_max: 1_000, bytes_max: 1 << 20, consumer_inflight_max: 100, consumers_max: 10 };
+    let caps = PartitionCaps {
+        messages_max: 1_000,
+        bytes_max: 1 << 20,
+        consumer_inflight_max: 100,
+        consumers_max: 10,
+        idempotency_window_ms: WINDOW_MS,
+        idempotency_keys_max: 1_000,
+        idempotency_key_bytes_max: 1 << 20,
+    };
     let name = QueueName { vhost: "/".into(), name: "q".into() };
     let mut fx = Vec::new();
     state.apply(
@@ -219,10 +232,11 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
         let mut tick = false;
         let mut get_no_ack = None;
         let command = match op.clone() {
-            Op::Publish { priority, ttl_ms } => {
+            Op::Publish { priority, ttl_ms, key } => {
                 let mut m = Message::new("ex", "rk", vec![0u8; 8]);
                 m.properties.priority = Some(priority);
                 m.properties.expiration_ms = ttl_ms;
+                m.idempotency_key = key.map(|k| format!("key-{k}"));
                 ShardCommand::Publish { targets: vec![TARGET], message: Arc::new(m) }
             }
             Op::Attach { consumer, prefetch } => {
@@ -285,11 +299,22 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
 
         // The command's own result first: a publish adds a message, a get takes the head.
         match (&op, &reply) {
-            (Op::Publish { priority, ttl_ms }, ShardReply::Published(outcomes)) => {
+            (Op::Publish { priority, ttl_ms, key }, ShardReply::Published(outcomes)) => {
+                // A key within its window names the original: nothing new is stored.
+                let now = model.now_ms;
+                let remembered = key.and_then(|k| model.keys.get(&k).copied()).filter(|(_, at)| at + WINDOW_MS > now);
+                if let Some((original, _)) = remembered {
+                    prop_assert_eq!(outcomes.as_slice(), &[PublishOutcome::Duplicate(original)], "duplicate verdict");
+                    prop_assert!(fx.is_empty(), "a duplicate changes nothing");
+                    continue;
+                }
                 let offset = match outcomes.as_slice() {
                     [PublishOutcome::Stored(offset)] => *offset,
                     other => return Err(TestCaseError::fail(format!("publish refused: {other:?}"))),
                 };
+                if let Some(k) = key {
+                    model.keys.insert(*k, (offset, now));
+                }
                 prop_assert_eq!(offset, model.next_offset, "offsets are dense");
                 model.next_offset += 1;
                 model.msgs.insert(

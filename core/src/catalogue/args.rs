@@ -125,6 +125,7 @@ pub fn parse_queue_args(vhost: &str, queue: &str, arguments: &Headers, limits: &
         single_active_consumer,
         delivery_limit,
         partitions,
+        idempotency_window_ms: integer("x-idempotency-window-ms", 1)?,
     })
 }
 
@@ -141,7 +142,7 @@ pub fn queue_args_difference(received: &QueueArgs, current: &QueueArgs) -> Optio
 }
 
 /// Each argument's rendering, `none` when absent, in a fixed order (the order errors report them in).
-fn render_queue_args(args: &QueueArgs) -> [(&'static str, String); 11] {
+fn render_queue_args(args: &QueueArgs) -> [(&'static str, String); 12] {
     fn number(value: Option<impl std::fmt::Display>) -> String {
         value.map_or_else(|| "none".to_owned(), |value| format!("'{value}'"))
     }
@@ -160,6 +161,7 @@ fn render_queue_args(args: &QueueArgs) -> [(&'static str, String); 11] {
         ("x-single-active-consumer", format!("'{}'", args.single_active_consumer)),
         ("x-delivery-limit", number(args.delivery_limit)),
         ("x-partitions", format!("'{}'", args.partitions)),
+        ("x-idempotency-window-ms", number(args.idempotency_window_ms)),
     ]
 }
 
@@ -235,6 +237,7 @@ mod tests {
             ("x-delivery-limit", FieldValue::I16(3)),
             ("x-queue-type", text("quorum")),
             ("x-partitions", FieldValue::I8(4)),
+            ("x-idempotency-window-ms", FieldValue::I64(60_000)),
             ("x-unknown-thing", text("kept, ignored")),
         ])
         .expect("valid");
@@ -252,6 +255,7 @@ mod tests {
                 single_active_consumer: true,
                 delivery_limit: Some(3),
                 partitions: 4,
+                idempotency_window_ms: Some(60_000),
             }
         );
     }

@@ -95,6 +95,9 @@ struct Inner {
 pub struct Published {
     /// Where it was stored, one position per queue that took it.
     pub positions: Vec<Position>,
+    /// Queues that already had its idempotency key: where the original was stored (nothing was
+    /// stored again).
+    pub duplicates: Vec<Position>,
     /// Queues that refused it (`x-overflow: reject-publish`, capacity).
     pub rejected: Vec<QueueName>,
     /// Queues the exchange routed it to (taken, refused, or deleted meanwhile).
@@ -107,9 +110,16 @@ impl Published {
         self.routed == 0
     }
 
-    /// Whether every routed queue took it (an AMQP positive confirm).
+    /// Whether every routed queue took it (an AMQP positive confirm). A duplicate counts as taken:
+    /// the original is there.
     pub fn confirmed(&self) -> bool {
         self.rejected.is_empty()
+    }
+
+    /// The "duplicate" verdict: every queue that has the message had it already, from an earlier
+    /// publish with the same idempotency key.
+    pub fn is_duplicate(&self) -> bool {
+        self.positions.is_empty() && !self.duplicates.is_empty()
     }
 }
 
@@ -139,6 +149,9 @@ impl PendingPublish {
                     PublishOutcome::Stored(offset) => {
                         published.positions.push(Position { queue: target.0, partition: target.1, offset })
                     }
+                    PublishOutcome::Duplicate(offset) => {
+                        published.duplicates.push(Position { queue: target.0, partition: target.1, offset })
+                    }
                     PublishOutcome::Rejected => published.rejected.push(queue.name.clone()),
                     PublishOutcome::NoPartition => {}
                 }
@@ -146,6 +159,15 @@ impl PendingPublish {
         }
         Ok(published)
     }
+}
+
+/// Where and when a message with a given idempotency key was committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct KeyCommitted {
+    /// Its position.
+    pub position: Position,
+    /// Committed time of the entry that stored it, milliseconds since the Unix epoch.
+    pub committed_ms: u64,
 }
 
 /// A queue declaration's answer (AMQP `queue.declare-ok`).
@@ -470,6 +492,9 @@ impl Core {
             bytes_max: limits.queue_bytes_max,
             consumer_inflight_max: limits.consumer_inflight_max,
             consumers_max: limits.consumers_per_queue_max,
+            idempotency_window_ms: limits.idempotency_window_ms,
+            idempotency_keys_max: limits.idempotency_keys_max,
+            idempotency_key_bytes_max: limits.idempotency_key_bytes_max,
         };
         let mut waits = Vec::new();
         for partition in 0..queue.args.partitions {
@@ -690,6 +715,15 @@ impl Core {
                 max: limits.message_size_max_bytes,
             });
         }
+        if let Some(key) = &message.idempotency_key
+            && key.len() as u64 > u64::from(limits.idempotency_key_len_max_bytes)
+        {
+            return Err(CoreError::LimitExceeded {
+                limit: "limits.idempotency_key_len_max_bytes",
+                value: key.len() as u64,
+                max: limits.idempotency_key_len_max_bytes.into(),
+            });
+        }
         if let Some(delay) = message.delay_ms
             && delay > limits.delay_max_ms
         {
@@ -877,6 +911,34 @@ impl Core {
                 ShardReply::Got(None) => {}
                 ShardReply::Error(error) => return Err(error),
                 other => return Err(CoreError::Internal(format!("get answered {other:?}"))),
+            }
+        }
+        Ok(None)
+    }
+
+    /// "Was a message with idempotency key `key` committed to `queue`, where, when?" The answer
+    /// is linearizable: it reflects every publish confirmed before the call. Keys are scoped to the
+    /// destination queue, and remembered for the queue's window (`x-idempotency-window-ms`, else
+    /// `limits.idempotency_window_ms`) within the per-partition count and byte bounds.
+    pub async fn idempotency_lookup(&self, vhost: &str, queue: &str, key: &str) -> CoreResult<Option<KeyCommitted>> {
+        self.check_open()?;
+        let def = self.queue_def(vhost, queue)?;
+        // The key's partition depends on the publish's partition or routing key, which the
+        // question does not carry: ask every partition (a key is in at most one).
+        for partition in 0..def.args.partitions {
+            let target = (def.id, partition);
+            let shard = &self.inner.shards[self.shard_index(target)];
+            shard.raft.ensure_linearizable().await.map_err(|e| match e.forward_to_leader() {
+                Some(forward) => CoreError::NotLeader { leader: forward.leader_id },
+                None => CoreError::Unavailable(e.to_string()),
+            })?;
+            let now = shard.reader.clock_ms().max(proposer::now_ms());
+            let found = shard.reader.read(|s| s.partition(target).and_then(|p| p.idempotency_key(key, now)));
+            if let Some(record) = found {
+                return Ok(Some(KeyCommitted {
+                    position: Position { queue: target.0, partition: target.1, offset: record.offset },
+                    committed_ms: record.committed_ms,
+                }));
             }
         }
         Ok(None)

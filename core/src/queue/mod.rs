@@ -43,6 +43,21 @@ pub struct PartitionCaps {
     pub consumer_inflight_max: u32,
     /// Most consumers attached.
     pub consumers_max: u32,
+    /// How long idempotency keys are remembered when the queue sets no window.
+    pub idempotency_window_ms: u64,
+    /// Most idempotency keys remembered.
+    pub idempotency_keys_max: u64,
+    /// Most bytes of idempotency keys remembered.
+    pub idempotency_key_bytes_max: u64,
+}
+
+/// Where and when the message published with an idempotency key was committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct KeyRecord {
+    /// Its offset in the partition.
+    pub offset: u64,
+    /// The committed time of the entry that stored it, milliseconds since the Unix epoch.
+    pub committed_ms: u64,
 }
 
 /// How a consumer settles deliveries.
@@ -128,6 +143,8 @@ pub enum Effect {
 pub enum Enqueued {
     /// Stored at this offset.
     Stored(u64),
+    /// Not stored: its idempotency key was committed before, at this offset.
+    Duplicate(u64),
     /// Refused by `x-overflow: reject-publish(-dlx)` or by the partition's capacity.
     Rejected,
 }
@@ -189,6 +206,12 @@ pub struct Partition {
     /// front is the active one.
     order: VecDeque<ConsumerId>,
     last_used_ms: u64,
+    /// The idempotency registry: key → where and when its message was committed. `key_order`
+    /// holds the same keys in commit order (committed time never decreases), so expiry and the
+    /// count and byte bounds always forget the oldest first.
+    keys: BTreeMap<String, KeyRecord>,
+    key_order: VecDeque<(u64, String)>,
+    key_bytes: u64,
 }
 
 impl Partition {
@@ -217,6 +240,52 @@ impl Partition {
             consumers: BTreeMap::new(),
             order: VecDeque::new(),
             last_used_ms: now_ms,
+            keys: BTreeMap::new(),
+            key_order: VecDeque::new(),
+            key_bytes: 0,
+        }
+    }
+
+    fn key_window_ms(&self) -> u64 {
+        self.args.idempotency_window_ms.unwrap_or(self.caps.idempotency_window_ms)
+    }
+
+    /// Where and when the message with idempotency key `key` was committed, if the key is within
+    /// its window at `now_ms`.
+    pub fn idempotency_key(&self, key: &str, now_ms: u64) -> Option<KeyRecord> {
+        let window = self.key_window_ms();
+        self.keys.get(key).copied().filter(|record| record.committed_ms.saturating_add(window) > now_ms)
+    }
+
+    /// Idempotency keys remembered.
+    pub fn idempotency_key_count(&self) -> u64 {
+        self.keys.len() as u64
+    }
+
+    /// Forget keys whose window ended by `now_ms`.
+    fn expire_keys(&mut self, now_ms: u64) {
+        let window = self.key_window_ms();
+        while self.key_order.front().is_some_and(|(at, _)| at.saturating_add(window) <= now_ms) {
+            self.forget_oldest_key();
+        }
+    }
+
+    fn forget_oldest_key(&mut self) {
+        if let Some((_, key)) = self.key_order.pop_front() {
+            self.key_bytes -= key.len() as u64;
+            let removed = self.keys.remove(&key);
+            debug_assert!(removed.is_some(), "key order and key map hold the same keys");
+        }
+    }
+
+    fn remember_key(&mut self, key: &str, offset: u64, now_ms: u64) {
+        self.keys.insert(key.to_owned(), KeyRecord { offset, committed_ms: now_ms });
+        self.key_order.push_back((now_ms, key.to_owned()));
+        self.key_bytes += key.len() as u64;
+        while self.keys.len() as u64 > self.caps.idempotency_keys_max
+            || self.key_bytes > self.caps.idempotency_key_bytes_max
+        {
+            self.forget_oldest_key();
         }
     }
 
@@ -265,10 +334,11 @@ impl Partition {
 
     /// The earliest time at which a tick would change something (a delay ending, a TTL passing).
     pub fn next_deadline_ms(&self) -> Option<u64> {
+        let keys = self.key_order.front().map(|(at, _)| at.saturating_add(self.key_window_ms()));
         let delayed = self.delayed.first().map(|&(at, _)| at);
         let expiring = self.expiring.first().map(|&(at, _)| at);
         let expires = self.args.expires_ms.filter(|_| self.order.is_empty()).map(|e| self.last_used_ms + e);
-        [delayed, expiring, expires].into_iter().flatten().min()
+        [delayed, expiring, expires, keys].into_iter().flatten().min()
     }
 
     /// Messages waiting to be republished to the dead-letter exchange, for a new leader to resume.
@@ -306,6 +376,21 @@ impl Partition {
 
     /// Offer a published message. Returns where it was stored or that it was refused.
     pub fn publish(&mut self, now_ms: u64, message: MessageRef, effects: &mut Vec<Effect>) -> Enqueued {
+        let key = message.idempotency_key.clone();
+        if let Some(key) = &key {
+            self.expire_keys(now_ms);
+            if let Some(record) = self.keys.get(key) {
+                return Enqueued::Duplicate(record.offset);
+            }
+        }
+        let outcome = self.store(now_ms, message, effects);
+        if let (Some(key), Enqueued::Stored(offset)) = (&key, outcome) {
+            self.remember_key(key, offset, now_ms);
+        }
+        outcome
+    }
+
+    fn store(&mut self, now_ms: u64, message: MessageRef, effects: &mut Vec<Effect>) -> Enqueued {
         let size = message.payload_len();
         // The hard caps protect memory whatever the queue's own arguments say.
         if self.len() >= self.caps.messages_max || self.total_bytes + size > self.caps.bytes_max {
@@ -643,8 +728,9 @@ impl Partition {
         self.last_used_ms = now_ms;
     }
 
-    /// Advance time: end delays, expire messages, then deliver.
+    /// Advance time: forget expired idempotency keys, end delays, expire messages, then deliver.
     pub fn tick(&mut self, now_ms: u64, effects: &mut Vec<Effect>) {
+        self.expire_keys(now_ms);
         while let Some(&(at, offset)) = self.delayed.first() {
             if at > now_ms {
                 break;
@@ -797,6 +883,12 @@ impl Partition {
             if offset >= self.next_offset {
                 return Err(format!("offset {offset} beyond next offset {}", self.next_offset));
             }
+        }
+        if self.keys.len() != self.key_order.len()
+            || self.key_bytes != self.key_order.iter().map(|(_, k)| k.len() as u64).sum::<u64>()
+            || self.key_order.iter().any(|(at, k)| self.keys.get(k).map(|r| r.committed_ms) != Some(*at))
+        {
+            return Err("idempotency key order disagrees with the key map".into());
         }
         if ready != self.ready.len() || ready_bytes != self.ready_bytes || total_bytes != self.total_bytes {
             return Err("ready/byte counters disagree with the messages".into());

@@ -3,8 +3,15 @@
 use super::*;
 use crate::model::{Message, Overflow, QueueArgs};
 
-const CAPS: PartitionCaps =
-    PartitionCaps { messages_max: 1_000, bytes_max: 1 << 20, consumer_inflight_max: 100, consumers_max: 10 };
+const CAPS: PartitionCaps = PartitionCaps {
+    messages_max: 1_000,
+    bytes_max: 1 << 20,
+    consumer_inflight_max: 100,
+    consumers_max: 10,
+    idempotency_window_ms: 10_000,
+    idempotency_keys_max: 100,
+    idempotency_key_bytes_max: 1 << 16,
+};
 
 fn partition(args: QueueArgs) -> Partition {
     Partition::new(QueueId(7), 0, QueueName { vhost: "/".into(), name: "q".into() }, args, CAPS, 1_000)
@@ -456,4 +463,76 @@ fn queue_expiry_counts_from_last_use_without_consumers() {
     p.detach(10_000, consumer(1), &mut fx);
     assert!(!p.expired(10_999));
     assert!(p.expired(11_000));
+}
+
+fn keyed(body: &str, key: &str) -> MessageRef {
+    let mut m = Message::new("ex", "rk", body.as_bytes().to_vec());
+    m.idempotency_key = Some(key.into());
+    Arc::new(m)
+}
+
+#[test]
+fn a_repeated_key_is_not_stored_again_even_after_the_original_was_consumed() {
+    let mut p = partition(QueueArgs::default());
+    let mut fx = Vec::new();
+    assert_eq!(p.publish(1_000, keyed("a", "k1"), &mut fx), Enqueued::Stored(0));
+    assert_eq!(p.publish(1_000, keyed("b", "k2"), &mut fx), Enqueued::Stored(1));
+    assert_eq!(p.publish(1_500, keyed("a again", "k1"), &mut fx), Enqueued::Duplicate(0));
+    assert_eq!(p.len(), 2);
+    p.attach(2_000, consumer(1), 10, false, 0, &mut fx).expect("attach");
+    p.settle(2_000, consumer(1), &[0, 1], Outcome::Ack, &mut fx);
+    assert!(p.is_empty());
+    assert_eq!(p.publish(3_000, keyed("a, third time", "k1"), &mut fx), Enqueued::Duplicate(0));
+    assert_eq!(p.idempotency_key("k1", 3_000), Some(KeyRecord { offset: 0, committed_ms: 1_000 }));
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
+fn keys_are_forgotten_after_their_window_on_committed_time() {
+    let mut p = partition(QueueArgs::default());
+    let mut fx = Vec::new();
+    p.publish(1_000, keyed("a", "k"), &mut fx);
+    assert_eq!(p.next_deadline_ms(), Some(11_000), "a tick is due when the window ends");
+    assert_eq!(p.publish(10_999, keyed("a", "k"), &mut fx), Enqueued::Duplicate(0));
+    assert!(p.idempotency_key("k", 11_000).is_none(), "outside the window at 11 000");
+    p.tick(11_000, &mut fx);
+    assert_eq!(p.idempotency_key_count(), 0);
+    assert_eq!(p.publish(11_000, keyed("a", "k"), &mut fx), Enqueued::Stored(1), "a new message now");
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
+fn the_queue_window_overrides_the_default() {
+    let mut p = partition(QueueArgs { idempotency_window_ms: Some(100), ..QueueArgs::default() });
+    let mut fx = Vec::new();
+    p.publish(1_000, keyed("a", "k"), &mut fx);
+    assert_eq!(p.publish(1_100, keyed("a", "k"), &mut fx), Enqueued::Stored(1));
+}
+
+#[test]
+fn key_count_and_bytes_bounds_forget_the_oldest() {
+    let caps = PartitionCaps { idempotency_keys_max: 2, idempotency_key_bytes_max: 10, ..CAPS };
+    let name = QueueName { vhost: "/".into(), name: "q".into() };
+    let mut p = Partition::new(QueueId(7), 0, name, QueueArgs::default(), caps, 0);
+    let mut fx = Vec::new();
+    for key in ["k1", "k2", "k3"] {
+        p.publish(1_000, keyed("x", key), &mut fx);
+    }
+    assert!(p.idempotency_key("k1", 1_000).is_none(), "count bound: the oldest went");
+    assert!(p.idempotency_key("k3", 1_000).is_some());
+    p.publish(1_000, keyed("x", "a-long-key"), &mut fx);
+    assert_eq!(p.idempotency_key_count(), 1, "10 bytes: only the 10-byte key fits");
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
+fn a_refused_publish_does_not_take_its_key() {
+    let args = QueueArgs { length_max: Some(1), overflow: Overflow::RejectPublish, ..QueueArgs::default() };
+    let mut p = partition(args);
+    let mut fx = Vec::new();
+    p.publish(1_000, message("full"), &mut fx);
+    assert_eq!(p.publish(1_000, keyed("x", "k"), &mut fx), Enqueued::Rejected);
+    assert!(p.idempotency_key("k", 1_000).is_none());
+    p.purge();
+    assert_eq!(p.publish(1_000, keyed("x", "k"), &mut fx), Enqueued::Stored(1), "the retry is stored");
 }
