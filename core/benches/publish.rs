@@ -47,7 +47,7 @@ struct CoreRun {
     p99_ms: f64,
 }
 
-async fn core_publish(publishers: usize, window: usize, duration: Duration) -> CoreRun {
+async fn core_publish(publishers: usize, window: usize, keyed: bool, duration: Duration) -> CoreRun {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = CoreConfig::single_node(dir.path());
     // Experiments: WHARF_BENCH_PIPELINE overrides limits.pipeline_entries_max.
@@ -67,13 +67,19 @@ async fn core_publish(publishers: usize, window: usize, duration: Duration) -> C
     let confirmed = Arc::new(AtomicU64::new(0));
     let payload = bytes::Bytes::from(vec![7u8; PAYLOAD_BYTES]);
     let mut tasks = Vec::new();
-    for _ in 0..publishers {
+    for publisher in 0..publishers {
         let (core, stop, confirmed, payload) = (core.clone(), stop.clone(), confirmed.clone(), payload.clone());
         tasks.push(tokio::spawn(async move {
             let mut latencies_us = Vec::new();
             let mut pending = std::collections::VecDeque::new();
+            let mut seq: u64 = 0;
             while !stop.load(Ordering::Relaxed) {
-                let message = Message::new("", "bench", payload.clone());
+                let mut message = Message::new("", "bench", payload.clone());
+                if keyed {
+                    // Unique keys, as a producer numbering its payments would send.
+                    message.idempotency_key = Some(format!("p{publisher}-{seq}"));
+                    seq += 1;
+                }
                 let started = Instant::now();
                 pending.push_back((started, core.publish("/", message).await.expect("publish")));
                 if pending.len() >= window
@@ -137,13 +143,30 @@ fn main() {
         if only.as_ref().is_some_and(|o| *o != format!("{publishers}x{window}")) {
             continue;
         }
-        let run = runtime.block_on(core_publish(publishers, window, duration));
+        let run = runtime.block_on(core_publish(publishers, window, false, duration));
         let label = if window == 1 { "sequential".to_owned() } else { format!("window {window}") };
         println!(
             "  {publishers:>2} publishers, {label:<10}: {:>10.0} msg/s   p50 {:>6.2} ms   p99 {:>6.2} ms",
             run.messages_per_sec, run.p50_ms, run.p99_ms
         );
         results.push((publishers, window, run));
+    }
+    println!("core publish-and-confirm with a unique idempotency key per message (same setup):");
+    for (publishers, window) in [(64usize, 1usize), (64, 16)] {
+        if only.as_ref().is_some_and(|o| *o != format!("{publishers}x{window}k")) && only.is_some() {
+            continue;
+        }
+        let keyed = runtime.block_on(core_publish(publishers, window, true, duration));
+        let plain =
+            results.iter().find(|(p, w, _)| *p == publishers && *w == window).map(|(_, _, r)| r.messages_per_sec);
+        let label = if window == 1 { "sequential".to_owned() } else { format!("window {window}") };
+        println!(
+            "  {publishers:>2} publishers, {label:<10}: {:>10.0} msg/s   p50 {:>6.2} ms   p99 {:>6.2} ms   {}",
+            keyed.messages_per_sec,
+            keyed.p50_ms,
+            keyed.p99_ms,
+            plain.map_or(String::new(), |plain| format!("{:.1} % of plain", 100.0 * keyed.messages_per_sec / plain))
+        );
     }
     let best_raw = raw.iter().map(|(_, r)| *r).fold(0.0, f64::max);
     let raw_at = |batch: usize| raw.iter().find(|(b, _)| *b == batch).map_or(0.0, |(_, r)| *r);

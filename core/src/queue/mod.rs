@@ -206,12 +206,45 @@ pub struct Partition {
     /// front is the active one.
     order: VecDeque<ConsumerId>,
     last_used_ms: u64,
-    /// The idempotency registry: key → where and when its message was committed. `key_order`
-    /// holds the same keys in commit order (committed time never decreases), so expiry and the
-    /// count and byte bounds always forget the oldest first.
-    keys: BTreeMap<String, KeyRecord>,
-    key_order: VecDeque<(u64, String)>,
-    key_bytes: u64,
+    keys: KeyRegistry,
+}
+
+/// The idempotency registry of a partition: key → where and when its message was committed, and
+/// the same keys in commit order (committed time never decreases), so that expiry and the count
+/// and byte bounds always forget the oldest first.
+///
+/// The map is a hash map: the registry only looks keys up and never iterates the map, so its
+/// order cannot reach any reply (determinism holds), and with up to a million keys per partition a
+/// lookup costs one hash rather than twenty string comparisons. It is serialised as the ordered
+/// list alone, from which the map is rebuilt.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(from = "Vec<(Arc<str>, KeyRecord)>", into = "Vec<(Arc<str>, KeyRecord)>")]
+struct KeyRegistry {
+    map: std::collections::HashMap<Arc<str>, KeyRecord>,
+    order: VecDeque<Arc<str>>,
+    bytes: u64,
+}
+
+impl From<Vec<(Arc<str>, KeyRecord)>> for KeyRegistry {
+    fn from(list: Vec<(Arc<str>, KeyRecord)>) -> Self {
+        let mut registry = Self::default();
+        for (key, record) in list {
+            registry.bytes += key.len() as u64;
+            registry.map.insert(Arc::clone(&key), record);
+            registry.order.push_back(key);
+        }
+        registry
+    }
+}
+
+impl From<KeyRegistry> for Vec<(Arc<str>, KeyRecord)> {
+    fn from(registry: KeyRegistry) -> Self {
+        registry
+            .order
+            .into_iter()
+            .filter_map(|key| registry.map.get(&key).copied().map(|record| (key, record)))
+            .collect()
+    }
 }
 
 impl Partition {
@@ -240,9 +273,7 @@ impl Partition {
             consumers: BTreeMap::new(),
             order: VecDeque::new(),
             last_used_ms: now_ms,
-            keys: BTreeMap::new(),
-            key_order: VecDeque::new(),
-            key_bytes: 0,
+            keys: KeyRegistry::default(),
         }
     }
 
@@ -254,36 +285,43 @@ impl Partition {
     /// its window at `now_ms`.
     pub fn idempotency_key(&self, key: &str, now_ms: u64) -> Option<KeyRecord> {
         let window = self.key_window_ms();
-        self.keys.get(key).copied().filter(|record| record.committed_ms.saturating_add(window) > now_ms)
+        self.keys.map.get(key).copied().filter(|record| record.committed_ms.saturating_add(window) > now_ms)
     }
 
     /// Idempotency keys remembered.
     pub fn idempotency_key_count(&self) -> u64 {
-        self.keys.len() as u64
+        self.keys.map.len() as u64
     }
 
     /// Forget keys whose window ended by `now_ms`.
     fn expire_keys(&mut self, now_ms: u64) {
         let window = self.key_window_ms();
-        while self.key_order.front().is_some_and(|(at, _)| at.saturating_add(window) <= now_ms) {
+        while self.oldest_key_ms().is_some_and(|at| at.saturating_add(window) <= now_ms) {
             self.forget_oldest_key();
         }
     }
 
+    fn oldest_key_ms(&self) -> Option<u64> {
+        let oldest = self.keys.order.front()?;
+        self.keys.map.get(oldest).map(|record| record.committed_ms)
+    }
+
     fn forget_oldest_key(&mut self) {
-        if let Some((_, key)) = self.key_order.pop_front() {
-            self.key_bytes -= key.len() as u64;
-            let removed = self.keys.remove(&key);
+        if let Some(key) = self.keys.order.pop_front() {
+            self.keys.bytes -= key.len() as u64;
+            let removed = self.keys.map.remove(&key);
             debug_assert!(removed.is_some(), "key order and key map hold the same keys");
         }
     }
 
     fn remember_key(&mut self, key: &str, offset: u64, now_ms: u64) {
-        self.keys.insert(key.to_owned(), KeyRecord { offset, committed_ms: now_ms });
-        self.key_order.push_back((now_ms, key.to_owned()));
-        self.key_bytes += key.len() as u64;
-        while self.keys.len() as u64 > self.caps.idempotency_keys_max
-            || self.key_bytes > self.caps.idempotency_key_bytes_max
+        // One allocation shared by the map and the order.
+        let key: Arc<str> = Arc::from(key);
+        self.keys.map.insert(Arc::clone(&key), KeyRecord { offset, committed_ms: now_ms });
+        self.keys.bytes += key.len() as u64;
+        self.keys.order.push_back(key);
+        while self.keys.map.len() as u64 > self.caps.idempotency_keys_max
+            || self.keys.bytes > self.caps.idempotency_key_bytes_max
         {
             self.forget_oldest_key();
         }
@@ -334,7 +372,7 @@ impl Partition {
 
     /// The earliest time at which a tick would change something (a delay ending, a TTL passing).
     pub fn next_deadline_ms(&self) -> Option<u64> {
-        let keys = self.key_order.front().map(|(at, _)| at.saturating_add(self.key_window_ms()));
+        let keys = self.oldest_key_ms().map(|at| at.saturating_add(self.key_window_ms()));
         let delayed = self.delayed.first().map(|&(at, _)| at);
         let expiring = self.expiring.first().map(|&(at, _)| at);
         let expires = self.args.expires_ms.filter(|_| self.order.is_empty()).map(|e| self.last_used_ms + e);
@@ -376,15 +414,17 @@ impl Partition {
 
     /// Offer a published message. Returns where it was stored or that it was refused.
     pub fn publish(&mut self, now_ms: u64, message: MessageRef, effects: &mut Vec<Effect>) -> Enqueued {
-        let key = message.idempotency_key.clone();
-        if let Some(key) = &key {
+        let keyed = message.idempotency_key.is_some().then(|| Arc::clone(&message));
+        if let Some(key) = keyed.as_ref().and_then(|m| m.idempotency_key.as_deref()) {
             self.expire_keys(now_ms);
-            if let Some(record) = self.keys.get(key) {
+            if let Some(record) = self.keys.map.get(key) {
                 return Enqueued::Duplicate(record.offset);
             }
         }
         let outcome = self.store(now_ms, message, effects);
-        if let (Some(key), Enqueued::Stored(offset)) = (&key, outcome) {
+        if let (Some(key), Enqueued::Stored(offset)) =
+            (keyed.as_ref().and_then(|m| m.idempotency_key.as_deref()), outcome)
+        {
             self.remember_key(key, offset, now_ms);
         }
         outcome
@@ -884,9 +924,12 @@ impl Partition {
                 return Err(format!("offset {offset} beyond next offset {}", self.next_offset));
             }
         }
-        if self.keys.len() != self.key_order.len()
-            || self.key_bytes != self.key_order.iter().map(|(_, k)| k.len() as u64).sum::<u64>()
-            || self.key_order.iter().any(|(at, k)| self.keys.get(k).map(|r| r.committed_ms) != Some(*at))
+        let times: Vec<u64> =
+            self.keys.order.iter().filter_map(|k| self.keys.map.get(k)).map(|r| r.committed_ms).collect();
+        if self.keys.map.len() != self.keys.order.len()
+            || times.len() != self.keys.order.len()
+            || times.windows(2).any(|w| w[0] > w[1])
+            || self.keys.bytes != self.keys.order.iter().map(|k| k.len() as u64).sum::<u64>()
         {
             return Err("idempotency key order disagrees with the key map".into());
         }
