@@ -173,6 +173,8 @@ limits_settings! {
     idempotency_keys_max: u64 => "Most idempotency keys remembered per queue partition (the oldest are forgotten first).",
     idempotency_key_bytes_max: u64 => "Most bytes of idempotency keys remembered per queue partition.",
     idempotency_key_len_max_bytes: u32 => "Longest idempotency key accepted, in bytes.",
+    txn_timeout_ms: u64 => "Time a multi-shard transaction has to reach its commit decision, in milliseconds.",
+    txn_operations_max: u32 => "Most operations (publishes and acknowledgements) in one transaction.",
 }
 
 impl Default for LimitsSettings {

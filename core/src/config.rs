@@ -140,6 +140,11 @@ pub struct Limits {
     pub idempotency_key_bytes_max: u64,
     /// Longest idempotency key accepted, in bytes.
     pub idempotency_key_len_max_bytes: u32,
+    /// Time a multi-shard transaction has from its start to its commit decision; past it, it can
+    /// only abort, and a participant left prepared by a crash resolves it then at the latest.
+    pub txn_timeout_ms: u64,
+    /// Most operations (publishes and acknowledged deliveries) in one transaction.
+    pub txn_operations_max: u32,
 }
 
 impl Default for Limits {
@@ -164,6 +169,8 @@ impl Default for Limits {
             idempotency_keys_max: 1_000_000,
             idempotency_key_bytes_max: 64 * 1024 * 1024,
             idempotency_key_len_max_bytes: 256,
+            txn_timeout_ms: 30_000,
+            txn_operations_max: 10_000,
         }
     }
 }
@@ -171,7 +178,7 @@ impl Default for Limits {
 impl Limits {
     /// Check that every limit is positive and that related limits agree.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 19] = [
+        let positive: [(&'static str, u64); 21] = [
             ("limits.message_size_max_bytes", self.message_size_max_bytes),
             ("limits.name_len_max_bytes", self.name_len_max_bytes.into()),
             ("limits.queue_messages_max", self.queue_messages_max),
@@ -191,6 +198,8 @@ impl Limits {
             ("limits.idempotency_keys_max", self.idempotency_keys_max),
             ("limits.idempotency_key_bytes_max", self.idempotency_key_bytes_max),
             ("limits.idempotency_key_len_max_bytes", self.idempotency_key_len_max_bytes.into()),
+            ("limits.txn_timeout_ms", self.txn_timeout_ms),
+            ("limits.txn_operations_max", self.txn_operations_max.into()),
         ];
         for (key, value) in positive {
             if value == 0 {

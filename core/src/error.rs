@@ -80,6 +80,8 @@ const LIMIT_KEYS: &[&str] = &[
     "limits.idempotency_keys_max",
     "limits.idempotency_key_bytes_max",
     "limits.idempotency_key_len_max_bytes",
+    "limits.txn_timeout_ms",
+    "limits.txn_operations_max",
 ];
 
 /// The configuration key of a limit: always one of a fixed set of names.

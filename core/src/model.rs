@@ -386,3 +386,21 @@ impl std::fmt::Display for ConnectionId {
         write!(f, "{}.{}.{}", self.node, self.incarnation, self.seq)
     }
 }
+
+/// Identity of a transaction: the node and incarnation that began it and a sequence number, so it
+/// is unique across the cluster and across restarts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct TxnId {
+    /// Node that began it.
+    pub node: u64,
+    /// That node's incarnation.
+    pub incarnation: u64,
+    /// Sequence number within the incarnation.
+    pub seq: u64,
+}
+
+impl std::fmt::Display for TxnId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "txn-{}.{}.{}", self.node, self.incarnation, self.seq)
+    }
+}

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::error::CoreError;
-use crate::model::{MessageRef, QueueArgs, QueueId, QueueName};
+use crate::model::{MessageRef, QueueArgs, QueueId, QueueName, TxnId};
 use crate::queue::{
     AttachError, ConsumerId, DeadLetter, Delivery, Effect, Enqueued, Outcome, Partition, PartitionCaps,
 };
@@ -15,6 +15,52 @@ use crate::raft::ReplicatedState;
 
 /// A partition's address within a shard.
 pub type PartitionKey = (QueueId, u32);
+
+/// A publish staged in a transaction, for the partitions of one shard.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StagedPublish {
+    /// Partitions (on this shard) it goes to.
+    pub targets: Vec<PartitionKey>,
+    /// The message.
+    pub message: MessageRef,
+}
+
+/// Acknowledgements staged in a transaction, for one partition.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct StagedAck {
+    /// The consumer (or `basic.get` holder) holding the deliveries.
+    pub consumer: ConsumerId,
+    /// Partition.
+    pub target: PartitionKey,
+    /// Offsets acknowledged.
+    pub offsets: Vec<u64>,
+}
+
+/// A transaction's operations on one shard.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TxnOps {
+    /// Publishes, in order.
+    pub publishes: Vec<StagedPublish>,
+    /// Acknowledgements.
+    pub acks: Vec<StagedAck>,
+}
+
+impl TxnOps {
+    /// Payload bytes carried (for batch limits).
+    pub fn size_bytes(&self) -> u64 {
+        self.publishes.iter().map(|p| p.message.size_bytes() + 12 * p.targets.len() as u64).sum::<u64>()
+            + self.acks.iter().map(|a| 8 * a.offsets.len() as u64 + 32).sum::<u64>()
+    }
+}
+
+/// A transaction prepared on this shard, waiting for its decision.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PreparedTxn {
+    /// What it will do when committed.
+    pub ops: TxnOps,
+    /// Committed time of the prepare.
+    pub prepared_ms: u64,
+}
 
 /// A command applied by a shard group.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -125,6 +171,32 @@ pub enum ShardCommand {
         /// Offsets.
         offsets: Vec<u64>,
     },
+    /// Phase one of a transaction: check that its operations can be done, record them (invisible
+    /// to consumers) and lock the acknowledged deliveries. Fails as a whole, with the reason.
+    TxnPrepare {
+        /// Transaction.
+        txn: TxnId,
+        /// Its operations on this shard.
+        ops: TxnOps,
+    },
+    /// Phase two, commit: do the prepared operations. A transaction not prepared here (already
+    /// done) is a no-op, so the decision can be delivered more than once.
+    TxnCommit {
+        /// Transaction.
+        txn: TxnId,
+    },
+    /// Phase two, abort: forget the prepared operations, give locked deliveries back.
+    TxnAbort {
+        /// Transaction.
+        txn: TxnId,
+    },
+    /// A transaction whose operations all fall on this shard: prepare and commit in one entry.
+    TxnAtomic {
+        /// Transaction.
+        txn: TxnId,
+        /// Its operations.
+        ops: TxnOps,
+    },
 }
 
 impl ShardCommand {
@@ -133,6 +205,7 @@ impl ShardCommand {
         match self {
             Self::Publish { message, targets } => message.size_bytes() + 12 * targets.len() as u64,
             Self::Settle { offsets, .. } | Self::DeadLettered { offsets, .. } => 8 * offsets.len() as u64 + 32,
+            Self::TxnPrepare { ops, .. } | Self::TxnAtomic { ops, .. } => ops.size_bytes() + 64,
             _ => 64,
         }
     }
@@ -183,6 +256,10 @@ pub enum ShardReply {
     Got(Option<Delivery>),
     /// Ready messages removed.
     Purged(u64),
+    /// A transaction was prepared here.
+    TxnPrepared,
+    /// A transaction committed here: per staged publish, per target, what became of it.
+    TxnCommitted(Vec<Vec<PublishOutcome>>),
     /// The command failed.
     Error(CoreError),
 }
@@ -191,6 +268,8 @@ pub enum ShardReply {
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct ShardState {
     partitions: BTreeMap<PartitionKey, Partition>,
+    /// Transactions prepared here and not yet decided.
+    prepared: BTreeMap<TxnId, PreparedTxn>,
 }
 
 fn no_partition(target: PartitionKey) -> CoreError {
@@ -216,6 +295,95 @@ impl ShardState {
     /// Dead-letter republishing still to be done (for a new leader).
     pub fn dead_lettering(&self) -> Vec<DeadLetter> {
         self.partitions.values().flat_map(Partition::dead_lettering).collect()
+    }
+
+    /// Transactions prepared here and waiting for their decision.
+    pub fn prepared(&self) -> impl Iterator<Item = (&TxnId, &PreparedTxn)> {
+        self.prepared.iter()
+    }
+
+    /// Why `ops` cannot be prepared now, if it cannot: an acknowledged delivery not held by its
+    /// consumer (or locked by another transaction), or an idempotency key already committed or
+    /// staged by another prepared transaction (or twice in this one).
+    fn refuse(&self, ops: &TxnOps, now_ms: u64) -> Option<String> {
+        for ack in &ops.acks {
+            let Some(partition) = self.partitions.get(&ack.target) else {
+                return Some(format!("no partition {} of queue {} for an acknowledgement", ack.target.1, ack.target.0));
+            };
+            let missing = partition.not_held(ack.consumer, &ack.offsets);
+            if !missing.is_empty() {
+                return Some(format!(
+                    "unknown delivery tag: offsets {missing:?} of queue {} are not held by {}",
+                    ack.target.0, ack.consumer
+                ));
+            }
+        }
+        let mut keys = std::collections::BTreeSet::new();
+        for publish in &ops.publishes {
+            let Some(key) = publish.message.idempotency_key.as_deref() else { continue };
+            for target in &publish.targets {
+                if !keys.insert((*target, key)) {
+                    return Some(format!("idempotency key '{key}' appears twice in the transaction"));
+                }
+                if self.partitions.get(target).is_some_and(|p| p.has_key(key, now_ms)) {
+                    return Some(format!("duplicate idempotency key '{key}': already committed to queue {}", target.0));
+                }
+                let staged = self.prepared.values().any(|t| {
+                    t.ops
+                        .publishes
+                        .iter()
+                        .any(|p| p.targets.contains(target) && p.message.idempotency_key.as_deref() == Some(key))
+                });
+                if staged {
+                    return Some(format!("duplicate idempotency key '{key}': staged by another prepared transaction"));
+                }
+            }
+        }
+        None
+    }
+
+    fn lock_acks(&mut self, txn: TxnId, ops: &TxnOps) {
+        for ack in &ops.acks {
+            if let Some(partition) = self.partitions.get_mut(&ack.target) {
+                partition.lock(txn, ack.consumer, &ack.offsets);
+            }
+        }
+    }
+
+    /// Do a transaction's operations: acknowledge its locked deliveries, store its publishes.
+    fn commit_ops(&mut self, now_ms: u64, txn: TxnId, ops: TxnOps, effects: &mut Vec<Effect>) -> ShardReply {
+        let targets: std::collections::BTreeSet<PartitionKey> = ops.acks.iter().map(|a| a.target).collect();
+        for target in targets {
+            if let Some(partition) = self.partitions.get_mut(&target) {
+                partition.commit_locked(now_ms, txn, effects);
+            }
+        }
+        let outcomes = ops
+            .publishes
+            .into_iter()
+            .map(|publish| self.publish_to(now_ms, &publish.targets, &publish.message, effects))
+            .collect();
+        ShardReply::TxnCommitted(outcomes)
+    }
+
+    fn publish_to(
+        &mut self,
+        now_ms: u64,
+        targets: &[PartitionKey],
+        message: &MessageRef,
+        effects: &mut Vec<Effect>,
+    ) -> Vec<PublishOutcome> {
+        targets
+            .iter()
+            .map(|target| match self.partitions.get_mut(target) {
+                Some(partition) => match partition.publish(now_ms, message.clone(), effects) {
+                    Enqueued::Stored(offset) => PublishOutcome::Stored(offset),
+                    Enqueued::Duplicate(offset) => PublishOutcome::Duplicate(offset),
+                    Enqueued::Rejected => PublishOutcome::Rejected,
+                },
+                None => PublishOutcome::NoPartition,
+            })
+            .collect()
     }
 
     /// Partitions whose queue's `x-expires` has passed.
@@ -260,18 +428,42 @@ impl ReplicatedState for ShardState {
                 None => ShardReply::Deleted(None),
             },
             ShardCommand::Publish { targets, message } => {
-                let outcomes = targets
-                    .iter()
-                    .map(|target| match self.partitions.get_mut(target) {
-                        Some(partition) => match partition.publish(now_ms, message.clone(), effects) {
-                            Enqueued::Stored(offset) => PublishOutcome::Stored(offset),
-                            Enqueued::Duplicate(offset) => PublishOutcome::Duplicate(offset),
-                            Enqueued::Rejected => PublishOutcome::Rejected,
-                        },
-                        None => PublishOutcome::NoPartition,
-                    })
-                    .collect();
-                ShardReply::Published(outcomes)
+                ShardReply::Published(self.publish_to(now_ms, &targets, &message, effects))
+            }
+            ShardCommand::TxnPrepare { txn, ops } => {
+                if self.prepared.contains_key(&txn) {
+                    // Delivered twice (a retried prepare): the first one counts.
+                    return ShardReply::TxnPrepared;
+                }
+                if let Some(reason) = self.refuse(&ops, now_ms) {
+                    return ShardReply::Error(CoreError::PreconditionFailed(format!("{txn} cannot prepare: {reason}")));
+                }
+                self.lock_acks(txn, &ops);
+                self.prepared.insert(txn, PreparedTxn { ops, prepared_ms: now_ms });
+                ShardReply::TxnPrepared
+            }
+            ShardCommand::TxnCommit { txn } => match self.prepared.remove(&txn) {
+                Some(prepared) => self.commit_ops(now_ms, txn, prepared.ops, effects),
+                None => ShardReply::TxnCommitted(Vec::new()),
+            },
+            ShardCommand::TxnAbort { txn } => {
+                if let Some(prepared) = self.prepared.remove(&txn) {
+                    let targets: std::collections::BTreeSet<PartitionKey> =
+                        prepared.ops.acks.iter().map(|a| a.target).collect();
+                    for target in targets {
+                        if let Some(partition) = self.partitions.get_mut(&target) {
+                            partition.abort_locked(now_ms, txn, effects);
+                        }
+                    }
+                }
+                ShardReply::Done
+            }
+            ShardCommand::TxnAtomic { txn, ops } => {
+                if let Some(reason) = self.refuse(&ops, now_ms) {
+                    return ShardReply::Error(CoreError::PreconditionFailed(format!("{txn} cannot commit: {reason}")));
+                }
+                self.lock_acks(txn, &ops);
+                self.commit_ops(now_ms, txn, ops, effects)
             }
             ShardCommand::Attach { consumer, target, prefetch, no_ack, credit } => self.with(
                 target,

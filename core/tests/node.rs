@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
-use wharf_core::model::{FieldValue, Headers, Message};
+use wharf_core::model::{FieldValue, Headers, Message, Position};
 use wharf_core::node::{ConsumeOptions, Consumer, ConsumerEvent, ExchangeSpec, QueueSpec};
 use wharf_core::queue::{ConsumerId, Delivery, Outcome};
 use wharf_core::raft::storage::MemStorage;
@@ -653,5 +653,173 @@ async fn a_key_is_scoped_to_each_destination_queue() {
     assert_eq!(retry.duplicates.len(), 2, "each queue recognises it");
     // The same key sent straight to one queue is that queue's duplicate too.
     assert!(core.publish_confirmed("/", with_key("a", "direct", "k")).await.expect("publish").is_duplicate());
+    core.shutdown().await.expect("shutdown");
+}
+
+/// Queues named `prefix0..` until two land on different shards (placement is by hash).
+async fn queues_on_two_shards(core: &Core, prefix: &str) -> (String, String) {
+    let mut seen: std::collections::BTreeMap<u32, String> = Default::default();
+    for i in 0..32 {
+        let name = format!("{prefix}{i}");
+        queue(core, &name, Headers::new()).await;
+        let id = core.with_catalogue(|c| c.queue("/", &name).map(|q| q.id)).expect("declared");
+        let shard = wharf_core::placement::shard_for(id, 0, core.config().shard_count);
+        seen.entry(shard).or_insert(name);
+        if seen.len() >= 2 {
+            let mut names = seen.into_values();
+            return (names.next().expect("first"), names.next().expect("second"));
+        }
+    }
+    panic!("32 queues all on one shard");
+}
+
+#[tokio::test]
+async fn consume_transform_produce_commits_atomically_across_shards() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let (input, output) = queues_on_two_shards(&core, "ctp").await;
+    core.publish_confirmed("/", Message::new("", &input, "order 1")).await.expect("publish");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", &input, id, ConsumeOptions::default()).await.expect("consume");
+    let delivery = next(&mut consumer).await;
+
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[delivery.position]);
+    txn.publish("/", with_key(&output, "payment for order 1", "pay-order-1"));
+    let committed = core.commit_txn(txn).await.expect("commit");
+    assert_eq!(committed.published.len(), 1);
+    assert_eq!(committed.published[0].positions.len(), 1);
+    assert_eq!(core.queue_status("/", &input).expect("status").0, 0);
+    assert_eq!(core.queue_status("/", &output).expect("status").0, 1);
+    // The acknowledgement was part of the commit: the input is gone for good.
+    assert_eq!(core.settle(id, &[delivery.position], Outcome::Ack).await.expect("ack"), vec![delivery.position]);
+    // The coordinator forgot it once every participant applied the decision.
+    assert_eq!(core.with_catalogue(|c| c.txns().count()), 0);
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_refused_transaction_changes_nothing_anywhere() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let (a, b) = queues_on_two_shards(&core, "refuse").await;
+    core.publish_confirmed("/", with_key(&b, "already", "k-1")).await.expect("publish");
+    core.publish_confirmed("/", Message::new("", &a, "input")).await.expect("publish");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
+    let delivery = next(&mut consumer).await;
+
+    // A duplicate key on one shard fails the whole transaction, with the reason.
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[delivery.position]);
+    txn.publish("/", Message::new("", &a, "new in a"));
+    txn.publish("/", with_key(&b, "again", "k-1"));
+    let error = core.commit_txn(txn).await.expect_err("duplicate key");
+    assert!(error.to_string().contains("duplicate idempotency key 'k-1'"), "{error}");
+    assert_eq!(core.queue_status("/", &a).expect("status").0, 0, "nothing published to a");
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 1, "nothing published to b");
+    // The acknowledgement was discarded: the consumer still holds the delivery and may ack it.
+    assert!(core.settle(id, &[delivery.position], Outcome::Requeue).await.expect("settle").is_empty());
+    let again = next(&mut consumer).await;
+
+    // Acknowledging a delivery one does not hold fails it too (AMQP: unknown delivery tag).
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[Position { offset: again.position.offset + 100, ..again.position }]);
+    txn.publish("/", Message::new("", &b, "not this"));
+    let error = core.commit_txn(txn).await.expect_err("unknown delivery");
+    assert!(error.to_string().contains("not held"), "{error}");
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 1);
+
+    // A single-shard transaction is refused the same way.
+    let mut txn = core.begin_txn();
+    txn.publish("/", with_key(&b, "again", "k-1"));
+    assert!(core.commit_txn(txn).await.is_err());
+    assert_eq!(core.with_catalogue(|c| c.txns().count()), 0, "refused transactions are forgotten");
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_crash_after_some_prepares_aborts_and_returns_the_inputs() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let (a, b) = queues_on_two_shards(&core, "crash").await;
+    core.publish_confirmed("/", Message::new("", &a, "input")).await.expect("publish");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
+    let delivery = next(&mut consumer).await;
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[delivery.position]);
+    txn.publish("/", Message::new("", &b, "output"));
+    let stopped = core.commit_txn_until(txn, wharf_core::node::TxnStop::AfterPrepared(1)).await.expect("prepare one");
+    assert!(stopped.is_none());
+    std::mem::forget(consumer);
+    core.shutdown().await.expect("stop");
+    drop(core);
+    storage.crash();
+
+    let core = open(&storage).await;
+    // In doubt with no decision and a dead coordinator: aborted at start. The input is back,
+    // redelivered; the output never appears.
+    assert_eq!(core.queue_status("/", &a).expect("status").0, 1, "input returned");
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 0, "output invisible");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
+    assert!(next(&mut consumer).await.redelivered);
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_crash_after_the_decision_commits_everywhere() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let (a, b) = queues_on_two_shards(&core, "decided").await;
+    core.publish_confirmed("/", Message::new("", &a, "input")).await.expect("publish");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
+    let delivery = next(&mut consumer).await;
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[delivery.position]);
+    txn.publish("/", Message::new("", &a, "output a"));
+    txn.publish("/", Message::new("", &b, "output b"));
+    let stopped = core.commit_txn_until(txn, wharf_core::node::TxnStop::AfterDecision).await.expect("decide");
+    assert!(stopped.is_none());
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 0, "not applied yet");
+    std::mem::forget(consumer);
+    core.shutdown().await.expect("stop");
+    drop(core);
+    storage.crash();
+
+    let core = open(&storage).await;
+    assert_eq!(core.queue_status("/", &a).expect("status").0, 1, "input acked, output a stored");
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 1, "output b stored");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
+    assert_eq!(body(&next(&mut consumer).await), "output a");
+    assert_eq!(core.with_catalogue(|c| c.txns().count()), 0, "forgotten once applied");
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_transaction_past_its_timeout_aborts() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    config.limits.txn_timeout_ms = 1;
+    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let (a, b) = queues_on_two_shards(&core, "slow").await;
+    let mut txn = core.begin_txn();
+    txn.publish("/", Message::new("", &a, "x"));
+    txn.publish("/", Message::new("", &b, "y"));
+    // Begun, then the coordinator stalls past the deadline: only abort can be decided.
+    let id = txn.id();
+    assert!(core.commit_txn_until(txn, wharf_core::node::TxnStop::AfterBegin).await.expect("begin").is_none());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let record = core.with_catalogue(|c| c.txn(id).cloned());
+    assert!(record.is_none() || record.as_ref().and_then(|r| r.decision) == Some(false), "{record:?}");
+    assert_eq!(core.queue_status("/", &a).expect("status").0, 0);
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 0);
     core.shutdown().await.expect("shutdown");
 }

@@ -29,7 +29,7 @@ use serde::{Deserialize, Serialize};
 use self::topic::TopicTrie;
 use crate::config::Limits;
 use crate::error::{CoreError, CoreResult};
-use crate::model::{ConnectionId, Headers, QueueArgs, QueueId, QueueName};
+use crate::model::{ConnectionId, Headers, QueueArgs, QueueId, QueueName, TxnId};
 use crate::raft::ReplicatedState;
 
 /// The exchanges every vhost has from its creation, all durable. `""` is the default exchange: every
@@ -245,6 +245,40 @@ pub enum MetaCommand {
         /// The closed connection.
         owner: ConnectionId,
     },
+    /// Coordinator: a multi-shard transaction starts; its participants will prepare. It must be
+    /// decided before `now + timeout_ms` or it can only abort.
+    TxnBegin {
+        /// Transaction.
+        txn: TxnId,
+        /// Shards taking part.
+        participants: Vec<u32>,
+        /// Time allowed until the decision.
+        timeout_ms: u64,
+    },
+    /// Coordinator: record the decision (the first one recorded wins; commit after the deadline
+    /// or for an unknown transaction becomes abort). Replies the decision in force.
+    TxnDecide {
+        /// Transaction.
+        txn: TxnId,
+        /// The proposer's wish.
+        commit: bool,
+    },
+    /// Coordinator: every participant applied the decision; forget the transaction.
+    TxnForget {
+        /// Transaction.
+        txn: TxnId,
+    },
+}
+
+/// The coordinator's record of a multi-shard transaction.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TxnRecord {
+    /// Shards taking part.
+    pub participants: Vec<u32>,
+    /// Committed time after which only abort can be decided.
+    pub deadline_ms: u64,
+    /// The decision: commit (`true`) or abort; none yet.
+    pub decision: Option<bool>,
 }
 
 /// A queue that a command deleted: what the runtime needs to drop it from its shards.
@@ -280,6 +314,8 @@ pub enum MetaReply {
     QueueDeleted(DeletedQueue),
     /// The queues a vhost deletion or an owner cleanup deleted, in id order.
     QueuesDeleted(Vec<DeletedQueue>),
+    /// The decision in force for a transaction: commit (`true`) or abort.
+    TxnDecision(bool),
     /// The command was refused; the state is unchanged.
     Error(CoreError),
 }
@@ -748,6 +784,9 @@ pub struct Catalogue {
     /// Exclusive queues by owner, for closing connections and crash cleanup.
     exclusive: BTreeSet<(ConnectionId, QueueId)>,
     tally: Tally,
+    /// Coordinator records of multi-shard transactions not yet forgotten.
+    #[serde(default)]
+    txns: BTreeMap<TxnId, TxnRecord>,
 }
 
 impl Default for Catalogue {
@@ -766,7 +805,18 @@ impl Catalogue {
             queue_ids: BTreeMap::new(),
             exclusive: BTreeSet::new(),
             tally: Tally::default(),
+            txns: BTreeMap::new(),
         }
+    }
+
+    /// The coordinator's record of a transaction.
+    pub fn txn(&self, txn: TxnId) -> Option<&TxnRecord> {
+        self.txns.get(&txn)
+    }
+
+    /// Every transaction the coordinator remembers.
+    pub fn txns(&self) -> impl Iterator<Item = (&TxnId, &TxnRecord)> {
+        self.txns.iter()
     }
 
     /// The limits it enforces.
@@ -1243,7 +1293,7 @@ impl ReplicatedState for Catalogue {
 
     /// Every handler validates before it changes anything, so a refused command leaves the state as
     /// it was and pushes no effect.
-    fn apply(&mut self, _now_ms: u64, command: MetaCommand, effects: &mut Vec<MetaEffect>) -> MetaReply {
+    fn apply(&mut self, now_ms: u64, command: MetaCommand, effects: &mut Vec<MetaEffect>) -> MetaReply {
         let result = match command {
             MetaCommand::CreateVhost { name } => self.create_vhost(name),
             MetaCommand::DeleteVhost { name } => self.delete_vhost(&name, effects),
@@ -1269,6 +1319,26 @@ impl ReplicatedState for Catalogue {
                 let ids: Vec<QueueId> =
                     self.exclusive.range((owner, QueueId(0))..=(owner, QueueId(u64::MAX))).map(|&(_, id)| id).collect();
                 Ok(self.remove_queues(ids, effects))
+            }
+            MetaCommand::TxnBegin { txn, participants, timeout_ms } => {
+                self.txns.entry(txn).or_insert(TxnRecord {
+                    participants,
+                    deadline_ms: now_ms.saturating_add(timeout_ms),
+                    decision: None,
+                });
+                Ok(MetaReply::Ok)
+            }
+            MetaCommand::TxnDecide { txn, commit } => {
+                let decision = match self.txns.get_mut(&txn) {
+                    // Never begun, or already forgotten by everyone: nothing can commit.
+                    None => false,
+                    Some(record) => *record.decision.get_or_insert(commit && now_ms < record.deadline_ms),
+                };
+                Ok(MetaReply::TxnDecision(decision))
+            }
+            MetaCommand::TxnForget { txn } => {
+                self.txns.remove(&txn);
+                Ok(MetaReply::Ok)
             }
         };
         result.unwrap_or_else(MetaReply::Error)

@@ -73,6 +73,9 @@ async fn ticker(weak: Weak<Inner>) {
             }
         }
         expire_queues(&core, now).await;
+        if let Err(error) = core.resolve_in_doubt().await {
+            tracing::warn!(%error, "resolving in-doubt transactions failed; retrying at the next tick");
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 mod background;
 mod consumers;
 pub(crate) mod proposer;
+mod txn;
 
 use std::collections::BTreeMap;
 use std::io::Cursor;
@@ -23,6 +24,7 @@ use tokio::task::JoinHandle;
 use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent};
 use self::proposer::{Proposer, ReplyReceiver, wait};
+pub use self::txn::{Txn, TxnCommitted, TxnStop};
 use crate::catalogue::{
     BindingSpec, Catalogue, ExchangeDeclare, ExchangeKind, MetaCommand, MetaReply, QueueDeclare, QueueDef, RoutedQueue,
 };
@@ -84,6 +86,7 @@ struct Inner {
     ready: AtomicBool,
     closing: AtomicBool,
     connection_seq: AtomicU64,
+    txn_seq: AtomicU64,
     /// `basic.get` holders per connection, so closing a connection returns what they hold.
     getters: Mutex<BTreeMap<ConnectionId, Vec<(ConsumerId, PartitionKey)>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -312,6 +315,7 @@ impl Core {
                 ready: AtomicBool::new(false),
                 closing: AtomicBool::new(false),
                 connection_seq: AtomicU64::new(0),
+                txn_seq: AtomicU64::new(0),
                 getters: Mutex::new(BTreeMap::new()),
                 tasks: Mutex::new(tasks),
                 stop,
@@ -341,6 +345,8 @@ impl Core {
         for rx in waits {
             wait(rx).await?;
         }
+        // Transactions this node coordinated before a crash are in doubt: finish them now.
+        self.resolve_in_doubt().await?;
         let deleted = self.meta(MetaCommand::DeleteOwnedBy { node, incarnation_below: incarnation }).await?;
         self.drop_deleted_partitions(&deleted).await?;
         // RabbitMQ semantics: a non-durable queue does not survive a restart of its node.
@@ -706,6 +712,35 @@ impl Core {
         keep: impl Fn(&RoutedQueue) -> bool,
     ) -> CoreResult<PendingPublish> {
         self.check_open()?;
+        self.check_message(&message)?;
+        let mut route = self
+            .inner
+            .meta
+            .reader
+            .read(|c| c.route(vhost, &message.exchange, &message.routing_key, &message.headers))?;
+        route.queues.retain(|queue| keep(queue));
+        let key = message.partition_key.as_deref().unwrap_or(&message.routing_key);
+        // One command per shard, naming every partition there: a message routed to many queues is
+        // carried once per shard, not once per queue.
+        let mut per_shard: BTreeMap<usize, Vec<(usize, PartitionKey)>> = BTreeMap::new();
+        for (index, queue) in route.queues.iter().enumerate() {
+            let target = (queue.id, partition_for(key, queue.partitions));
+            per_shard.entry(self.shard_index(target)).or_default().push((index, target));
+        }
+        let message = Arc::new(message);
+        let mut waits = Vec::with_capacity(per_shard.len());
+        for (shard, indexes) in per_shard {
+            let targets = indexes.iter().map(|(_, target)| *target).collect();
+            let command = ShardCommand::Publish { targets, message: Arc::clone(&message) };
+            let size = command.size_bytes();
+            waits.push((indexes, self.inner.shards[shard].proposer.submit(command, size)?));
+        }
+        metrics::counter!("wharf_core_published_messages_total").increment(1);
+        Ok(PendingPublish { routed: route.queues, waits })
+    }
+
+    /// Refuse a message breaking a limit (size, key length, delay).
+    fn check_message(&self, message: &Message) -> CoreResult<()> {
         let limits = &self.inner.config.limits;
         let size = message.payload_len();
         if size > limits.message_size_max_bytes {
@@ -733,30 +768,7 @@ impl Core {
                 max: limits.delay_max_ms,
             });
         }
-        let mut route = self
-            .inner
-            .meta
-            .reader
-            .read(|c| c.route(vhost, &message.exchange, &message.routing_key, &message.headers))?;
-        route.queues.retain(|queue| keep(queue));
-        let key = message.partition_key.as_deref().unwrap_or(&message.routing_key);
-        // One command per shard, naming every partition there: a message routed to many queues is
-        // carried once per shard, not once per queue.
-        let mut per_shard: BTreeMap<usize, Vec<(usize, PartitionKey)>> = BTreeMap::new();
-        for (index, queue) in route.queues.iter().enumerate() {
-            let target = (queue.id, partition_for(key, queue.partitions));
-            per_shard.entry(self.shard_index(target)).or_default().push((index, target));
-        }
-        let message = Arc::new(message);
-        let mut waits = Vec::with_capacity(per_shard.len());
-        for (shard, indexes) in per_shard {
-            let targets = indexes.iter().map(|(_, target)| *target).collect();
-            let command = ShardCommand::Publish { targets, message: Arc::clone(&message) };
-            let size = command.size_bytes();
-            waits.push((indexes, self.inner.shards[shard].proposer.submit(command, size)?));
-        }
-        metrics::counter!("wharf_core_published_messages_total").increment(1);
-        Ok(PendingPublish { routed: route.queues, waits })
+        Ok(())
     }
 
     /// Publish and wait for the confirmation.

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use serde::{Deserialize, Serialize};
 
 use crate::model::{
-    ConnectionId, FieldValue, Headers, Message, MessageRef, Overflow, Position, QueueArgs, QueueId, QueueName,
+    ConnectionId, FieldValue, Headers, Message, MessageRef, Overflow, Position, QueueArgs, QueueId, QueueName, TxnId,
 };
 
 /// Identity of a consumer: its connection and a number unique within that connection.
@@ -159,6 +159,12 @@ enum State {
     },
     CheckedOut(ConsumerId),
     DeadLettering,
+    /// Acknowledged by `consumer` inside a prepared transaction: neither deliverable nor
+    /// returnable until the transaction commits (removed) or aborts (back to the consumer).
+    Locked {
+        txn: TxnId,
+        consumer: ConsumerId,
+    },
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -810,6 +816,60 @@ impl Partition {
             .collect()
     }
 
+    /// Whether idempotency key `key` is remembered (committed and within its window) at `now_ms`.
+    pub fn has_key(&self, key: &str, now_ms: u64) -> bool {
+        self.idempotency_key(key, now_ms).is_some()
+    }
+
+    /// Offsets among `offsets` that `consumer` does not hold (so cannot acknowledge).
+    pub fn not_held(&self, consumer: ConsumerId, offsets: &[u64]) -> Vec<u64> {
+        let held = self.consumers.get(&consumer).map(|c| &c.checked_out);
+        offsets.iter().copied().filter(|o| !held.is_some_and(|h| h.contains(o))).collect()
+    }
+
+    /// Lock deliveries `consumer` acknowledged inside prepared transaction `txn` (the caller checked
+    /// it holds them): they leave the consumer, and nobody else can get them, until the decision.
+    pub fn lock(&mut self, txn: TxnId, consumer: ConsumerId, offsets: &[u64]) {
+        for &offset in offsets {
+            let held = self.consumers.get_mut(&consumer).is_some_and(|c| c.checked_out.remove(&offset));
+            if held {
+                self.set_state(offset, State::Locked { txn, consumer });
+            }
+        }
+    }
+
+    /// The transaction committed: its locked deliveries are acknowledged.
+    pub fn commit_locked(&mut self, now_ms: u64, txn: TxnId, effects: &mut Vec<Effect>) {
+        for offset in self.locked_by(txn) {
+            self.remove(offset);
+        }
+        self.dispatch(now_ms, effects);
+    }
+
+    /// The transaction aborted: its acknowledgements are discarded, as AMQP's `tx.rollback` does.
+    /// The deliveries go back to their consumer if it is still attached, else back to the queue.
+    pub fn abort_locked(&mut self, now_ms: u64, txn: TxnId, effects: &mut Vec<Effect>) {
+        for offset in self.locked_by(txn) {
+            let Some(State::Locked { consumer, .. }) = self.messages.get(&offset).map(|s| s.state) else { continue };
+            match self.consumers.get_mut(&consumer) {
+                Some(holder) => {
+                    holder.checked_out.insert(offset);
+                    self.set_state(offset, State::CheckedOut(consumer));
+                }
+                None => self.return_message(offset, now_ms, effects),
+            }
+        }
+        self.dispatch(now_ms, effects);
+    }
+
+    fn locked_by(&self, txn: TxnId) -> Vec<u64> {
+        self.messages
+            .iter()
+            .filter(|(_, s)| matches!(s.state, State::Locked { txn: t, .. } if t == txn))
+            .map(|(&offset, _)| offset)
+            .collect()
+    }
+
     /// Whether `consumer` is attached (pushing or holding `basic.get` deliveries).
     pub fn has_consumer(&self, consumer: ConsumerId) -> bool {
         self.consumers.contains_key(&consumer)
@@ -917,7 +977,7 @@ impl Partition {
                         return Err(format!("message {offset} checked out to {consumer} which does not hold it"));
                     }
                 }
-                State::DeadLettering => {}
+                State::DeadLettering | State::Locked { .. } => {}
                 State::Held => return Err(format!("message {offset} left held between commands")),
             }
             if offset >= self.next_offset {
