@@ -740,26 +740,39 @@ async fn a_refused_transaction_changes_nothing_anywhere() {
     core.shutdown().await.expect("shutdown");
 }
 
-#[tokio::test]
-async fn a_crash_after_some_prepares_aborts_and_returns_the_inputs() {
-    let storage = MemStorage::new();
-    let core = open(&storage).await;
-    let (a, b) = queues_on_two_shards(&core, "crash").await;
+/// Consume an input from queue `a`, then run a transaction acknowledging it and publishing
+/// `outputs` (queue, body), stopping at `stop`; then crash and restart. Returns the restarted core.
+async fn transaction_crashing_at(
+    storage: &MemStorage,
+    prefix: &str,
+    stop: wharf_core::node::TxnStop,
+    outputs: &[(bool, &str)],
+) -> (Core, String, String) {
+    let core = open(storage).await;
+    let (a, b) = queues_on_two_shards(&core, prefix).await;
     core.publish_confirmed("/", Message::new("", &a, "input")).await.expect("publish");
     let id = consumer_id(&core, 1);
     let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
     let delivery = next(&mut consumer).await;
     let mut txn = core.begin_txn();
     txn.ack(id, &[delivery.position]);
-    txn.publish("/", Message::new("", &b, "output"));
-    let stopped = core.commit_txn_until(txn, wharf_core::node::TxnStop::AfterPrepared(1)).await.expect("prepare one");
-    assert!(stopped.is_none());
+    for (to_a, body) in outputs {
+        txn.publish("/", Message::new("", if *to_a { &a } else { &b }, body.to_string()));
+    }
+    assert!(core.commit_txn_until(txn, stop).await.expect("run to the stop").is_none());
+    // The process dies there, its consumer still attached.
     std::mem::forget(consumer);
     core.shutdown().await.expect("stop");
     drop(core);
     storage.crash();
+    (open(storage).await, a, b)
+}
 
-    let core = open(&storage).await;
+#[tokio::test]
+async fn a_crash_after_some_prepares_aborts_and_returns_the_inputs() {
+    let storage = MemStorage::new();
+    let stop = wharf_core::node::TxnStop::AfterPrepared(1);
+    let (core, a, b) = transaction_crashing_at(&storage, "crash", stop, &[(false, "output")]).await;
     // In doubt with no decision and a dead coordinator: aborted at start. The input is back,
     // redelivered; the output never appears.
     assert_eq!(core.queue_status("/", &a).expect("status").0, 1, "input returned");
@@ -774,25 +787,9 @@ async fn a_crash_after_some_prepares_aborts_and_returns_the_inputs() {
 #[tokio::test]
 async fn a_crash_after_the_decision_commits_everywhere() {
     let storage = MemStorage::new();
-    let core = open(&storage).await;
-    let (a, b) = queues_on_two_shards(&core, "decided").await;
-    core.publish_confirmed("/", Message::new("", &a, "input")).await.expect("publish");
-    let id = consumer_id(&core, 1);
-    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
-    let delivery = next(&mut consumer).await;
-    let mut txn = core.begin_txn();
-    txn.ack(id, &[delivery.position]);
-    txn.publish("/", Message::new("", &a, "output a"));
-    txn.publish("/", Message::new("", &b, "output b"));
-    let stopped = core.commit_txn_until(txn, wharf_core::node::TxnStop::AfterDecision).await.expect("decide");
-    assert!(stopped.is_none());
-    assert_eq!(core.queue_status("/", &b).expect("status").0, 0, "not applied yet");
-    std::mem::forget(consumer);
-    core.shutdown().await.expect("stop");
-    drop(core);
-    storage.crash();
-
-    let core = open(&storage).await;
+    let stop = wharf_core::node::TxnStop::AfterDecision;
+    let outputs = [(true, "output a"), (false, "output b")];
+    let (core, a, b) = transaction_crashing_at(&storage, "decided", stop, &outputs).await;
     assert_eq!(core.queue_status("/", &a).expect("status").0, 1, "input acked, output a stored");
     assert_eq!(core.queue_status("/", &b).expect("status").0, 1, "output b stored");
     let id = consumer_id(&core, 1);
