@@ -122,6 +122,74 @@ async fn core_publish(publishers: usize, window: usize, keyed: bool, duration: D
     run
 }
 
+/// Transactions of two 256-byte publishes, to two queues on different shards (two-phase commit)
+/// or on one shard (one entry), by `clients` concurrent clients each committing one at a time.
+async fn txn_commit(clients: usize, two_shards: bool, duration: Duration) -> CoreRun {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let core = Core::open(CoreConfig::single_node(dir.path())).await.expect("open core");
+    let shard_count = core.config().shard_count;
+    let mut names: Vec<(String, u32)> = Vec::new();
+    for i in 0..16 {
+        let name = format!("txn{i}");
+        let mut arguments = Headers::new();
+        arguments.push("x-max-length", FieldValue::I64(100_000));
+        let spec =
+            QueueSpec { vhost: "/".into(), name: name.clone(), durable: true, arguments, ..QueueSpec::default() };
+        let declared = core.declare_queue(spec).await.expect("declare");
+        names.push((name, wharf_core::placement::shard_for(declared.id, 0, shard_count)));
+    }
+    let first = names[0].clone();
+    // The second queue: on another shard (two-phase commit) or on the same one (one entry).
+    let second = names[1..]
+        .iter()
+        .find(|(_, shard)| (*shard != first.1) == two_shards)
+        .cloned()
+        .expect("16 queues over the shards give both cases");
+    let stop = Arc::new(AtomicBool::new(false));
+    let committed = Arc::new(AtomicU64::new(0));
+    let payload = bytes::Bytes::from(vec![7u8; PAYLOAD_BYTES]);
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let (core, stop, committed, payload) = (core.clone(), stop.clone(), committed.clone(), payload.clone());
+        let (a, b) = (first.0.clone(), second.0.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies_us = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let mut txn = core.begin_txn();
+                txn.publish("/", Message::new("", a.as_str(), payload.clone()));
+                txn.publish("/", Message::new("", b.as_str(), payload.clone()));
+                let started = Instant::now();
+                core.commit_txn(txn).await.expect("commit");
+                latencies_us.push(started.elapsed().as_micros() as u64);
+                committed.fetch_add(1, Ordering::Relaxed);
+            }
+            latencies_us
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start_count = committed.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let count = committed.load(Ordering::Relaxed) - start_count;
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("client"));
+    }
+    latencies.sort_unstable();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    let run = CoreRun { messages_per_sec: count as f64 / elapsed, p50_ms: percentile(0.50), p99_ms: percentile(0.99) };
+    core.shutdown().await.expect("shutdown");
+    run
+}
+
 fn main() {
     // `cargo bench` passes `--bench`; `cargo test --benches` passes nothing: run a short smoke.
     let smoke = !std::env::args().any(|a| a == "--bench");
@@ -166,6 +234,18 @@ fn main() {
             keyed.p50_ms,
             keyed.p99_ms,
             plain.map_or(String::new(), |plain| format!("{:.1} % of plain", 100.0 * keyed.messages_per_sec / plain))
+        );
+    }
+    println!("transactions of 2 publishes (commit_txn), one client committing at a time each:");
+    for (clients, two_shards) in [(1usize, true), (64, true), (64, false)] {
+        if only.is_some() {
+            continue;
+        }
+        let run = runtime.block_on(txn_commit(clients, two_shards, duration));
+        let kind = if two_shards { "2 shards (2PC)" } else { "1 shard (one entry)" };
+        println!(
+            "  {clients:>2} clients, {kind:<20}: {:>8.0} txn/s   p50 {:>6.2} ms   p99 {:>6.2} ms",
+            run.messages_per_sec, run.p50_ms, run.p99_ms
         );
     }
     let best_raw = raw.iter().map(|(_, r)| *r).fold(0.0, f64::max);
