@@ -7,7 +7,7 @@ use std::io::Write;
 use std::time::Duration;
 
 use wharf_core::model::{Headers, Message};
-use wharf_core::node::{ConsumeOptions, ConsumerEvent, QueueSpec};
+use wharf_core::node::{ConsumeOptions, ConsumerEvent, QueueSpec, TxnStop};
 use wharf_core::queue::{ConsumerId, Outcome};
 use wharf_core::{Core, CoreConfig, CoreError};
 
@@ -18,7 +18,10 @@ const PARTITIONS: i64 = 4;
 const WINDOW: usize = 64;
 
 fn usage() -> ! {
-    eprintln!("usage: core-harness publish DATA_DIR COUNT [FIRST_SEQ] | consume DATA_DIR");
+    eprintln!(
+        "usage: core-harness publish DATA_DIR COUNT [FIRST_SEQ] | consume DATA_DIR \
+         | txn DATA_DIR (after-begin|after-one-prepare|after-decision|retry-in-doubt) | check DATA_DIR"
+    );
     std::process::exit(2)
 }
 
@@ -43,6 +46,8 @@ fn main() {
                 publish(&core, first, count).await?;
             }
             "consume" => consume(&core).await?,
+            "txn" => txn_until(&core, args.get(3).map(String::as_str).unwrap_or_else(|| usage())).await?,
+            "check" => check(&core).await?,
             _ => usage(),
         }
         core.shutdown().await
@@ -103,5 +108,83 @@ async fn consume(core: &Core) -> Result<(), CoreError> {
     }
     out.flush().expect("stdout");
     consumer.cancel().await?;
+    Ok(())
+}
+
+/// The two queues of the transaction tests, on different shards: declared in a fixed order on a
+/// fresh data directory, so every run finds the same pair.
+async fn txn_queues(core: &Core) -> Result<(String, String), CoreError> {
+    let mut first: Option<(String, u32)> = None;
+    for i in 0..32 {
+        let name = format!("txn-{i}");
+        let spec = QueueSpec { vhost: "/".into(), name: name.clone(), durable: true, ..QueueSpec::default() };
+        let id = core.declare_queue(spec).await?.id;
+        let shard = wharf_core::placement::shard_for(id, 0, core.config().shard_count);
+        match &first {
+            None => first = Some((name, shard)),
+            Some((a, other)) if *other != shard => return Ok((a.clone(), name)),
+            Some(_) => {}
+        }
+    }
+    Err(CoreError::Internal("32 queues on one shard".into()))
+}
+
+/// Consume an input from queue A, then run a transaction acknowledging it and publishing
+/// "output-a" to A and "output-b" (idempotency key "payment-1") to B, up to a crash point; print
+/// "stopped" and wait to be killed.
+async fn txn_until(core: &Core, point: &str) -> Result<(), CoreError> {
+    let stop = match point {
+        "after-begin" => TxnStop::AfterBegin,
+        "after-one-prepare" => TxnStop::AfterPrepared(1),
+        "after-decision" => TxnStop::AfterDecision,
+        "retry-in-doubt" => TxnStop::AfterPrepared(usize::MAX),
+        _ => usage(),
+    };
+    let (a, b) = txn_queues(core).await?;
+    core.publish_confirmed("/", Message::new("", a.as_str(), "input")).await?;
+    let id = ConsumerId { connection: core.new_connection(), seq: 0 };
+    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await?;
+    let Some(ConsumerEvent::Delivery(input)) = consumer.recv().await else {
+        return Err(CoreError::Internal("no input delivered".into()));
+    };
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[input.position]);
+    txn.publish("/", Message::new("", a.as_str(), "output-a"));
+    let mut payment = Message::new("", b.as_str(), "output-b");
+    payment.idempotency_key = Some("payment-1".into());
+    txn.publish("/", payment.clone());
+    let finished = core.commit_txn_until(txn, stop).await?;
+    assert!(finished.is_none(), "stopped before the end");
+    if point == "retry-in-doubt" {
+        // The producer gives up waiting and retries the payment on its own, while the transaction
+        // is in doubt.
+        core.publish_confirmed("/", payment).await?;
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(out, "stopped").expect("stdout");
+    out.flush().expect("stdout");
+    std::mem::forget(consumer);
+    // Wait to be killed: no shutdown, no flush.
+    loop {
+        tokio::time::sleep(Duration::from_secs(3600)).await;
+    }
+}
+
+/// After a restart: print every message left in both queues ("A body" / "B body"), and whether
+/// the key "payment-1" is committed to B.
+async fn check(core: &Core) -> Result<(), CoreError> {
+    let (a, b) = txn_queues(core).await?;
+    let mut out = std::io::stdout().lock();
+    for (label, queue) in [("A", &a), ("B", &b)] {
+        let holder = ConsumerId { connection: core.new_connection(), seq: 0 };
+        while let Some(delivery) = core.get("/", queue, holder, true).await? {
+            let body = String::from_utf8_lossy(&delivery.message.payload).into_owned();
+            writeln!(out, "{label} {body} {}", delivery.redelivered).expect("stdout");
+        }
+    }
+    let key = core.idempotency_lookup("/", &b, "payment-1").await?.is_some();
+    writeln!(out, "key {key}").expect("stdout");
+    writeln!(out, "coordinator {}", core.with_catalogue(|c| c.txns().count())).expect("stdout");
+    out.flush().expect("stdout");
     Ok(())
 }

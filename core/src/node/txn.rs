@@ -262,6 +262,19 @@ impl Core {
         let now = now_ms();
         let timeout_ms = self.inner.config.limits.txn_timeout_ms;
         let me = (self.inner.config.node_id, self.inner.incarnation);
+        // Undecided records whose coordinator is gone (an earlier run of this node) or whose
+        // deadline passed: decide abort, the only decision left (the first recorded one wins).
+        let abandoned: Vec<TxnId> = self.with_catalogue(|c| {
+            c.txns()
+                .filter(|(t, r)| {
+                    r.decision.is_none() && (r.deadline_ms <= now || (t.node == me.0 && t.incarnation < me.1))
+                })
+                .map(|(t, _)| *t)
+                .collect()
+        });
+        for txn in abandoned {
+            self.meta(MetaCommand::TxnDecide { txn, commit: false }).await?;
+        }
         for (index, shard) in self.inner.shards.iter().enumerate() {
             if !self.leads(&shard.raft) {
                 continue;
@@ -300,14 +313,6 @@ impl Core {
             if !held {
                 self.meta(MetaCommand::TxnForget { txn }).await?;
             }
-        }
-        // A started transaction whose deadline passed with no participant prepared (the
-        // coordinator died before any prepare): decide abort, then it is forgotten next time.
-        let stale: Vec<TxnId> = self.with_catalogue(|c| {
-            c.txns().filter(|(_, r)| r.decision.is_none() && r.deadline_ms <= now).map(|(t, _)| *t).collect()
-        });
-        for txn in stale {
-            self.meta(MetaCommand::TxnDecide { txn, commit: false }).await?;
         }
         Ok(())
     }
