@@ -175,6 +175,8 @@ limits_settings! {
     idempotency_key_len_max_bytes: u32 => "Longest idempotency key accepted, in bytes.",
     txn_timeout_ms: u64 => "Time a multi-shard transaction has to reach its commit decision, in milliseconds.",
     txn_operations_max: u32 => "Most operations (publishes and acknowledgements) in one transaction.",
+    half_message_check_interval_ms: u64 => "How often the producer of an undecided half message is asked for its outcome (check-back), in milliseconds.",
+    half_message_age_max_ms: u64 => "Age after which an undecided half message is rolled back, in milliseconds.",
 }
 
 impl Default for LimitsSettings {

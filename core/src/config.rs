@@ -145,6 +145,10 @@ pub struct Limits {
     pub txn_timeout_ms: u64,
     /// Most operations (publishes and acknowledged deliveries) in one transaction.
     pub txn_operations_max: u32,
+    /// How often the broker asks the producer of a half message still undecided (check-back).
+    pub half_message_check_interval_ms: u64,
+    /// Age after which an undecided half message is rolled back.
+    pub half_message_age_max_ms: u64,
 }
 
 impl Default for Limits {
@@ -171,6 +175,8 @@ impl Default for Limits {
             idempotency_key_len_max_bytes: 256,
             txn_timeout_ms: 30_000,
             txn_operations_max: 10_000,
+            half_message_check_interval_ms: 60_000,
+            half_message_age_max_ms: 15 * 60_000,
         }
     }
 }
@@ -178,7 +184,7 @@ impl Default for Limits {
 impl Limits {
     /// Check that every limit is positive and that related limits agree.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 21] = [
+        let positive: [(&'static str, u64); 23] = [
             ("limits.message_size_max_bytes", self.message_size_max_bytes),
             ("limits.name_len_max_bytes", self.name_len_max_bytes.into()),
             ("limits.queue_messages_max", self.queue_messages_max),
@@ -200,6 +206,8 @@ impl Limits {
             ("limits.idempotency_key_len_max_bytes", self.idempotency_key_len_max_bytes.into()),
             ("limits.txn_timeout_ms", self.txn_timeout_ms),
             ("limits.txn_operations_max", self.txn_operations_max.into()),
+            ("limits.half_message_check_interval_ms", self.half_message_check_interval_ms),
+            ("limits.half_message_age_max_ms", self.half_message_age_max_ms),
         ];
         for (key, value) in positive {
             if value == 0 {

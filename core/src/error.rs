@@ -82,6 +82,8 @@ const LIMIT_KEYS: &[&str] = &[
     "limits.idempotency_key_len_max_bytes",
     "limits.txn_timeout_ms",
     "limits.txn_operations_max",
+    "limits.half_message_check_interval_ms",
+    "limits.half_message_age_max_ms",
 ];
 
 /// The configuration key of a limit: always one of a fixed set of names.

@@ -820,3 +820,87 @@ async fn a_transaction_past_its_timeout_aborts() {
     assert_eq!(core.queue_status("/", &b).expect("status").0, 0);
     core.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn half_messages_are_invisible_until_their_producer_commits() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "orders", Headers::new()).await;
+    let kept = core.prepare_half("/", Message::new("", "orders", "kept"), "shop").await.expect("prepare");
+    let dropped = core.prepare_half("/", Message::new("", "orders", "dropped"), "shop").await.expect("prepare");
+    assert_eq!(core.queue_status("/", "orders").expect("status").0, 0, "half messages are invisible");
+    assert!(core.end_half(kept, true).await.expect("commit"));
+    assert!(!core.end_half(dropped, false).await.expect("roll back"));
+    let holder = consumer_id(&core, 1);
+    let got = core.get("/", "orders", holder, true).await.expect("get").expect("the committed one");
+    assert_eq!(body(&got), "kept");
+    assert!(core.get("/", "orders", holder, true).await.expect("get").is_none());
+    let again = core.end_half(kept, true).await.expect_err("already ended");
+    assert!(matches!(again, CoreError::NotFound(_)), "{again}");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_silent_producer_is_checked_back_and_its_answer_applied() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    config.limits.half_message_check_interval_ms = 50;
+    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    queue(&core, "orders", Headers::new()).await;
+    let mut checks = core.register_check_back("shop");
+    let txn = core.prepare_half("/", Message::new("", "orders", "paid"), "shop").await.expect("prepare");
+
+    // First question: the producer does not know yet. It is asked again later.
+    let first = tokio::time::timeout(Duration::from_secs(5), checks.recv()).await.expect("asked").expect("open");
+    assert_eq!(first.txn, txn);
+    assert_eq!(first.message.as_ref().map(|m| body_of(m)), Some("paid".to_owned()));
+    first.reply.send(None).expect("answer");
+    let second = tokio::time::timeout(Duration::from_secs(5), checks.recv()).await.expect("asked again").expect("open");
+    assert!(core.with_catalogue(|c| c.txn(txn).and_then(|r| r.half.as_ref().map(|h| h.checks))).unwrap_or(0) >= 1);
+    // Now it knows: committed.
+    second.reply.send(Some(true)).expect("answer");
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while core.queue_status("/", "orders").expect("status").0 == 0 {
+        assert!(tokio::time::Instant::now() < deadline, "the check-back answer was not applied");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(core.with_catalogue(|c| c.txn(txn).is_none()), "forgotten once applied");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn an_undecided_half_message_is_rolled_back_at_its_age_limit() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    config.limits.half_message_age_max_ms = 150;
+    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    queue(&core, "orders", Headers::new()).await;
+    let txn = core.prepare_half("/", Message::new("", "orders", "late"), "nobody").await.expect("prepare");
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(core.with_catalogue(|c| c.txn(txn).is_none()), "rolled back and forgotten");
+    assert_eq!(core.queue_status("/", "orders").expect("status").0, 0);
+    let late = core.end_half(txn, true).await.expect_err("too late");
+    assert!(matches!(late, CoreError::NotFound(_)), "{late}");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_pending_half_message_survives_a_crash_for_its_producer_to_decide() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "orders", Headers::new()).await;
+    let txn = core.prepare_half("/", Message::new("", "orders", "after crash"), "shop").await.expect("prepare");
+    core.shutdown().await.expect("stop");
+    drop(core);
+    storage.crash();
+    let core = open(&storage).await;
+    assert!(core.with_catalogue(|c| c.txn(txn).is_some()), "still pending: its producer decides, not the restart");
+    assert_eq!(core.queue_status("/", "orders").expect("status").0, 0);
+    assert!(core.end_half(txn, true).await.expect("commit after the restart"));
+    assert_eq!(core.queue_status("/", "orders").expect("status").0, 1);
+    core.shutdown().await.expect("shutdown");
+}
+
+fn body_of(message: &Message) -> String {
+    String::from_utf8_lossy(&message.payload).into_owned()
+}

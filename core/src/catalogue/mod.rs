@@ -254,6 +254,14 @@ pub enum MetaCommand {
         participants: Vec<u32>,
         /// Time allowed until the decision.
         timeout_ms: u64,
+        /// A half message: the producer group that decides it (and is asked, at this interval,
+        /// when it stays silent).
+        half: Option<HalfSpec>,
+    },
+    /// Coordinator: the producer of a half message was asked (check-back) and gave no decision.
+    TxnChecked {
+        /// Transaction.
+        txn: TxnId,
     },
     /// Coordinator: record the decision (the first one recorded wins; commit after the deadline
     /// or for an unknown transaction becomes abort). Replies the decision in force.
@@ -270,7 +278,7 @@ pub enum MetaCommand {
     },
 }
 
-/// The coordinator's record of a multi-shard transaction.
+/// The coordinator's record of a multi-shard transaction or half message.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct TxnRecord {
     /// Shards taking part.
@@ -279,6 +287,30 @@ pub struct TxnRecord {
     pub deadline_ms: u64,
     /// The decision: commit (`true`) or abort; none yet.
     pub decision: Option<bool>,
+    /// For a half message: who decides it, and the check-backs so far.
+    pub half: Option<HalfState>,
+}
+
+/// How a half message is checked back.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfSpec {
+    /// The producer group asked when the producer stays silent.
+    pub group: String,
+    /// Time between check-backs.
+    pub check_interval_ms: u64,
+}
+
+/// A half message's check-back record.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HalfState {
+    /// The producer group.
+    pub group: String,
+    /// Time between check-backs.
+    pub check_interval_ms: u64,
+    /// Check-backs that got no decision.
+    pub checks: u32,
+    /// Committed time of the next check-back.
+    pub next_check_ms: u64,
 }
 
 /// A queue that a command deleted: what the runtime needs to drop it from its shards.
@@ -1320,12 +1352,25 @@ impl ReplicatedState for Catalogue {
                     self.exclusive.range((owner, QueueId(0))..=(owner, QueueId(u64::MAX))).map(|&(_, id)| id).collect();
                 Ok(self.remove_queues(ids, effects))
             }
-            MetaCommand::TxnBegin { txn, participants, timeout_ms } => {
+            MetaCommand::TxnBegin { txn, participants, timeout_ms, half } => {
                 self.txns.entry(txn).or_insert(TxnRecord {
                     participants,
                     deadline_ms: now_ms.saturating_add(timeout_ms),
                     decision: None,
+                    half: half.map(|spec| HalfState {
+                        group: spec.group,
+                        check_interval_ms: spec.check_interval_ms,
+                        checks: 0,
+                        next_check_ms: now_ms.saturating_add(spec.check_interval_ms),
+                    }),
                 });
+                Ok(MetaReply::Ok)
+            }
+            MetaCommand::TxnChecked { txn } => {
+                if let Some(half) = self.txns.get_mut(&txn).and_then(|r| r.half.as_mut()) {
+                    half.checks = half.checks.saturating_add(1);
+                    half.next_check_ms = now_ms.saturating_add(half.check_interval_ms);
+                }
                 Ok(MetaReply::Ok)
             }
             MetaCommand::TxnDecide { txn, commit } => {

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent};
 use self::proposer::{Proposer, ReplyReceiver, wait};
-pub use self::txn::{Txn, TxnCommitted, TxnStop};
+pub use self::txn::{CheckBack, Txn, TxnCommitted, TxnStop};
 use crate::catalogue::{
     BindingSpec, Catalogue, ExchangeDeclare, ExchangeKind, MetaCommand, MetaReply, QueueDeclare, QueueDef, RoutedQueue,
 };
@@ -87,6 +87,8 @@ struct Inner {
     closing: AtomicBool,
     connection_seq: AtomicU64,
     txn_seq: AtomicU64,
+    /// Check-back handlers of half messages, by producer group (local to this node).
+    check_backs: Mutex<BTreeMap<String, mpsc::Sender<CheckBack>>>,
     /// `basic.get` holders per connection, so closing a connection returns what they hold.
     getters: Mutex<BTreeMap<ConnectionId, Vec<(ConsumerId, PartitionKey)>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
@@ -317,6 +319,7 @@ impl Core {
                 connection_seq: AtomicU64::new(0),
                 txn_seq: AtomicU64::new(0),
                 getters: Mutex::new(BTreeMap::new()),
+                check_backs: Mutex::new(BTreeMap::new()),
                 tasks: Mutex::new(tasks),
                 stop,
             }),

@@ -7,12 +7,15 @@
 
 use std::collections::BTreeMap;
 use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
 
 use super::proposer::{ReplyReceiver, now_ms, wait};
 use super::{Core, Published};
-use crate::catalogue::{MetaCommand, MetaReply, RoutedQueue};
+use crate::catalogue::{HalfSpec, MetaCommand, MetaReply, RoutedQueue};
 use crate::error::{CoreError, CoreResult};
-use crate::model::{Message, Position, TxnId};
+use crate::model::{Message, MessageRef, Position, TxnId};
 use crate::placement::partition_for;
 use crate::queue::ConsumerId;
 use crate::shard::{PartitionKey, PublishOutcome, ShardCommand, ShardReply, StagedAck, StagedPublish, TxnOps};
@@ -66,6 +69,24 @@ pub struct TxnCommitted {
     /// One per staged publish.
     pub published: Vec<Published>,
 }
+
+/// A check-back question: a half message's producer stayed silent, and the broker asks its group
+/// whether the producer's local transaction committed.
+#[derive(Debug)]
+pub struct CheckBack {
+    /// The half message's transaction.
+    pub txn: TxnId,
+    /// The half message (as published).
+    pub message: Option<MessageRef>,
+    /// The answer: commit (`Some(true)`), roll back (`Some(false)`), or not known yet (`None`:
+    /// asked again after `limits.half_message_check_interval_ms`).
+    pub reply: oneshot::Sender<Option<bool>>,
+}
+
+/// Check-back questions waiting for a group's handler before new ones are refused.
+const CHECK_BACK_QUEUE_MAX: usize = 1_024;
+/// How long the resolver waits for a check-back answer.
+const CHECK_BACK_ANSWER_SECS: u64 = 10;
 
 /// Where [`Core::commit_txn_until`] stops: the points at which a crash leaves a transaction in
 /// doubt. For crash tests.
@@ -152,7 +173,7 @@ impl Core {
             _ => {
                 let shards = participants.iter().map(|s| *s as u32).collect();
                 let timeout_ms = limits.txn_timeout_ms;
-                self.meta(MetaCommand::TxnBegin { txn: id, participants: shards, timeout_ms }).await?;
+                self.meta(MetaCommand::TxnBegin { txn: id, participants: shards, timeout_ms, half: None }).await?;
                 if stop == TxnStop::AfterBegin {
                     return Ok(None);
                 }
@@ -160,26 +181,7 @@ impl Core {
                     TxnStop::AfterPrepared(count) => count.min(participants.len()),
                     _ => participants.len(),
                 };
-                let mut waits = Vec::new();
-                for (shard, ops) in per_shard.into_iter().take(prepare_count) {
-                    let command = ShardCommand::TxnPrepare { txn: id, ops };
-                    let size = command.size_bytes();
-                    waits.push(self.inner.shards[shard].proposer.submit(command, size));
-                }
-                let mut refusal = None;
-                for rx in waits {
-                    let reply = match rx {
-                        Ok(rx) => wait(rx).await,
-                        Err(error) => Err(error),
-                    };
-                    match reply {
-                        Ok(ShardReply::TxnPrepared) => {}
-                        Ok(ShardReply::Error(error)) | Err(error) => refusal = refusal.or(Some(error)),
-                        Ok(other) => {
-                            refusal = refusal.or(Some(CoreError::Internal(format!("prepare answered {other:?}"))))
-                        }
-                    }
-                }
+                let refusal = self.prepare_all(id, per_shard.into_iter().take(prepare_count)).await;
                 if matches!(stop, TxnStop::AfterPrepared(_)) {
                     return Ok(None);
                 }
@@ -191,18 +193,7 @@ impl Core {
                 if stop == TxnStop::AfterDecision {
                     return Ok(None);
                 }
-                let command =
-                    |txn| if decision { ShardCommand::TxnCommit { txn } } else { ShardCommand::TxnAbort { txn } };
-                let waits: Vec<(usize, ReplyReceiver<ShardReply>)> = participants
-                    .iter()
-                    .map(|&shard| Ok((shard, self.inner.shards[shard].proposer.submit(command(id), 64)?)))
-                    .collect::<CoreResult<_>>()?;
-                for (shard, rx) in waits {
-                    if let ShardReply::TxnCommitted(result) = wait(rx).await? {
-                        outcomes.insert(shard, result);
-                    }
-                }
-                self.meta(MetaCommand::TxnForget { txn: id }).await?;
+                outcomes = self.apply_decision(id, &participants, decision).await?;
                 if !decision {
                     return Err(refusal.unwrap_or_else(|| {
                         CoreError::PreconditionFailed(format!(
@@ -213,6 +204,156 @@ impl Core {
             }
         }
         Ok(Some(assemble(routed, &outcomes)))
+    }
+
+    /// Send a recorded decision to every participant, then let the coordinator forget the
+    /// transaction. Returns the participants' publish outcomes (on commit).
+    async fn apply_decision(
+        &self,
+        txn: TxnId,
+        participants: &[usize],
+        decision: bool,
+    ) -> CoreResult<BTreeMap<usize, Vec<Vec<PublishOutcome>>>> {
+        let command = || if decision { ShardCommand::TxnCommit { txn } } else { ShardCommand::TxnAbort { txn } };
+        let waits: Vec<(usize, ReplyReceiver<ShardReply>)> = participants
+            .iter()
+            .filter(|&&shard| shard < self.inner.shards.len())
+            .map(|&shard| Ok((shard, self.inner.shards[shard].proposer.submit(command(), 64)?)))
+            .collect::<CoreResult<_>>()?;
+        let mut outcomes = BTreeMap::new();
+        for (shard, rx) in waits {
+            if let ShardReply::TxnCommitted(result) = wait(rx).await? {
+                outcomes.insert(shard, result);
+            }
+        }
+        self.meta(MetaCommand::TxnForget { txn }).await?;
+        Ok(outcomes)
+    }
+
+    /// Prepare a transaction on these participants, in parallel; the first refusal, if any.
+    async fn prepare_all(&self, txn: TxnId, per_shard: impl IntoIterator<Item = (usize, TxnOps)>) -> Option<CoreError> {
+        let mut waits = Vec::new();
+        for (shard, ops) in per_shard {
+            let command = ShardCommand::TxnPrepare { txn, ops };
+            let size = command.size_bytes();
+            waits.push(self.inner.shards[shard].proposer.submit(command, size));
+        }
+        let mut refusal = None;
+        for rx in waits {
+            let reply = match rx {
+                Ok(rx) => wait(rx).await,
+                Err(error) => Err(error),
+            };
+            match reply {
+                Ok(ShardReply::TxnPrepared) => {}
+                Ok(ShardReply::Error(error)) | Err(error) => refusal = refusal.or(Some(error)),
+                Ok(other) => refusal = refusal.or(Some(CoreError::Internal(format!("prepare answered {other:?}")))),
+            }
+        }
+        refusal
+    }
+
+    /// A half message (RocketMQ's transactional message): prepared on its queues now, invisible to
+    /// consumers, until its producer ends it with [`Core::end_half`] after running its own local
+    /// transaction. If the producer stays silent, the broker asks the producer's group every
+    /// `limits.half_message_check_interval_ms` through the handler registered with
+    /// [`Core::register_check_back`], and rolls the message back once it is older than
+    /// `limits.half_message_age_max_ms`.
+    pub async fn prepare_half(&self, vhost: &str, message: Message, group: &str) -> CoreResult<TxnId> {
+        self.check_open()?;
+        let limits = &self.inner.config.limits;
+        let id = self.begin_txn().id;
+        let (per_shard, _) = self.stage(vec![(vhost.to_owned(), message)], Vec::new())?;
+        if per_shard.is_empty() {
+            return Err(CoreError::PreconditionFailed(format!("half message {id} routes to no queue")));
+        }
+        let participants: Vec<usize> = per_shard.keys().copied().collect();
+        let half = HalfSpec { group: group.to_owned(), check_interval_ms: limits.half_message_check_interval_ms };
+        let shards = participants.iter().map(|s| *s as u32).collect();
+        let timeout_ms = limits.half_message_age_max_ms;
+        self.meta(MetaCommand::TxnBegin { txn: id, participants: shards, timeout_ms, half: Some(half) }).await?;
+        let refusal = self.prepare_all(id, per_shard).await;
+        if let Some(error) = refusal {
+            self.meta(MetaCommand::TxnDecide { txn: id, commit: false }).await?;
+            self.apply_decision(id, &participants, false).await?;
+            return Err(error);
+        }
+        tracing::info!(txn = %id, group, "half message prepared");
+        Ok(id)
+    }
+
+    /// End a half message: commit makes it visible, roll back discards it. Returns the decision in
+    /// force, which is a rollback if the message was already rolled back (too old).
+    pub async fn end_half(&self, txn: TxnId, commit: bool) -> CoreResult<bool> {
+        self.check_open()?;
+        let Some(record) = self.with_catalogue(|c| c.txn(txn).cloned()) else {
+            return Err(CoreError::NotFound(format!("no pending half message {txn}")));
+        };
+        let decision = match self.meta(MetaCommand::TxnDecide { txn, commit }).await? {
+            MetaReply::TxnDecision(decision) => decision,
+            other => return Err(CoreError::Internal(format!("decision answered {other:?}"))),
+        };
+        let participants: Vec<usize> = record.participants.iter().map(|s| *s as usize).collect();
+        self.apply_decision(txn, &participants, decision).await?;
+        tracing::info!(%txn, commit = decision, "half message ended");
+        Ok(decision)
+    }
+
+    /// Handle check-backs for a producer group on this node: the returned stream receives a
+    /// [`CheckBack`] for each undecided half message of the group that is due. Registering again
+    /// replaces the previous handler.
+    pub fn register_check_back(&self, group: &str) -> mpsc::Receiver<CheckBack> {
+        let (tx, rx) = mpsc::channel(CHECK_BACK_QUEUE_MAX);
+        self.inner.check_backs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).insert(group.to_owned(), tx);
+        rx
+    }
+
+    /// Ask the producers of due half messages (recording each check-back in the coordinator).
+    async fn check_back_due(&self, now: u64) -> CoreResult<()> {
+        let due: Vec<(TxnId, String, Vec<u32>)> = self.with_catalogue(|c| {
+            c.txns()
+                .filter_map(|(t, r)| {
+                    let half = r.half.as_ref()?;
+                    (r.decision.is_none() && half.next_check_ms <= now && r.deadline_ms > now)
+                        .then(|| (*t, half.group.clone(), r.participants.clone()))
+                })
+                .collect()
+        });
+        for (txn, group, participants) in due {
+            // Recorded first, so that the next tick does not ask again meanwhile.
+            self.meta(MetaCommand::TxnChecked { txn }).await?;
+            let handler =
+                self.inner.check_backs.lock().unwrap_or_else(std::sync::PoisonError::into_inner).get(&group).cloned();
+            let Some(handler) = handler else {
+                tracing::info!(%txn, group, "half message due for check-back, but no handler for its group here");
+                continue;
+            };
+            let message = participants.iter().find_map(|&shard| {
+                self.inner.shards.get(shard as usize)?.reader.read(|s| {
+                    s.prepared().find(|(t, _)| **t == txn).and_then(|(_, p)| {
+                        p.ops.publishes.first().map(|publish| std::sync::Arc::clone(&publish.message))
+                    })
+                })
+            });
+            let (reply, answer) = oneshot::channel();
+            if handler.try_send(CheckBack { txn, message, reply }).is_err() {
+                tracing::warn!(%txn, group, "check-back handler full or gone");
+                continue;
+            }
+            let core = self.clone();
+            tokio::spawn(async move {
+                match tokio::time::timeout(Duration::from_secs(CHECK_BACK_ANSWER_SECS), answer).await {
+                    Ok(Ok(Some(commit))) => {
+                        tracing::info!(%txn, commit, "check-back answered");
+                        if let Err(error) = core.end_half(txn, commit).await {
+                            tracing::warn!(%txn, %error, "applying a check-back answer failed");
+                        }
+                    }
+                    _ => tracing::info!(%txn, "check-back: outcome not known yet"),
+                }
+            });
+        }
+        Ok(())
     }
 
     /// Route the staged publishes and group everything per shard.
@@ -264,15 +405,17 @@ impl Core {
         let me = (self.inner.config.node_id, self.inner.incarnation);
         // Undecided records whose coordinator is gone (an earlier run of this node) or whose
         // deadline passed: decide abort, the only decision left (the first recorded one wins).
+        // (Not the orphan rule for half messages: their producer decides, not their coordinator.)
         let abandoned: Vec<TxnId> = self.with_catalogue(|c| {
             c.txns()
                 .filter(|(t, r)| {
-                    r.decision.is_none() && (r.deadline_ms <= now || (t.node == me.0 && t.incarnation < me.1))
+                    r.decision.is_none()
+                        && (r.deadline_ms <= now || (r.half.is_none() && t.node == me.0 && t.incarnation < me.1))
                 })
                 .map(|(t, _)| *t)
                 .collect()
         });
-        for txn in abandoned {
+        for &txn in &abandoned {
             self.meta(MetaCommand::TxnDecide { txn, commit: false }).await?;
         }
         for (index, shard) in self.inner.shards.iter().enumerate() {
@@ -282,11 +425,20 @@ impl Core {
             let prepared: Vec<(TxnId, u64)> =
                 shard.reader.read(|s| s.prepared().map(|(txn, p)| (*txn, p.prepared_ms)).collect());
             for (txn, prepared_ms) in prepared {
-                let orphan = txn.node == me.0 && txn.incarnation < me.1;
-                if !orphan && now.saturating_sub(prepared_ms) < timeout_ms {
+                let record = self.with_catalogue(|c| c.txn(txn).cloned());
+                if record.as_ref().is_some_and(|r| r.half.is_some() && r.decision.is_none()) {
+                    // A pending half message: its producer decides (check-back asks it), and its
+                    // age limit was applied above.
                     continue;
                 }
-                let record = self.with_catalogue(|c| c.txn(txn).cloned());
+                // Applied at once: a decision this pass made, a decided half message (no live
+                // coordinator waits on its outcomes), or an orphan's. Otherwise the live
+                // coordinator applies its own decision; step in only once it is overdue.
+                let orphan = txn.node == me.0 && txn.incarnation < me.1;
+                let ours = abandoned.contains(&txn) || record.as_ref().is_some_and(|r| r.half.is_some());
+                if !orphan && !ours && now.saturating_sub(prepared_ms) < timeout_ms {
+                    continue;
+                }
                 let decision = match record.and_then(|r| r.decision) {
                     Some(decision) => decision,
                     None => match self.meta(MetaCommand::TxnDecide { txn, commit: false }).await? {
@@ -299,6 +451,7 @@ impl Core {
                 shard.proposer.call(command, 64).await?;
             }
         }
+        self.check_back_due(now).await?;
         // A decided transaction that no participant holds any more is done everywhere.
         let decided: Vec<(TxnId, Vec<u32>)> = self.with_catalogue(|c| {
             c.txns().filter(|(_, r)| r.decision.is_some()).map(|(t, r)| (*t, r.participants.clone())).collect()
