@@ -47,6 +47,36 @@ struct CoreRun {
     p99_ms: f64,
 }
 
+/// After a short warm-up, count what `done` gains over `duration`, stop the workers, and take
+/// the latency percentiles of what they return (microseconds each).
+async fn measure(
+    done: &AtomicU64,
+    stop: &AtomicBool,
+    tasks: Vec<tokio::task::JoinHandle<Vec<u64>>>,
+    duration: Duration,
+) -> CoreRun {
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let start_count = done.load(Ordering::Relaxed);
+    let started = Instant::now();
+    tokio::time::sleep(duration).await;
+    let count = done.load(Ordering::Relaxed) - start_count;
+    let elapsed = started.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("worker"));
+    }
+    latencies.sort_unstable();
+    let percentile = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0) as f64
+            / 1000.0
+    };
+    CoreRun { messages_per_sec: count as f64 / elapsed, p50_ms: percentile(0.50), p99_ms: percentile(0.99) }
+}
+
 async fn core_publish(publishers: usize, window: usize, keyed: bool, duration: Duration) -> CoreRun {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = CoreConfig::single_node(dir.path());
@@ -97,27 +127,7 @@ async fn core_publish(publishers: usize, window: usize, keyed: bool, duration: D
             latencies_us
         }));
     }
-    // Measure after a short warm-up, over the requested duration.
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let start_count = confirmed.load(Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    let count = confirmed.load(Ordering::Relaxed) - start_count;
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.expect("publisher"));
-    }
-    latencies.sort_unstable();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    let run = CoreRun { messages_per_sec: count as f64 / elapsed, p50_ms: percentile(0.50), p99_ms: percentile(0.99) };
+    let run = measure(&confirmed, &stop, tasks, duration).await;
     core.shutdown().await.expect("shutdown");
     run
 }
@@ -166,26 +176,7 @@ async fn txn_commit(clients: usize, two_shards: bool, duration: Duration) -> Cor
             latencies_us
         }));
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let start_count = committed.load(Ordering::Relaxed);
-    let started = Instant::now();
-    tokio::time::sleep(duration).await;
-    let count = committed.load(Ordering::Relaxed) - start_count;
-    let elapsed = started.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    let mut latencies = Vec::new();
-    for task in tasks {
-        latencies.extend(task.await.expect("client"));
-    }
-    latencies.sort_unstable();
-    let percentile = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p) as usize).min(latencies.len().saturating_sub(1)))
-            .copied()
-            .unwrap_or(0) as f64
-            / 1000.0
-    };
-    let run = CoreRun { messages_per_sec: count as f64 / elapsed, p50_ms: percentile(0.50), p99_ms: percentile(0.99) };
+    let run = measure(&committed, &stop, tasks, duration).await;
     core.shutdown().await.expect("shutdown");
     run
 }

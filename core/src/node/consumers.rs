@@ -137,17 +137,15 @@ impl Consumer {
 }
 
 pub(crate) async fn detach_all(core: &Core, id: ConsumerId, targets: &[PartitionKey]) -> CoreResult<u32> {
-    let mut waits = Vec::with_capacity(targets.len());
-    for &target in targets {
-        waits.push(core.shard_for(target).submit(ShardCommand::Detach { consumer: id, target }, 64)?);
-    }
-    let mut left = 0;
-    for wait in waits {
-        if let ShardReply::Detached { consumers_left, .. } = super::proposer::wait(wait).await? {
-            left += consumers_left;
-        }
-    }
-    Ok(left)
+    let replies = core
+        .on_shards(
+            targets.iter().map(|&target| (core.shard_index(target), ShardCommand::Detach { consumer: id, target })),
+        )
+        .await?;
+    Ok(replies
+        .iter()
+        .map(|reply| if let ShardReply::Detached { consumers_left, .. } = reply { *consumers_left } else { 0 })
+        .sum())
 }
 
 impl Drop for Consumer {

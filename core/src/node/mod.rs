@@ -341,13 +341,8 @@ impl Core {
         if !self.inner.meta.reader.read(|c| c.has_vhost(DEFAULT_VHOST)) {
             self.meta(MetaCommand::CreateVhost { name: DEFAULT_VHOST.into() }).await?;
         }
-        let mut waits = Vec::new();
-        for shard in &self.inner.shards {
-            waits.push(shard.proposer.submit(ShardCommand::NodeUp { node, incarnation }, 64)?);
-        }
-        for rx in waits {
-            wait(rx).await?;
-        }
+        self.on_shards((0..self.inner.shards.len()).map(|shard| (shard, ShardCommand::NodeUp { node, incarnation })))
+            .await?;
         // Transactions this node coordinated before a crash are in doubt: finish them now.
         self.resolve_in_doubt().await?;
         let deleted = self.meta(MetaCommand::DeleteOwnedBy { node, incarnation_below: incarnation }).await?;
@@ -487,6 +482,26 @@ impl Core {
         &self.inner.shards[self.shard_index(key)].reader
     }
 
+    /// Send each command to its shard (by index). All are queued before any reply is awaited, so
+    /// they share entries and run in parallel; the replies come back in order.
+    pub(crate) async fn on_shards(
+        &self,
+        commands: impl IntoIterator<Item = (usize, ShardCommand)>,
+    ) -> CoreResult<Vec<ShardReply>> {
+        let waits = commands
+            .into_iter()
+            .map(|(shard, command)| {
+                let size = command.size_bytes();
+                self.inner.shards[shard].proposer.submit(command, size)
+            })
+            .collect::<CoreResult<Vec<_>>>()?;
+        let mut replies = Vec::with_capacity(waits.len());
+        for rx in waits {
+            replies.push(wait(rx).await?);
+        }
+        Ok(replies)
+    }
+
     async fn meta(&self, command: MetaCommand) -> CoreResult<MetaReply> {
         match self.inner.meta.proposer.call(command, 256).await? {
             MetaReply::Error(error) => Err(error),
@@ -505,8 +520,7 @@ impl Core {
             idempotency_keys_max: limits.idempotency_keys_max,
             idempotency_key_bytes_max: limits.idempotency_key_bytes_max,
         };
-        let mut waits = Vec::new();
-        for partition in 0..queue.args.partitions {
+        self.on_shards((0..queue.args.partitions).map(|partition| {
             let command = ShardCommand::CreatePartition {
                 queue: queue.id,
                 partition,
@@ -514,31 +528,24 @@ impl Core {
                 args: queue.args.clone(),
                 caps,
             };
-            waits.push(self.shard_for((queue.id, partition)).submit(command, 256)?);
-        }
-        for rx in waits {
-            wait(rx).await?;
-        }
+            (self.shard_index((queue.id, partition)), command)
+        }))
+        .await?;
         Ok(())
     }
 
     /// Delete the shard partitions of queues a meta reply says were deleted; returns the messages
     /// they held.
     async fn drop_deleted_partitions(&self, reply: &MetaReply) -> CoreResult<u64> {
-        let mut waits = Vec::new();
-        for (queue, partitions) in deleted_queues(reply) {
-            for partition in 0..partitions {
-                let command = ShardCommand::DeletePartition { queue, partition };
-                waits.push(self.shard_for((queue, partition)).submit(command, 64)?);
-            }
-        }
-        let mut messages = 0;
-        for rx in waits {
-            if let ShardReply::Deleted(Some(count)) = wait(rx).await? {
-                messages += count;
-            }
-        }
-        Ok(messages)
+        let commands = deleted_queues(reply)
+            .into_iter()
+            .flat_map(|(queue, partitions)| (0..partitions).map(move |partition| (queue, partition)));
+        let replies = self
+            .on_shards(commands.map(|(queue, partition)| {
+                (self.shard_index((queue, partition)), ShardCommand::DeletePartition { queue, partition })
+            }))
+            .await?;
+        Ok(replies.iter().map(|reply| if let ShardReply::Deleted(Some(count)) = reply { *count } else { 0 }).sum())
     }
 
     // ----- catalogue -------------------------------------------------------------------------
@@ -845,14 +852,10 @@ impl Core {
     /// consumer that already exists).
     pub async fn set_prefetch(&self, consumer: &Consumer, prefetch: u32) -> CoreResult<()> {
         self.check_open()?;
-        let mut waits = Vec::new();
-        for &target in &consumer.targets {
-            let command = ShardCommand::SetPrefetch { consumer: consumer.id, target, prefetch };
-            waits.push(self.shard_for(target).submit(command, 64)?);
-        }
-        for rx in waits {
-            wait(rx).await?;
-        }
+        self.on_shards(consumer.targets.iter().map(|&target| {
+            (self.shard_index(target), ShardCommand::SetPrefetch { consumer: consumer.id, target, prefetch })
+        }))
+        .await?;
         Ok(())
     }
 
@@ -963,14 +966,15 @@ impl Core {
     pub async fn purge(&self, vhost: &str, queue: &str, connection: Option<ConnectionId>) -> CoreResult<u64> {
         self.check_open()?;
         let def = self.usable_queue(vhost, queue, connection)?;
-        let mut waits = Vec::new();
-        for partition in 0..def.args.partitions {
-            let target = (def.id, partition);
-            waits.push(self.shard_for(target).submit(ShardCommand::Purge { target }, 64)?);
-        }
+        let replies = self
+            .on_shards((0..def.args.partitions).map(|partition| {
+                let target = (def.id, partition);
+                (self.shard_index(target), ShardCommand::Purge { target })
+            }))
+            .await?;
         let mut purged = 0;
-        for rx in waits {
-            match wait(rx).await? {
+        for reply in replies {
+            match reply {
                 ShardReply::Purged(count) => purged += count,
                 ShardReply::Error(error) => return Err(error),
                 other => return Err(CoreError::Internal(format!("purge answered {other:?}"))),

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 
-use super::proposer::{ReplyReceiver, now_ms, wait};
+use super::proposer::now_ms;
 use super::{Core, Published};
 use crate::catalogue::{HalfSpec, MetaCommand, MetaReply, RoutedQueue};
 use crate::error::{CoreError, CoreResult};
@@ -215,14 +215,12 @@ impl Core {
         decision: bool,
     ) -> CoreResult<BTreeMap<usize, Vec<Vec<PublishOutcome>>>> {
         let command = || if decision { ShardCommand::TxnCommit { txn } } else { ShardCommand::TxnAbort { txn } };
-        let waits: Vec<(usize, ReplyReceiver<ShardReply>)> = participants
-            .iter()
-            .filter(|&&shard| shard < self.inner.shards.len())
-            .map(|&shard| Ok((shard, self.inner.shards[shard].proposer.submit(command(), 64)?)))
-            .collect::<CoreResult<_>>()?;
+        let shards: Vec<usize> =
+            participants.iter().copied().filter(|&shard| shard < self.inner.shards.len()).collect();
+        let replies = self.on_shards(shards.iter().map(|&shard| (shard, command()))).await?;
         let mut outcomes = BTreeMap::new();
-        for (shard, rx) in waits {
-            if let ShardReply::TxnCommitted(result) = wait(rx).await? {
+        for (shard, reply) in shards.into_iter().zip(replies) {
+            if let ShardReply::TxnCommitted(result) = reply {
                 outcomes.insert(shard, result);
             }
         }
@@ -232,25 +230,20 @@ impl Core {
 
     /// Prepare a transaction on these participants, in parallel; the first refusal, if any.
     async fn prepare_all(&self, txn: TxnId, per_shard: impl IntoIterator<Item = (usize, TxnOps)>) -> Option<CoreError> {
-        let mut waits = Vec::new();
-        for (shard, ops) in per_shard {
-            let command = ShardCommand::TxnPrepare { txn, ops };
-            let size = command.size_bytes();
-            waits.push(self.inner.shards[shard].proposer.submit(command, size));
-        }
-        let mut refusal = None;
-        for rx in waits {
-            let reply = match rx {
-                Ok(rx) => wait(rx).await,
-                Err(error) => Err(error),
-            };
-            match reply {
-                Ok(ShardReply::TxnPrepared) => {}
-                Ok(ShardReply::Error(error)) | Err(error) => refusal = refusal.or(Some(error)),
-                Ok(other) => refusal = refusal.or(Some(CoreError::Internal(format!("prepare answered {other:?}")))),
-            }
-        }
-        refusal
+        // A refusal, or a prepare that could not even be queued: either way the caller aborts, and
+        // its abort is queued behind any prepare already sent.
+        let replies = match self
+            .on_shards(per_shard.into_iter().map(|(shard, ops)| (shard, ShardCommand::TxnPrepare { txn, ops })))
+            .await
+        {
+            Ok(replies) => replies,
+            Err(error) => return Some(error),
+        };
+        replies.into_iter().find_map(|reply| match reply {
+            ShardReply::TxnPrepared => None,
+            ShardReply::Error(error) => Some(error),
+            other => Some(CoreError::Internal(format!("prepare answered {other:?}"))),
+        })
     }
 
     /// A half message (RocketMQ's transactional message): prepared on its queues now, invisible to

@@ -213,6 +213,9 @@ pub struct Partition {
     order: VecDeque<ConsumerId>,
     last_used_ms: u64,
     keys: KeyRegistry,
+    /// Offsets locked by each prepared transaction (the messages in `State::Locked`), so that
+    /// the decision finds them without scanning the partition.
+    locked: BTreeMap<TxnId, Vec<u64>>,
 }
 
 /// The idempotency registry of a partition: key → where and when its message was committed, and
@@ -280,6 +283,7 @@ impl Partition {
             order: VecDeque::new(),
             last_used_ms: now_ms,
             keys: KeyRegistry::default(),
+            locked: BTreeMap::new(),
         }
     }
 
@@ -420,17 +424,17 @@ impl Partition {
 
     /// Offer a published message. Returns where it was stored or that it was refused.
     pub fn publish(&mut self, now_ms: u64, message: MessageRef, effects: &mut Vec<Effect>) -> Enqueued {
-        let keyed = message.idempotency_key.is_some().then(|| Arc::clone(&message));
-        if let Some(key) = keyed.as_ref().and_then(|m| m.idempotency_key.as_deref()) {
+        // `store` takes the message; this handle keeps its key readable afterwards.
+        let handle = Arc::clone(&message);
+        let key = handle.idempotency_key.as_deref();
+        if let Some(key) = key {
             self.expire_keys(now_ms);
             if let Some(record) = self.keys.map.get(key) {
                 return Enqueued::Duplicate(record.offset);
             }
         }
         let outcome = self.store(now_ms, message, effects);
-        if let (Some(key), Enqueued::Stored(offset)) =
-            (keyed.as_ref().and_then(|m| m.idempotency_key.as_deref()), outcome)
-        {
+        if let (Some(key), Enqueued::Stored(offset)) = (key, outcome) {
             self.remember_key(key, offset, now_ms);
         }
         outcome
@@ -834,13 +838,14 @@ impl Partition {
             let held = self.consumers.get_mut(&consumer).is_some_and(|c| c.checked_out.remove(&offset));
             if held {
                 self.set_state(offset, State::Locked { txn, consumer });
+                self.locked.entry(txn).or_default().push(offset);
             }
         }
     }
 
     /// The transaction committed: its locked deliveries are acknowledged.
     pub fn commit_locked(&mut self, now_ms: u64, txn: TxnId, effects: &mut Vec<Effect>) {
-        for offset in self.locked_by(txn) {
+        for offset in self.locked.remove(&txn).unwrap_or_default() {
             self.remove(offset);
         }
         self.dispatch(now_ms, effects);
@@ -849,7 +854,7 @@ impl Partition {
     /// The transaction aborted: its acknowledgements are discarded, as AMQP's `tx.rollback` does.
     /// The deliveries go back to their consumer if it is still attached, else back to the queue.
     pub fn abort_locked(&mut self, now_ms: u64, txn: TxnId, effects: &mut Vec<Effect>) {
-        for offset in self.locked_by(txn) {
+        for offset in self.locked.remove(&txn).unwrap_or_default() {
             let Some(State::Locked { consumer, .. }) = self.messages.get(&offset).map(|s| s.state) else { continue };
             match self.consumers.get_mut(&consumer) {
                 Some(holder) => {
@@ -860,14 +865,6 @@ impl Partition {
             }
         }
         self.dispatch(now_ms, effects);
-    }
-
-    fn locked_by(&self, txn: TxnId) -> Vec<u64> {
-        self.messages
-            .iter()
-            .filter(|(_, s)| matches!(s.state, State::Locked { txn: t, .. } if t == txn))
-            .map(|(&offset, _)| offset)
-            .collect()
     }
 
     /// Whether `consumer` is attached (pushing or holding `basic.get` deliveries).
@@ -977,12 +974,22 @@ impl Partition {
                         return Err(format!("message {offset} checked out to {consumer} which does not hold it"));
                     }
                 }
-                State::DeadLettering | State::Locked { .. } => {}
+                State::Locked { txn, .. } => {
+                    if !self.locked.get(&txn).is_some_and(|offsets| offsets.contains(&offset)) {
+                        return Err(format!("message {offset} locked by {txn} missing from the lock index"));
+                    }
+                }
+                State::DeadLettering => {}
                 State::Held => return Err(format!("message {offset} left held between commands")),
             }
             if offset >= self.next_offset {
                 return Err(format!("offset {offset} beyond next offset {}", self.next_offset));
             }
+        }
+        let indexed: usize = self.locked.values().map(Vec::len).sum();
+        let locked = self.messages.values().filter(|s| matches!(s.state, State::Locked { .. })).count();
+        if indexed != locked {
+            return Err(format!("lock index holds {indexed} offsets for {locked} locked messages"));
         }
         let times: Vec<u64> =
             self.keys.order.iter().filter_map(|k| self.keys.map.get(k)).map(|r| r.committed_ms).collect();

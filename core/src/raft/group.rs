@@ -4,19 +4,18 @@
 //! log store and state machine.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::Arc;
 use std::time::Duration;
 
 use openraft::error::{Fatal, InitializeError, RaftError};
 use openraft::metrics::WaitError;
-use openraft::{BasicNode, Config, Entry, Raft, RaftTypeConfig, SnapshotPolicy};
+use openraft::{BasicNode, Config, Raft, RaftTypeConfig, SnapshotPolicy};
 
 use super::log_store::LogStore;
 use super::network::SingleNodeNetwork;
 use super::state_machine::{EffectSink, StateMachineStore, StateReader};
 use super::storage::{Storage, StorageError, Syncer};
-use super::{Proposal, ReplicatedState, Replies};
+use super::{GroupConfig, ReplicatedState};
 
 /// Entries kept in the log below the last snapshot. Small, so that the log is purged soon after
 /// each snapshot and disk use stays bounded; a follower lagging by more gets the snapshot instead.
@@ -103,14 +102,7 @@ pub async fn start_group<C, S>(
     effects: EffectSink<S::Effect>,
 ) -> Result<(Raft<C>, StateReader<S>), GroupError>
 where
-    C: RaftTypeConfig<
-            NodeId = u64,
-            Node = BasicNode,
-            Entry = Entry<C>,
-            D = Proposal<S::Command>,
-            R = Replies<S::Reply>,
-            SnapshotData = Cursor<Vec<u8>>,
-        >,
+    C: GroupConfig<S>,
     S: ReplicatedState,
 {
     let storage_err = |source| GroupError::Storage { group: name.to_owned(), source };

@@ -48,3 +48,31 @@ pub struct Proposal<Cmd> {
 /// The replies to one entry's commands, in order (empty for blank and membership entries).
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Replies<R>(pub Vec<R>);
+
+/// The openraft type configuration of a group whose deterministic state is `S`: what the log
+/// store, the state machine adapter and `start_group` require of it, named once.
+pub trait GroupConfig<S: ReplicatedState>:
+    openraft::RaftTypeConfig<
+        NodeId = u64,
+        Node = openraft::BasicNode,
+        Entry = openraft::Entry<Self>,
+        D = Proposal<S::Command>,
+        R = Replies<S::Reply>,
+        SnapshotData = std::io::Cursor<Vec<u8>>,
+    >
+{
+}
+
+impl<C, S> GroupConfig<S> for C
+where
+    S: ReplicatedState,
+    C: openraft::RaftTypeConfig<
+            NodeId = u64,
+            Node = openraft::BasicNode,
+            Entry = openraft::Entry<C>,
+            D = Proposal<S::Command>,
+            R = Replies<S::Reply>,
+            SnapshotData = std::io::Cursor<Vec<u8>>,
+        >,
+{
+}

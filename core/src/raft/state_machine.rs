@@ -11,14 +11,14 @@ use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use openraft::storage::{RaftStateMachine, Snapshot};
 use openraft::{
-    AnyError, BasicNode, Entry, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, RaftTypeConfig, SnapshotMeta,
-    StorageIOError, StoredMembership,
+    AnyError, BasicNode, EntryPayload, LogId, OptionalSend, RaftSnapshotBuilder, SnapshotMeta, StorageIOError,
+    StoredMembership,
 };
 use serde::{Deserialize, Serialize};
 
 use super::log_store::{check_version, encode_versioned};
 use super::storage::{Storage, StorageError, run_io, validate_group_name};
-use super::{Proposal, ReplicatedState, Replies};
+use super::{GroupConfig, Proposal, ReplicatedState, Replies};
 
 /// Receives the effects produced by one `apply` call, in order, after the call has applied all its
 /// entries (and released the state). Called only when there are effects. Must not block: it runs
@@ -244,14 +244,7 @@ fn snapshot_read_err(e: StorageError) -> openraft::StorageError<u64> {
 
 impl<C, S> RaftSnapshotBuilder<C> for StateMachineStore<C, S>
 where
-    C: RaftTypeConfig<
-            NodeId = u64,
-            Node = BasicNode,
-            Entry = Entry<C>,
-            D = Proposal<S::Command>,
-            R = Replies<S::Reply>,
-            SnapshotData = Cursor<Vec<u8>>,
-        >,
+    C: GroupConfig<S>,
     S: ReplicatedState,
 {
     async fn build_snapshot(&mut self) -> RaftResult<Snapshot<C>> {
@@ -278,14 +271,7 @@ where
 
 impl<C, S> RaftStateMachine<C> for StateMachineStore<C, S>
 where
-    C: RaftTypeConfig<
-            NodeId = u64,
-            Node = BasicNode,
-            Entry = Entry<C>,
-            D = Proposal<S::Command>,
-            R = Replies<S::Reply>,
-            SnapshotData = Cursor<Vec<u8>>,
-        >,
+    C: GroupConfig<S>,
     S: ReplicatedState,
 {
     type SnapshotBuilder = Self;

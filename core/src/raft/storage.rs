@@ -441,13 +441,7 @@ impl Storage for FjallStorage {
     fn next_incarnation(&self) -> Result<u64, StorageError> {
         let _guard = self.write_lock.lock().unwrap_or_else(PoisonError::into_inner);
         self.check_poisoned()?;
-        let previous = match self.meta.get(INCARNATION_KEY)? {
-            Some(value) => u64::from_be_bytes(value.as_ref().try_into().map_err(|_| StorageError::Malformed {
-                what: "incarnation",
-                detail: format!("{} bytes, want 8", value.len()),
-            })?),
-            None => 0,
-        };
+        let previous = decode_incarnation(self.meta.get(INCARNATION_KEY)?.as_deref())?;
         let next = previous + 1;
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
         batch.insert(&self.meta, INCARNATION_KEY, next.to_be_bytes());
@@ -494,6 +488,16 @@ fn remove_stale_snapshot_temps(dir: &Path) -> Result<(), StorageError> {
         }
     }
     Ok(())
+}
+
+/// The stored incarnation counter (0 when none is stored yet).
+fn decode_incarnation(value: Option<&[u8]>) -> Result<u64, StorageError> {
+    let Some(value) = value else { return Ok(0) };
+    let bytes: [u8; 8] = value.try_into().map_err(|_| StorageError::Malformed {
+        what: "incarnation",
+        detail: format!("{} bytes, want 8", value.len()),
+    })?;
+    Ok(u64::from_be_bytes(bytes))
 }
 
 /// Options of a Raft log keyspace. A log entry is written once, read at most once from disk (the
@@ -758,13 +762,7 @@ impl Storage for MemStorage {
         if inner.poisoned {
             return Err(StorageError::Poisoned);
         }
-        let previous = match inner.live.meta.get(INCARNATION_KEY) {
-            Some(value) => u64::from_be_bytes(value.as_ref().try_into().map_err(|_| StorageError::Malformed {
-                what: "incarnation",
-                detail: format!("{} bytes, want 8", value.len()),
-            })?),
-            None => 0,
-        };
+        let previous = decode_incarnation(inner.live.meta.get(INCARNATION_KEY).map(|v| v.as_ref()))?;
         let next = previous + 1;
         let op = MemOp::PutMeta { key: INCARNATION_KEY.to_owned(), value: Bytes::copy_from_slice(&next.to_be_bytes()) };
         inner.live.apply(&op);
