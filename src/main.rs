@@ -6,6 +6,7 @@
 
 mod admin;
 mod cli;
+mod listeners;
 mod serve;
 mod settings;
 mod telemetry;

@@ -15,6 +15,7 @@ use wharf_core::Core;
 
 use crate::admin::{self, AdminState};
 use crate::cli::ServeArgs;
+use crate::listeners::Listeners;
 use crate::settings::{self, Settings};
 use crate::telemetry;
 
@@ -24,6 +25,9 @@ pub const EXIT_INVALID_CONFIG: u8 = 2;
 /// Longest wait, from the shutdown signal, for the admin endpoint and the core to stop. Past it
 /// the process exits with code 1, so a supervisor is not left waiting on a stuck node.
 pub const SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long shutdown waits for client connections to store their sessions and close.
+const CONNECTIONS_CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// How long runtime shutdown waits for tasks still running after the node has stopped.
 const RUNTIME_SHUTDOWN_TIMEOUT: Duration = Duration::from_secs(1);
@@ -119,6 +123,25 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
         }
     };
     let _ = core_cell.set(core.clone());
+    let broker = match wharf_mqtt::Broker::start(core.clone(), settings.mqtt.clone()).await {
+        Ok(broker) => broker,
+        Err(error) => {
+            error!("starting the MQTT front-end: {error}");
+            let _ = stop_admin.send(());
+            let _ = core.shutdown().await;
+            return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
+        }
+    };
+    let listeners = match Listeners::start(&settings.listeners, broker.clone()).await {
+        Ok(listeners) => listeners,
+        Err(error) => {
+            error!("{error:#}");
+            broker.shutdown();
+            let _ = stop_admin.send(());
+            let _ = core.shutdown().await;
+            return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
+        }
+    };
     info!(ready = core.is_ready(), "core open; serving");
 
     let admin_exited = tokio::select! {
@@ -134,6 +157,16 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
     };
 
     let shutdown = async {
+        info!("stopping the protocol listeners and closing client connections");
+        listeners.stop().await;
+        broker.shutdown();
+        // Connections close on their own once told; give them a moment to store their sessions.
+        let deadline = Instant::now() + CONNECTIONS_CLOSE_TIMEOUT;
+        while broker.stats().clients_connected.load(std::sync::atomic::Ordering::Relaxed) > 0
+            && Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         info!("stopping the admin HTTP listener");
         let _ = stop_admin.send(());
         // A finished `JoinHandle` must not be polled again.

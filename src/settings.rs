@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 use wharf_core::{CoreConfig, Limits, StorageKind};
+use wharf_mqtt::MqttConfig;
 
 /// Prefix of environment variables read as settings: `WHARF__CORE__SHARD_COUNT=8` sets
 /// `core.shard_count`. The double underscore separates the prefix, the section and the key, because
@@ -62,6 +63,10 @@ pub struct Settings {
     pub limits: LimitsSettings,
     /// `[admin]`: the admin HTTP endpoint.
     pub admin: AdminSettings,
+    /// `[listeners]`: the protocol listeners.
+    pub listeners: ListenerSettings,
+    /// `[mqtt]`: the MQTT front-end's behaviour and limits.
+    pub mqtt: MqttConfig,
     /// `[log]`: logging.
     pub log: LogSettings,
 }
@@ -177,6 +182,9 @@ limits_settings! {
     txn_operations_max: u32 => "Most operations (publishes and acknowledgements) in one transaction.",
     half_message_check_interval_ms: u64 => "How often the producer of an undecided half message is asked for its outcome (check-back), in milliseconds.",
     half_message_age_max_ms: u64 => "Age after which an undecided half message is rolled back, in milliseconds.",
+    state_key_len_max_bytes: u32 => "Longest front-end state record key (MQTT sessions, retained messages), in bytes.",
+    state_value_size_max_bytes: u64 => "Largest front-end state record value, in bytes (at least message_size_max_bytes).",
+    state_records_max: u64 => "Most front-end state records on the node, all vhosts together.",
 }
 
 impl Default for LimitsSettings {
@@ -196,6 +204,41 @@ pub struct AdminSettings {
 impl Default for AdminSettings {
     fn default() -> Self {
         Self { listen: ADMIN_LISTEN_DEFAULT.parse().expect("the default admin address is valid") }
+    }
+}
+
+/// `[listeners]` section: where the protocols listen. An empty address turns a listener off.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ListenerSettings {
+    /// MQTT over TCP.
+    pub mqtt: String,
+    /// MQTT over WebSocket (path `/mqtt`, subprotocol `mqtt`).
+    pub mqtt_ws: String,
+    /// MQTT over TLS; started only when `tls_cert_file` is set.
+    pub mqtt_tls: String,
+    /// PEM certificate chain of the TLS listeners ("" for no TLS).
+    pub tls_cert_file: String,
+    /// PEM private key of the TLS listeners.
+    pub tls_key_file: String,
+    /// PEM CA certificates that client certificates must chain to; when set, TLS clients must
+    /// present one (mTLS).
+    pub tls_client_ca_file: String,
+    /// Most client connections open at once over all listeners; more are closed on accept.
+    pub connections_max: u32,
+}
+
+impl Default for ListenerSettings {
+    fn default() -> Self {
+        Self {
+            mqtt: "0.0.0.0:1883".into(),
+            mqtt_ws: "0.0.0.0:8083".into(),
+            mqtt_tls: "0.0.0.0:8883".into(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            tls_client_ca_file: String::new(),
+            connections_max: 100_000,
+        }
     }
 }
 
@@ -264,9 +307,48 @@ impl Settings {
     pub fn validate(&self) -> Result<(), SettingsError> {
         validate_log_level(&self.log.level)
             .map_err(|reason| SettingsError::Invalid { key: "log.level".into(), reason })?;
+        self.validate_listeners()?;
+        self.mqtt
+            .validate()
+            .map_err(|(key, reason)| SettingsError::Invalid { key: key.into(), reason: reason.into() })?;
         self.core_config()
             .validate()
             .map_err(|error| SettingsError::Invalid { key: settings_key(error.key), reason: error.reason })
+    }
+
+    fn validate_listeners(&self) -> Result<(), SettingsError> {
+        let listeners = &self.listeners;
+        for (key, address) in [
+            ("listeners.mqtt", &listeners.mqtt),
+            ("listeners.mqtt_ws", &listeners.mqtt_ws),
+            ("listeners.mqtt_tls", &listeners.mqtt_tls),
+        ] {
+            if !address.is_empty() && address.parse::<SocketAddr>().is_err() {
+                return Err(SettingsError::Invalid {
+                    key: key.into(),
+                    reason: format!("{address:?} is not an address such as 0.0.0.0:1883 (or \"\" for off)"),
+                });
+            }
+        }
+        if listeners.tls_cert_file.is_empty() != listeners.tls_key_file.is_empty() {
+            return Err(SettingsError::Invalid {
+                key: "listeners.tls_key_file".into(),
+                reason: "tls_cert_file and tls_key_file are set together".into(),
+            });
+        }
+        if !listeners.tls_client_ca_file.is_empty() && listeners.tls_cert_file.is_empty() {
+            return Err(SettingsError::Invalid {
+                key: "listeners.tls_client_ca_file".into(),
+                reason: "needs tls_cert_file and tls_key_file".into(),
+            });
+        }
+        if listeners.connections_max == 0 {
+            return Err(SettingsError::Invalid {
+                key: "listeners.connections_max".into(),
+                reason: "must be at least 1".into(),
+            });
+        }
+        Ok(())
     }
 
     /// The core's configuration.
@@ -381,6 +463,113 @@ pub fn default_file() -> String {
         "Admin HTTP address: /healthz, /readyz and /metrics (Prometheus).",
         "listen",
         toml_string(&settings.admin.listen.to_string()),
+    );
+
+    section(&mut out, "listeners");
+    let listeners = &settings.listeners;
+    entry(&mut out, "MQTT over TCP (\"\" turns a listener off).", "mqtt", toml_string(&listeners.mqtt));
+    entry(&mut out, "MQTT over WebSocket: path /mqtt, subprotocol mqtt.", "mqtt_ws", toml_string(&listeners.mqtt_ws));
+    entry(
+        &mut out,
+        "MQTT over TLS; started only when tls_cert_file is set.",
+        "mqtt_tls",
+        toml_string(&listeners.mqtt_tls),
+    );
+    entry(
+        &mut out,
+        "PEM certificate chain of the TLS listeners.",
+        "tls_cert_file",
+        toml_string(&listeners.tls_cert_file),
+    );
+    entry(&mut out, "PEM private key of the TLS listeners.", "tls_key_file", toml_string(&listeners.tls_key_file));
+    entry(
+        &mut out,
+        "PEM CA certificates client certificates must chain to; when set, clients must present one (mTLS).",
+        "tls_client_ca_file",
+        toml_string(&listeners.tls_client_ca_file),
+    );
+    entry(
+        &mut out,
+        "Most client connections open at once over all listeners.",
+        "connections_max",
+        listeners.connections_max,
+    );
+
+    section(&mut out, "mqtt");
+    let mqtt = &settings.mqtt;
+    entry(&mut out, "Virtual host MQTT clients live in.", "vhost", toml_string(&mqtt.vhost));
+    entry(
+        &mut out,
+        "Topic exchange whose routing keys MQTT topics are (shared with AMQP).",
+        "exchange",
+        toml_string(&mqtt.exchange),
+    );
+    entry(
+        &mut out,
+        "Largest packet accepted from a client, bytes (announced as Maximum Packet Size).",
+        "packet_size_max_bytes",
+        mqtt.packet_size_max_bytes,
+    );
+    entry(
+        &mut out,
+        "Time a new connection has to send CONNECT, seconds.",
+        "connect_timeout_secs",
+        mqtt.connect_timeout_secs,
+    );
+    entry(
+        &mut out,
+        "Largest Keep Alive allowed, seconds; MQTT 5 clients asking more (or 0) get it as Server Keep Alive. 0: no maximum.",
+        "keep_alive_max_secs",
+        mqtt.keep_alive_max_secs,
+    );
+    entry(
+        &mut out,
+        "Largest Session Expiry Interval, seconds (MQTT 3.1.1 persistent sessions get it).",
+        "session_expiry_max_secs",
+        mqtt.session_expiry_max_secs,
+    );
+    entry(
+        &mut out,
+        "QoS 1/2 PUBLISHes a client may have unacknowledged towards the server (Receive Maximum).",
+        "receive_maximum",
+        mqtt.receive_maximum,
+    );
+    entry(
+        &mut out,
+        "QoS 1/2 PUBLISHes the server keeps unacknowledged towards one client.",
+        "inflight_max",
+        mqtt.inflight_max,
+    );
+    entry(
+        &mut out,
+        "Topic aliases a client may use towards the server (Topic Alias Maximum).",
+        "topic_alias_max",
+        mqtt.topic_alias_max,
+    );
+    entry(
+        &mut out,
+        "Longest client identifier, bytes (23 to 200).",
+        "client_id_len_max_bytes",
+        mqtt.client_id_len_max_bytes,
+    );
+    entry(
+        &mut out,
+        "Most subscriptions of one session.",
+        "subscriptions_per_session_max",
+        mqtt.subscriptions_per_session_max,
+    );
+    entry(
+        &mut out,
+        "Most messages queued for one session; more are dropped.",
+        "session_queue_messages_max",
+        mqtt.session_queue_messages_max,
+    );
+    entry(&mut out, "Most retained messages.", "retained_messages_max", mqtt.retained_messages_max);
+    entry(
+        &mut out,
+        "Interval of $SYS/broker statistics, seconds (0: off).",
+        "sys_interval_secs",
+        mqtt.sys_interval_secs,
     );
 
     section(&mut out, "log");

@@ -26,6 +26,9 @@ fn wharf() -> Command {
         }
     }
     command.env_remove("RUST_LOG");
+    // Protocol listeners on ephemeral loopback ports, so tests running at once never collide.
+    command.env("WHARF__LISTENERS__MQTT", "127.0.0.1:0");
+    command.env("WHARF__LISTENERS__MQTT_WS", "127.0.0.1:0");
     command
 }
 

@@ -149,6 +149,15 @@ pub struct Limits {
     pub half_message_check_interval_ms: u64,
     /// Age after which an undecided half message is rolled back.
     pub half_message_age_max_ms: u64,
+    /// Longest front-end state record key, in bytes. An MQTT topic can be 65,535 bytes, and a
+    /// retained message's key is its topic behind a short prefix.
+    pub state_key_len_max_bytes: u32,
+    /// Largest front-end state record value, in bytes. A retained MQTT message is stored whole as
+    /// one record: its payload (up to `message_size_max_bytes`) plus its properties.
+    pub state_value_size_max_bytes: u64,
+    /// Most front-end state records on a node, all vhosts together. Records live in the catalogue,
+    /// which is held in memory and serialised whole into each of its snapshots.
+    pub state_records_max: u64,
 }
 
 impl Default for Limits {
@@ -177,6 +186,9 @@ impl Default for Limits {
             txn_operations_max: 10_000,
             half_message_check_interval_ms: 60_000,
             half_message_age_max_ms: 15 * 60_000,
+            state_key_len_max_bytes: 65_600,
+            state_value_size_max_bytes: 17 * 1024 * 1024,
+            state_records_max: 10_000_000,
         }
     }
 }
@@ -184,7 +196,7 @@ impl Default for Limits {
 impl Limits {
     /// Check that every limit is positive and that related limits agree.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 23] = [
+        let positive: [(&'static str, u64); 26] = [
             ("limits.message_size_max_bytes", self.message_size_max_bytes),
             ("limits.name_len_max_bytes", self.name_len_max_bytes.into()),
             ("limits.queue_messages_max", self.queue_messages_max),
@@ -208,6 +220,9 @@ impl Limits {
             ("limits.txn_operations_max", self.txn_operations_max.into()),
             ("limits.half_message_check_interval_ms", self.half_message_check_interval_ms),
             ("limits.half_message_age_max_ms", self.half_message_age_max_ms),
+            ("limits.state_key_len_max_bytes", self.state_key_len_max_bytes.into()),
+            ("limits.state_value_size_max_bytes", self.state_value_size_max_bytes),
+            ("limits.state_records_max", self.state_records_max),
         ];
         for (key, value) in positive {
             if value == 0 {
@@ -224,6 +239,13 @@ impl Limits {
             return Err(ConfigError {
                 key: "limits.batch_bytes_max",
                 reason: "must be at least limits.message_size_max_bytes, or a largest message could never be committed"
+                    .into(),
+            });
+        }
+        if self.state_value_size_max_bytes < self.message_size_max_bytes {
+            return Err(ConfigError {
+                key: "limits.state_value_size_max_bytes",
+                reason: "must be at least limits.message_size_max_bytes, or a largest message could not be retained"
                     .into(),
             });
         }
@@ -253,5 +275,12 @@ mod tests {
         let mut config = CoreConfig::single_node("/tmp/x");
         config.limits.batch_bytes_max = 1024;
         assert_eq!(config.validate().expect_err("refused").key, "limits.batch_bytes_max");
+    }
+
+    #[test]
+    fn state_value_smaller_than_message_is_refused() {
+        let mut config = CoreConfig::single_node("/tmp/x");
+        config.limits.state_value_size_max_bytes = config.limits.message_size_max_bytes - 1;
+        assert_eq!(config.validate().expect_err("refused").key, "limits.state_value_size_max_bytes");
     }
 }

@@ -84,6 +84,9 @@ const LIMIT_KEYS: &[&str] = &[
     "limits.txn_operations_max",
     "limits.half_message_check_interval_ms",
     "limits.half_message_age_max_ms",
+    "limits.state_key_len_max_bytes",
+    "limits.state_value_size_max_bytes",
+    "limits.state_records_max",
 ];
 
 /// The configuration key of a limit: always one of a fixed set of names.

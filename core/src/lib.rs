@@ -15,4 +15,4 @@ pub mod shard;
 
 pub use config::{ConfigError, CoreConfig, Limits, StorageKind};
 pub use error::{CoreError, CoreResult};
-pub use node::Core;
+pub use node::{Core, StateWrite};

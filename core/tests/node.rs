@@ -904,3 +904,73 @@ async fn a_pending_half_message_survives_a_crash_for_its_producer_to_decide() {
 fn body_of(message: &Message) -> String {
     String::from_utf8_lossy(&message.payload).into_owned()
 }
+
+/// MQTT 4.7.2 through the whole publish path: a binding with `x-exclude-dollar-topics` does not
+/// take `$` topics with a wildcard first word; one without it (AMQP) does.
+#[tokio::test]
+async fn dollar_topics_skip_wildcard_bindings_that_exclude_them() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let rule = args(&[(wharf_core::catalogue::topic::EXCLUDE_DOLLAR_TOPICS, FieldValue::Bool(true))]);
+    for (name, pattern, arguments) in
+        [("mqtt-all", "#", rule.clone()), ("mqtt-sys", "$SYS.#", rule), ("amqp-all", "#", Headers::new())]
+    {
+        queue(&core, name, Headers::new()).await;
+        let binding = BindingSpec {
+            vhost: "/".into(),
+            source: "amq.topic".into(),
+            destination: Destination::Queue(name.into()),
+            routing_key: pattern.into(),
+            arguments,
+        };
+        core.bind(binding, None).await.expect("bind");
+    }
+    core.publish_confirmed("/", Message::new("amq.topic", "$SYS.broker.load", "sys")).await.expect("publish");
+    core.publish_confirmed("/", Message::new("amq.topic", "sensors.t1", "plain")).await.expect("publish");
+    assert_eq!(core.queue_status("/", "mqtt-all").expect("status").0, 1, "only the plain topic");
+    assert_eq!(core.queue_status("/", "mqtt-sys").expect("status").0, 1, "only the $SYS topic");
+    assert_eq!(core.queue_status("/", "amqp-all").expect("status").0, 2, "AMQP: $ is an ordinary character");
+    let holder = consumer_id(&core, 1);
+    let got = core.get("/", "mqtt-all", holder, true).await.expect("get").expect("a message");
+    assert_eq!(body(&got), "plain");
+    core.shutdown().await.expect("shutdown");
+}
+
+/// A delivery carries the committed time its message was stored at, the same after a restart that
+/// restored the partition from a snapshot.
+#[tokio::test]
+async fn deliveries_carry_their_enqueued_time_across_a_restart() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    config.snapshot_logs_since_last = 5;
+    let core = Core::open_on(config.clone(), Arc::new(storage.clone())).await.expect("open");
+    queue(&core, "q", Headers::new()).await;
+    let before_ms = now_ms();
+    core.publish_confirmed("/", Message::new("", "q", "first")).await.expect("publish");
+    let after_ms = now_ms();
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    for i in 0..20 {
+        // Enough entries to cross snapshots, and later enqueued times.
+        core.publish_confirmed("/", Message::new("", "q", format!("filler {i}"))).await.expect("publish");
+    }
+    let holder = consumer_id(&core, 1);
+    let first = core.get("/", "q", holder, false).await.expect("get").expect("a message");
+    assert_eq!(body(&first), "first");
+    assert!((before_ms..=after_ms).contains(&first.enqueued_ms), "{before_ms} <= {} <= {after_ms}", first.enqueued_ms);
+    core.shutdown().await.expect("shutdown");
+    drop(core);
+
+    let core = Core::open_on(config, Arc::new(storage)).await.expect("reopen");
+    let holder = consumer_id(&core, 1);
+    let again = core.get("/", "q", holder, true).await.expect("get").expect("the message again");
+    assert_eq!(body(&again), "first");
+    assert!(again.redelivered);
+    assert_eq!(again.enqueued_ms, first.enqueued_ms, "the stored time, not the redelivery time");
+    let filler = core.get("/", "q", holder, true).await.expect("get").expect("a filler");
+    assert!(filler.enqueued_ms >= first.enqueued_ms + 20, "each message keeps its own time");
+    core.shutdown().await.expect("shutdown");
+}
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis() as u64
+}

@@ -11,6 +11,11 @@
 //!   (not when everything downstream of it matched nothing).
 //! - Redeclare equivalence compares the arguments that mean something (parsed queue arguments,
 //!   `alternate-exchange`), as RabbitMQ does; unknown arguments may differ.
+//! - A topic binding with the argument `x-exclude-dollar-topics` = `true` follows MQTT's `$` rule
+//!   ([`topic::EXCLUDE_DOLLAR_TOPICS`]); the argument is part of the binding's identity like any
+//!   other.
+//! - Front-end state records ([`state`]) live in their vhost and go with it, and with their owner
+//!   queue.
 //!
 //! Routing indexes (a trie per topic exchange, a key map per direct exchange) are derived from the
 //! bindings and are not part of a snapshot: they are kept up to date by `apply` once built, and built
@@ -18,6 +23,7 @@
 
 pub mod args;
 pub mod headers;
+pub mod state;
 pub mod topic;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -26,10 +32,11 @@ use std::sync::OnceLock;
 
 use serde::{Deserialize, Serialize};
 
+use self::state::{Records, StateCaps, StateWrite};
 use self::topic::TopicTrie;
 use crate::config::Limits;
 use crate::error::{CoreError, CoreResult};
-use crate::model::{ConnectionId, Headers, QueueArgs, QueueId, QueueName, TxnId};
+use crate::model::{ConnectionId, FieldValue, Headers, QueueArgs, QueueId, QueueName, TxnId};
 use crate::raft::ReplicatedState;
 
 /// The exchanges every vhost has from its creation, all durable. `""` is the default exchange: every
@@ -276,6 +283,23 @@ pub enum MetaCommand {
         /// Transaction.
         txn: TxnId,
     },
+    /// Write front-end state records, in order, all or none ([`state`]); replies [`MetaReply::Ok`].
+    WriteState {
+        /// Virtual host.
+        vhost: String,
+        /// The writes.
+        writes: Vec<StateWrite>,
+        /// The bounds to enforce.
+        caps: StateCaps,
+    },
+    /// Delete the front-end state records whose key starts with `prefix`; replies
+    /// [`MetaReply::StateDeleted`].
+    DeleteStatePrefix {
+        /// Virtual host.
+        vhost: String,
+        /// Key prefix (empty: every record of the vhost).
+        prefix: String,
+    },
 }
 
 /// The coordinator's record of a multi-shard transaction or half message.
@@ -350,6 +374,8 @@ pub enum MetaReply {
     TxnDecision(bool),
     /// The command was refused; the state is unchanged.
     Error(CoreError),
+    /// How many state records a [`MetaCommand::DeleteStatePrefix`] deleted.
+    StateDeleted(u64),
 }
 
 impl MetaReply {
@@ -536,7 +562,7 @@ impl ExchangeDef {
         }
         // An index not built yet will be built from `bindings` when first needed.
         if let Some(index) = self.index.get_mut() {
-            index.insert(&key);
+            index.insert(&key, &arguments);
         }
         self.bindings.insert(key, arguments);
         true
@@ -544,11 +570,9 @@ impl ExchangeDef {
 
     /// Remove a binding; false if it was not there.
     fn remove_binding(&mut self, key: &BindingKey) -> bool {
-        if self.bindings.remove(key).is_none() {
-            return false;
-        }
+        let Some(arguments) = self.bindings.remove(key) else { return false };
         if let Some(index) = self.index.get_mut() {
-            index.remove(key);
+            index.remove(key, &arguments);
         }
         true
     }
@@ -612,8 +636,11 @@ impl ExchangeDef {
                 }
                 RoutingIndex::Scan => {
                     // Not built for these kinds; kept correct rather than unreachable.
-                    for key in self.bindings.keys() {
+                    for (key, arguments) in &self.bindings {
                         let hit = match self.kind {
+                            ExchangeKind::Topic if excludes_dollar_topics(arguments) => {
+                                topic::matches_excluding_dollar(&key.routing_key, routing_key)
+                            }
                             ExchangeKind::Topic => topic::matches(&key.routing_key, routing_key),
                             _ => key.routing_key == routing_key,
                         };
@@ -646,24 +673,28 @@ impl RoutingIndex {
             ExchangeKind::Topic => Self::Topic(TopicTrie::new()),
             ExchangeKind::Fanout | ExchangeKind::Headers => return Self::Scan,
         };
-        for key in bindings.keys() {
-            index.insert(key);
+        for (key, arguments) in bindings {
+            index.insert(key, arguments);
         }
         index
     }
 
-    fn insert(&mut self, key: &BindingKey) {
+    fn insert(&mut self, key: &BindingKey, arguments: &Headers) {
         match self {
             Self::Direct(by_key) => {
                 let destinations = by_key.entry(key.routing_key.clone()).or_default();
                 *destinations.entry(key.destination.clone()).or_insert(0) += 1;
+            }
+            Self::Topic(trie) if excludes_dollar_topics(arguments) => {
+                trie.insert_excluding_dollar(&key.routing_key, key.destination.clone())
             }
             Self::Topic(trie) => trie.insert(&key.routing_key, key.destination.clone()),
             Self::Scan => {}
         }
     }
 
-    fn remove(&mut self, key: &BindingKey) {
+    /// Undo [`RoutingIndex::insert`] of the same binding (same key, same arguments).
+    fn remove(&mut self, key: &BindingKey, arguments: &Headers) {
         match self {
             Self::Direct(by_key) => {
                 let Some(destinations) = by_key.get_mut(&key.routing_key) else { return };
@@ -677,6 +708,9 @@ impl RoutingIndex {
                     by_key.remove(&key.routing_key);
                 }
             }
+            Self::Topic(trie) if excludes_dollar_topics(arguments) => {
+                trie.remove_excluding_dollar(&key.routing_key, &key.destination);
+            }
             Self::Topic(trie) => {
                 trie.remove(&key.routing_key, &key.destination);
             }
@@ -685,11 +719,17 @@ impl RoutingIndex {
     }
 }
 
+/// Whether a topic binding's arguments turn the `$` rule on ([`topic::EXCLUDE_DOLLAR_TOPICS`]).
+fn excludes_dollar_topics(arguments: &Headers) -> bool {
+    matches!(arguments.get(topic::EXCLUDE_DOLLAR_TOPICS), Some(FieldValue::Bool(true)))
+}
+
 /// Counts kept so that limits are checked without walking the catalogue.
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 struct Tally {
     exchanges: u64,
     bindings: u64,
+    state_records: u64,
 }
 
 /// One vhost's objects.
@@ -700,6 +740,8 @@ struct Vhost {
     /// Every (destination, source exchange) pair with at least one binding: finds the bindings to a
     /// destination without scanning every exchange when the destination is deleted.
     sources: BTreeSet<(Destination, String)>,
+    /// Front-end state records.
+    state: Records,
 }
 
 impl Vhost {
@@ -708,7 +750,7 @@ impl Vhost {
             .iter()
             .map(|&(name, kind)| (name.to_owned(), ExchangeDef::new(name.to_owned(), kind, true)))
             .collect();
-        Self { exchanges, queues: BTreeMap::new(), sources: BTreeSet::new() }
+        Self { exchanges, queues: BTreeMap::new(), sources: BTreeSet::new(), state: Records::default() }
     }
 
     fn binding_count(&self) -> u64 {
@@ -1037,6 +1079,7 @@ impl Catalogue {
         let host = self.vhosts.remove(name).ok_or_else(|| no_vhost(name))?;
         self.tally.exchanges = self.tally.exchanges.saturating_sub(host.exchanges.len() as u64);
         self.tally.bindings = self.tally.bindings.saturating_sub(host.binding_count());
+        self.tally.state_records = self.tally.state_records.saturating_sub(host.state.len());
         let mut deleted: Vec<DeletedQueue> = host.queues.values().map(QueueDef::deleted).collect();
         deleted.sort_by_key(|queue| queue.id);
         for queue in host.queues.values() {
@@ -1230,11 +1273,14 @@ impl Catalogue {
         Ok(MetaReply::QueueDeleted(deleted))
     }
 
-    /// Delete a queue and its bindings (auto-deleting exchanges left unbound) and report it.
+    /// Delete a queue, its bindings (auto-deleting exchanges left unbound) and the state records it
+    /// owns, and report it. Every path that deletes a queue ends here.
     fn remove_queue(&mut self, vhost: &str, name: &str, effects: &mut Vec<MetaEffect>) -> Option<DeletedQueue> {
         let host = self.vhosts.get_mut(vhost)?;
         let queue = host.queues.remove(name)?;
         host.drop_destination(Destination::Queue(name.to_owned()), &mut self.tally);
+        let records = host.state.remove_owned_by(name);
+        self.tally.state_records = self.tally.state_records.saturating_sub(records);
         self.forget_queue(&queue);
         let deleted = queue.deleted();
         effects.push(MetaEffect::QueueDeleted(deleted.clone()));
@@ -1278,6 +1324,16 @@ impl Catalogue {
         }
         if source.kind == ExchangeKind::Headers {
             headers::validate_binding(&binding.arguments).map_err(CoreError::PreconditionFailed)?;
+        }
+        if source.kind == ExchangeKind::Topic
+            && let Some(value) = binding.arguments.get(topic::EXCLUDE_DOLLAR_TOPICS)
+            && !matches!(value, FieldValue::Bool(_))
+        {
+            // A front-end passing a string "true" would otherwise silently get AMQP matching.
+            return Err(CoreError::PreconditionFailed(format!(
+                "binding argument '{}' must be a boolean, got {value:?}",
+                topic::EXCLUDE_DOLLAR_TOPICS
+            )));
         }
         BindingKey::new(binding.destination.clone(), binding.routing_key.clone(), &binding.arguments)
     }
@@ -1385,6 +1441,8 @@ impl ReplicatedState for Catalogue {
                 self.txns.remove(&txn);
                 Ok(MetaReply::Ok)
             }
+            MetaCommand::WriteState { vhost, writes, caps } => self.write_state(&vhost, writes, caps),
+            MetaCommand::DeleteStatePrefix { vhost, prefix } => self.delete_state_prefix(&vhost, &prefix),
         };
         result.unwrap_or_else(MetaReply::Error)
     }
@@ -1424,7 +1482,6 @@ fn no_queue(vhost: &str, name: &str) -> CoreError {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::FieldValue;
     use proptest::prelude::*;
 
     const V: &str = "/";
@@ -1546,7 +1603,13 @@ mod tests {
         let mut bindings = 0;
         let mut queue_ids = BTreeMap::new();
         let mut exclusive = BTreeSet::new();
+        let mut state_records = 0;
         for (vhost_name, vhost) in &catalogue.vhosts {
+            state_records += vhost.state.len();
+            assert_eq!(vhost.state.owned(), &vhost.state.owned_recomputed(), "owner index of {vhost_name}");
+            for (owner, key) in vhost.state.owned() {
+                assert!(vhost.queues.contains_key(owner), "record {key} outlived its owner {owner}");
+            }
             exchanges += vhost.exchanges.len() as u64;
             let mut sources = BTreeSet::new();
             for (name, exchange) in &vhost.exchanges {
@@ -1576,6 +1639,7 @@ mod tests {
         }
         assert_eq!(catalogue.tally.exchanges, exchanges);
         assert_eq!(catalogue.tally.bindings, bindings);
+        assert_eq!(catalogue.tally.state_records, state_records);
         assert_eq!(catalogue.queue_ids, queue_ids);
         assert_eq!(catalogue.exclusive, exclusive);
     }
@@ -2227,6 +2291,161 @@ mod tests {
         check_invariants(&copy);
     }
 
+    fn excluding_dollar(mut binding: BindingSpec) -> BindingSpec {
+        binding.arguments.push(topic::EXCLUDE_DOLLAR_TOPICS, FieldValue::Bool(true));
+        binding
+    }
+
+    #[test]
+    fn topic_bindings_with_the_dollar_rule_skip_dollar_topics() {
+        let mut catalogue = catalogue();
+        for name in ["mqtt", "amqp", "sys"] {
+            declare_queue(&mut catalogue, queue(name));
+        }
+        let with_rule = |destination: &str, pattern: &str| MetaCommand::Bind {
+            binding: excluding_dollar(binding("amq.topic", q(destination), pattern)),
+            connection: None,
+        };
+        ok(&mut catalogue, with_rule("mqtt", "#"));
+        ok(&mut catalogue, with_rule("mqtt", "*.status"));
+        bind(&mut catalogue, "amq.topic", q("amqp"), "#");
+        ok(&mut catalogue, with_rule("sys", "$SYS.#"));
+        assert_eq!(routed(&catalogue, "amq.topic", "a.status"), ["amqp", "mqtt"]);
+        assert_eq!(routed(&catalogue, "amq.topic", "$SYS.status"), ["amqp", "sys"], "MQTT 4.7.2");
+        assert_eq!(routed(&catalogue, "amq.topic", "a.$SYS"), ["amqp", "mqtt"], "only the first word counts");
+
+        // The argument is part of the binding's identity: the same key and queue with and without
+        // it are two bindings, removed one at a time.
+        bind(&mut catalogue, "amq.topic", q("mqtt"), "#");
+        assert_eq!(catalogue.binding_count(), 5);
+        assert_eq!(routed(&catalogue, "amq.topic", "$SYS.x"), ["amqp", "mqtt", "sys"]);
+        let copy = round_trip(&catalogue);
+        assert_eq!(routed(&copy, "amq.topic", "$SYS.x"), ["amqp", "mqtt", "sys"], "rebuilt index agrees");
+        unbind(&mut catalogue, "amq.topic", q("mqtt"), "#");
+        assert_eq!(routed(&catalogue, "amq.topic", "$SYS.x"), ["amqp", "sys"]);
+        assert_eq!(routed(&catalogue, "amq.topic", "x"), ["amqp", "mqtt"], "the binding with the rule stays");
+        ok(
+            &mut catalogue,
+            MetaCommand::Unbind { binding: excluding_dollar(binding("amq.topic", q("mqtt"), "#")), connection: None },
+        );
+        assert_eq!(routed(&catalogue, "amq.topic", "x"), ["amqp"]);
+        check_invariants(&catalogue);
+
+        // `false` is AMQP matching; a value that is not a boolean is refused.
+        let mut off = binding("amq.topic", q("amqp"), "*");
+        off.arguments.push(topic::EXCLUDE_DOLLAR_TOPICS, FieldValue::Bool(false));
+        ok(&mut catalogue, MetaCommand::Bind { binding: off, connection: None });
+        assert_eq!(routed(&catalogue, "amq.topic", "$x"), ["amqp"]);
+        let mut bad = binding("amq.topic", q("amqp"), "#");
+        bad.arguments.push(topic::EXCLUDE_DOLLAR_TOPICS, "true");
+        let error = refused(&mut catalogue, MetaCommand::Bind { binding: bad, connection: None });
+        assert!(matches!(error, CoreError::PreconditionFailed(_)), "{error:?}");
+    }
+
+    const STATE_CAPS: StateCaps = StateCaps { key_len_max_bytes: 16, value_size_max_bytes: 8, records_max: 4 };
+
+    fn write_state(writes: Vec<StateWrite>) -> MetaCommand {
+        MetaCommand::WriteState { vhost: V.into(), writes, caps: STATE_CAPS }
+    }
+
+    fn scan(catalogue: &Catalogue, prefix: &str) -> Vec<(String, String)> {
+        catalogue
+            .state_scan(V, prefix)
+            .map(|(key, value)| (key.clone(), String::from_utf8_lossy(value).into_owned()))
+            .collect()
+    }
+
+    #[test]
+    fn state_records_are_written_all_or_none_within_their_caps() {
+        let mut catalogue = catalogue();
+        declare_queue(&mut catalogue, queue("session"));
+        ok(
+            &mut catalogue,
+            write_state(vec![StateWrite::put("s/b", "1"), StateWrite::put_owned("s/a", "2", "session")]),
+        );
+        ok(&mut catalogue, write_state(vec![StateWrite::put("r/x", "3"), StateWrite::put("s", "4")]));
+        assert_eq!(scan(&catalogue, "s/"), [("s/a".into(), "2".into()), ("s/b".into(), "1".into())]);
+        assert_eq!(catalogue.state_get(V, "s").map(|v| v.to_vec()), Some(b"4".to_vec()));
+        assert_eq!(catalogue.state_record_count(), 4);
+
+        let before = scan(&catalogue, "");
+        let too_many = write_state(vec![StateWrite::put("s/b", "5"), StateWrite::put("new", "6")]);
+        assert_eq!(
+            refused(&mut catalogue, too_many),
+            CoreError::LimitExceeded { limit: "limits.state_records_max", value: 5, max: 4 }
+        );
+        let long_value = write_state(vec![StateWrite::put("s/b", "5"), StateWrite::put("k", "123456789")]);
+        assert_eq!(
+            refused(&mut catalogue, long_value),
+            CoreError::LimitExceeded { limit: "limits.state_value_size_max_bytes", value: 9, max: 8 }
+        );
+        let long_key = write_state(vec![StateWrite::delete("s/b"), StateWrite::put("k".repeat(17), "v")]);
+        assert_eq!(
+            refused(&mut catalogue, long_key),
+            CoreError::LimitExceeded { limit: "limits.state_key_len_max_bytes", value: 17, max: 16 }
+        );
+        let orphan = write_state(vec![StateWrite::delete("s/b"), StateWrite::put_owned("k", "v", "nope")]);
+        assert_eq!(refused(&mut catalogue, orphan), CoreError::NotFound("no queue 'nope' in vhost '/'".into()));
+        let elsewhere = MetaCommand::WriteState { vhost: "other".into(), writes: Vec::new(), caps: STATE_CAPS };
+        assert_eq!(refused(&mut catalogue, elsewhere), CoreError::NotFound("no vhost 'other'".into()));
+        assert_eq!(scan(&catalogue, ""), before, "a refused write changes nothing");
+
+        // At the bound, a write that does not add records passes: a delete and a put, a rewrite.
+        ok(&mut catalogue, write_state(vec![StateWrite::delete("s"), StateWrite::put("new", "6")]));
+        ok(&mut catalogue, write_state(vec![StateWrite::put("new", "7"), StateWrite::put("new", "8")]));
+        assert_eq!(catalogue.state_get(V, "new").map(|v| v.to_vec()), Some(b"8".to_vec()), "the last write wins");
+        assert_eq!(catalogue.state_record_count(), 4);
+        let reply = run(&mut catalogue, MetaCommand::DeleteStatePrefix { vhost: V.into(), prefix: "s/".into() });
+        assert_eq!(reply, MetaReply::StateDeleted(2));
+        assert_eq!(scan(&catalogue, ""), [("new".into(), "8".into()), ("r/x".into(), "3".into())]);
+        assert_eq!(catalogue.state_record_count(), 2);
+        check_invariants(&catalogue);
+    }
+
+    #[test]
+    fn state_records_go_with_their_owner_queue_and_vhost() {
+        let caps = StateCaps { records_max: 100, ..STATE_CAPS };
+        let write_state = |writes| MetaCommand::WriteState { vhost: V.into(), writes, caps };
+        let mut catalogue = catalogue();
+        ok(&mut catalogue, MetaCommand::CreateVhost { name: "other".into() });
+        let owner = connection(1, 1, 1);
+        for (name, exclusive) in [("deleted", false), ("closed", true), ("stale", true), ("kept", false)] {
+            let mut declare = queue(name);
+            declare.exclusive = exclusive;
+            declare.connection = exclusive.then_some(if name == "stale" { connection(1, 1, 2) } else { owner });
+            declare_queue(&mut catalogue, declare);
+            ok(&mut catalogue, write_state(vec![StateWrite::put_owned(format!("{name}/1"), "v", name)]));
+        }
+        // A record moved to another owner follows the new one.
+        ok(&mut catalogue, write_state(vec![StateWrite::put_owned("kept/1", "v", "deleted")]));
+        ok(&mut catalogue, write_state(vec![StateWrite::put("free", "v")]));
+        let keys = |catalogue: &Catalogue| -> Vec<String> { scan(catalogue, "").into_iter().map(|(k, _)| k).collect() };
+        let delete =
+            MetaCommand::DeleteQueue { vhost: V.into(), name: "deleted".into(), expected_id: None, connection: None };
+        ok(&mut catalogue, delete);
+        assert_eq!(keys(&catalogue), ["closed/1", "free", "stale/1"]);
+        ok(&mut catalogue, MetaCommand::DeleteConnectionQueues { owner });
+        assert_eq!(keys(&catalogue), ["free", "stale/1"]);
+        ok(&mut catalogue, MetaCommand::DeleteOwnedBy { node: 1, incarnation_below: 2 });
+        assert_eq!(keys(&catalogue), ["free"]);
+        check_invariants(&catalogue);
+        let copy = round_trip(&catalogue);
+        assert_eq!(scan(&copy, ""), scan(&catalogue, ""), "records are in the snapshot");
+        check_invariants(&copy);
+
+        let other = MetaCommand::WriteState {
+            vhost: "other".into(),
+            writes: vec![StateWrite::put("free", "o")],
+            caps: STATE_CAPS,
+        };
+        ok(&mut catalogue, other);
+        assert_eq!(catalogue.state_get("other", "free").map(|v| v.to_vec()), Some(b"o".to_vec()), "per vhost");
+        ok(&mut catalogue, MetaCommand::DeleteVhost { name: V.into() });
+        assert_eq!(catalogue.state_record_count(), 1, "the vhost's records went with it");
+        assert_eq!(catalogue.state_get(V, "free"), None);
+        check_invariants(&catalogue);
+    }
+
     /// A small vocabulary so that random commands collide often.
     const NAMES: [&str; 8] = ["a", "b", "c", "amq.direct", "amq.topic", "amq.fanout", "amq.headers", ""];
 
@@ -2235,7 +2454,7 @@ mod tests {
     }
 
     fn pattern() -> impl Strategy<Value = String> {
-        prop::collection::vec(prop::sample::select(vec!["k", "j", "*", "#", ""]), 1..4).prop_map(|w| w.join("."))
+        prop::collection::vec(prop::sample::select(vec!["k", "j", "*", "#", "", "$k"]), 1..4).prop_map(|w| w.join("."))
     }
 
     fn destination() -> impl Strategy<Value = Destination> {
@@ -2243,8 +2462,17 @@ mod tests {
     }
 
     fn arguments() -> impl Strategy<Value = Headers> {
-        prop::option::of(prop::sample::select(vec!["k", "j"]))
-            .prop_map(|value| Headers(value.map(|v| ("h".to_owned(), text(v))).into_iter().collect()))
+        let condition = prop::option::of(prop::sample::select(vec!["k", "j"]))
+            .prop_map(|value| value.map(|v| ("h".to_owned(), text(v))));
+        let dollar_rule = prop::option::of(any::<bool>())
+            .prop_map(|rule| rule.map(|on| (topic::EXCLUDE_DOLLAR_TOPICS.to_owned(), FieldValue::Bool(on))));
+        (condition, dollar_rule).prop_map(|(condition, rule)| Headers(condition.into_iter().chain(rule).collect()))
+    }
+
+    fn state_write() -> impl Strategy<Value = StateWrite> {
+        let key = prop::sample::select(vec!["a", "ab", "b", "ba"]);
+        (key, prop::option::of(prop::sample::select(vec!["1", "2"])), prop::option::of(name()))
+            .prop_map(|(key, value, owner)| StateWrite { key: key.into(), value: value.map(bytes::Bytes::from), owner })
     }
 
     fn binding_spec() -> impl Strategy<Value = BindingSpec> {
@@ -2293,6 +2521,9 @@ mod tests {
             1 => binding_spec().prop_map(|binding| MetaCommand::Unbind { binding, connection: None }),
             1 => (1u64..3, 1u64..4)
                 .prop_map(|(node, incarnation_below)| MetaCommand::DeleteOwnedBy { node, incarnation_below }),
+            2 => prop::collection::vec(state_write(), 1..4).prop_map(write_state),
+            1 => prop::sample::select(vec!["", "a", "b", "ab"])
+                .prop_map(|prefix| MetaCommand::DeleteStatePrefix { vhost: V.into(), prefix: prefix.into() }),
         ]
     }
 
@@ -2318,6 +2549,11 @@ mod tests {
                 }
             }
             let copy = round_trip(&catalogue);
+            check_invariants(&copy);
+            prop_assert_eq!(
+                catalogue.state_scan(V, "").collect::<Vec<_>>(),
+                copy.state_scan(V, "").collect::<Vec<_>>()
+            );
             let message = Headers(vec![("h".to_owned(), text("k"))]);
             for exchange in NAMES {
                 for key in &keys {

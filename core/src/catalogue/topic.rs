@@ -4,8 +4,18 @@
 //! Words are separated by `.`; in a pattern `*` stands for exactly one word and `#` for zero or more
 //! words, anywhere in the pattern. An empty routing key or pattern is one empty word, and empty words
 //! are ordinary words (`a..b` has three). A `*` or `#` inside a longer word (`a*`) is a literal.
+//!
+//! The `$` rule, for bindings that ask for it ([`EXCLUDE_DOLLAR_TOPICS`]): a pattern whose first
+//! word is `*` or `#` does not match a routing key whose first word starts with `$`. This is MQTT's
+//! rule (3.1.1 and 5.0, section 4.7.2: topics such as `$SYS/...` are not matched by a filter
+//! starting with a wildcard); a pattern starting with a literal word is unaffected, so `$SYS.#`
+//! still matches.
 
 use std::collections::{BTreeMap, BTreeSet};
+
+/// The binding argument that turns the `$` rule on for a topic-exchange binding, when its value is
+/// `FieldValue::Bool(true)`. Without it matching follows AMQP, where `$` is an ordinary character.
+pub const EXCLUDE_DOLLAR_TOPICS: &str = "x-exclude-dollar-topics";
 
 /// Whether `pattern` matches `routing_key`.
 ///
@@ -39,6 +49,18 @@ pub fn matches(pattern: &str, routing_key: &str) -> bool {
     reachable[key.len()]
 }
 
+/// Whether `pattern` matches `routing_key` under the `$` rule (see the module comment): as
+/// [`matches()`], except that a pattern starting with a `*` or `#` word never matches a key whose
+/// first word starts with `$`.
+pub fn matches_excluding_dollar(pattern: &str, routing_key: &str) -> bool {
+    !(starts_with_wildcard(pattern) && routing_key.starts_with('$')) && matches(pattern, routing_key)
+}
+
+/// Whether a pattern's first word is `*` or `#`: the patterns the `$` rule applies to.
+fn starts_with_wildcard(pattern: &str) -> bool {
+    matches!(pattern.split('.').next(), Some("*" | "#"))
+}
+
 /// The words of a pattern with runs of `#` collapsed to one: `#.#` matches exactly what `#` matches,
 /// and collapsing them keeps a hostile pattern like `#.#.#.#` from multiplying the matching work.
 fn pattern_words(pattern: &str) -> impl Iterator<Item = &str> {
@@ -54,6 +76,11 @@ fn pattern_words(pattern: &str) -> impl Iterator<Item = &str> {
 /// A trie of topic patterns, each carrying values (binding destinations), for matching a routing key
 /// against every pattern at once.
 ///
+/// Patterns inserted under the `$` rule ([`TopicTrie::insert_excluding_dollar`]) that start with a
+/// wildcard live in a second trie, which matching skips when the key's first word starts with `$`:
+/// the rule costs one check per key, not one per binding. (Under the rule a pattern starting with a
+/// literal word matches exactly what it matches without it, so it goes to the first trie.)
+///
 /// A value may be inserted several times under one pattern (two bindings with the same key and
 /// destination but different arguments); it is counted, and stays until removed as many times.
 /// Matching visits only the branches a key can take, so its cost depends on the key and the patterns
@@ -62,6 +89,8 @@ fn pattern_words(pattern: &str) -> impl Iterator<Item = &str> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct TopicTrie<T> {
     root: Node<T>,
+    /// Patterns starting with `*` or `#` inserted under the `$` rule.
+    root_excluding_dollar: Node<T>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -90,7 +119,7 @@ impl<T> Node<T> {
 
 impl<T> Default for TopicTrie<T> {
     fn default() -> Self {
-        Self { root: Node::default() }
+        Self { root: Node::default(), root_excluding_dollar: Node::default() }
     }
 }
 
@@ -102,12 +131,28 @@ impl<T: Ord + Clone> TopicTrie<T> {
 
     /// Whether no pattern is stored.
     pub fn is_empty(&self) -> bool {
-        self.root.is_empty()
+        self.root.is_empty() && self.root_excluding_dollar.is_empty()
+    }
+
+    /// The trie a pattern is stored in.
+    fn root_mut(&mut self, pattern: &str, exclude_dollar: bool) -> &mut Node<T> {
+        if exclude_dollar && starts_with_wildcard(pattern) { &mut self.root_excluding_dollar } else { &mut self.root }
     }
 
     /// Add `value` under `pattern` (once more, if it is already there).
     pub fn insert(&mut self, pattern: &str, value: T) {
-        let mut node = &mut self.root;
+        Self::insert_at(self.root_mut(pattern, false), pattern, value);
+    }
+
+    /// Add `value` under `pattern` with the `$` rule: if the pattern starts with `*` or `#`, it
+    /// does not match keys whose first word starts with `$`. Counted apart from
+    /// [`TopicTrie::insert`]: remove it with [`TopicTrie::remove_excluding_dollar`].
+    pub fn insert_excluding_dollar(&mut self, pattern: &str, value: T) {
+        Self::insert_at(self.root_mut(pattern, true), pattern, value);
+    }
+
+    fn insert_at(root: &mut Node<T>, pattern: &str, value: T) {
+        let mut node = root;
         for word in pattern_words(pattern) {
             node = match word {
                 "*" => node.star.get_or_insert_with(Box::default),
@@ -122,7 +167,14 @@ impl<T: Ord + Clone> TopicTrie<T> {
     /// it was there.
     pub fn remove(&mut self, pattern: &str, value: &T) -> bool {
         let words: Vec<&str> = pattern_words(pattern).collect();
-        Self::remove_at(&mut self.root, &words, value)
+        Self::remove_at(self.root_mut(pattern, false), &words, value)
+    }
+
+    /// Remove one insertion made by [`TopicTrie::insert_excluding_dollar`]. Returns whether it was
+    /// there.
+    pub fn remove_excluding_dollar(&mut self, pattern: &str, value: &T) -> bool {
+        let words: Vec<&str> = pattern_words(pattern).collect();
+        Self::remove_at(self.root_mut(pattern, true), &words, value)
     }
 
     fn remove_at(node: &mut Node<T>, words: &[&str], value: &T) -> bool {
@@ -163,6 +215,9 @@ impl<T: Ord + Clone> TopicTrie<T> {
         // reach the same node at the same position along many paths (polynomially many in the key).
         let mut hash_visits = BTreeSet::new();
         Self::visit(&self.root, words, 0, &mut hash_visits, found);
+        if !words.first().is_some_and(|word| word.starts_with('$')) {
+            Self::visit(&self.root_excluding_dollar, words, 0, &mut hash_visits, found);
+        }
     }
 
     /// Every value matching `routing_key`, once each, in order.
@@ -223,8 +278,17 @@ mod tests {
     }
 
     fn naive_str(pattern: &str, key: &str) -> bool {
+        naive_rule(pattern, key, false)
+    }
+
+    /// The `$` rule on top of the definition, as MQTT states it: with the rule, a pattern whose
+    /// first word is a wildcard does not match a key whose first word starts with `$`.
+    fn naive_rule(pattern: &str, key: &str, exclude_dollar: bool) -> bool {
         let pattern: Vec<&str> = pattern.split('.').collect();
         let key: Vec<&str> = key.split('.').collect();
+        if exclude_dollar && matches!(pattern[0], "*" | "#") && key[0].starts_with('$') {
+            return false;
+        }
         naive(&pattern, &key)
     }
 
@@ -261,6 +325,8 @@ mod tests {
             ("a*", "ab", false),
             ("a*", "a*", true),
             ("#.#", "", true),
+            ("#", "$SYS.x", true),
+            ("*.x", "$SYS.x", true),
         ];
         for &(pattern, key, expected) in cases {
             assert_eq!(naive_str(pattern, key), expected, "naive {pattern} ~ {key}");
@@ -269,6 +335,55 @@ mod tests {
             trie.insert(pattern, 1u8);
             assert_eq!(!trie.matching(key).is_empty(), expected, "trie {pattern} ~ {key}");
         }
+    }
+
+    /// MQTT 3.1.1 and 5.0, section 4.7.2 (`$` topics), written with `.` for `/`.
+    #[test]
+    fn mqtt_4_7_2_wildcards_do_not_match_dollar_topics() {
+        let cases: &[(&str, &str, bool)] = &[
+            // "#" does not match "$SYS/...", nor "+/monitor/Clients" "$SYS/monitor/Clients".
+            ("#", "$SYS.broker.uptime", false),
+            ("#", "$SYS", false),
+            ("*.monitor.Clients", "$SYS.monitor.Clients", false),
+            ("*", "$", false),
+            ("#.x", "$a.x", false),
+            // "$SYS/#" and "$SYS/monitor/+" match.
+            ("$SYS.#", "$SYS.broker.uptime", true),
+            ("$SYS.monitor.*", "$SYS.monitor.Clients", true),
+            // Only the first word counts, on both sides.
+            ("#", "a.$SYS", true),
+            ("a.#", "a.$b", true),
+            ("a.*", "a.$b", true),
+            ("#", "a$", true),
+            ("#", "", true),
+            ("*.x", "a.x", true),
+        ];
+        for &(pattern, key, expected) in cases {
+            assert_eq!(naive_rule(pattern, key, true), expected, "naive {pattern} ~ {key}");
+            assert_eq!(matches_excluding_dollar(pattern, key), expected, "dp {pattern} ~ {key}");
+            let mut trie = TopicTrie::new();
+            trie.insert_excluding_dollar(pattern, 1u8);
+            assert_eq!(!trie.matching(key).is_empty(), expected, "trie {pattern} ~ {key}");
+            // Without the rule `$` is an ordinary character (AMQP).
+            assert_eq!(matches(pattern, key), naive_rule(pattern, key, false), "dp {pattern} ~ {key}");
+            assert!(trie.remove_excluding_dollar(pattern, &1));
+            assert!(trie.is_empty());
+        }
+    }
+
+    #[test]
+    fn one_pattern_with_and_without_the_rule_is_two_insertions() {
+        let mut trie = TopicTrie::new();
+        trie.insert("#", 1u8);
+        trie.insert_excluding_dollar("#", 1u8);
+        assert_eq!(trie.matching("$SYS.x"), BTreeSet::from([&1]), "the plain insertion still matches");
+        assert!(!trie.remove_excluding_dollar("$SYS.#", &1), "never inserted with the rule");
+        assert!(trie.remove("#", &1));
+        assert!(trie.matching("$SYS.x").is_empty(), "only the insertion under the rule is left");
+        assert_eq!(trie.matching("a"), BTreeSet::from([&1]));
+        assert!(!trie.remove("#", &1), "the insertion under the rule is removed apart");
+        assert!(trie.remove_excluding_dollar("#", &1));
+        assert!(trie.is_empty());
     }
 
     #[test]
@@ -308,12 +423,13 @@ mod tests {
     }
 
     fn word() -> impl Strategy<Value = &'static str> {
-        prop::sample::select(vec!["a", "b", "c", "", "*", "#"])
+        // `$a` and `$` exercise the `$` rule; in a pattern they are literals.
+        prop::sample::select(vec!["a", "b", "c", "", "*", "#", "$a", "$"])
     }
 
     fn key_word() -> impl Strategy<Value = &'static str> {
         // Keys may contain "*" and "#" words too: in a key they are literals.
-        prop::sample::select(vec!["a", "b", "c", "", "*", "#"])
+        prop::sample::select(vec!["a", "b", "c", "", "*", "#", "$a", "$", "a$"])
     }
 
     fn pattern() -> impl Strategy<Value = String> {
@@ -329,33 +445,50 @@ mod tests {
 
         #[test]
         fn dp_matches_naive(pattern in pattern(), key in key()) {
-            prop_assert_eq!(matches(&pattern, &key), naive_str(&pattern, &key));
+            prop_assert_eq!(matches(&pattern, &key), naive_rule(&pattern, &key, false));
+            prop_assert_eq!(matches_excluding_dollar(&pattern, &key), naive_rule(&pattern, &key, true));
         }
 
+        /// Patterns inserted with and without the `$` rule, some removed again, match as the naive
+        /// definition says for each.
         #[test]
         fn trie_matches_naive(
-            patterns in prop::collection::vec(pattern(), 0..12),
+            patterns in prop::collection::vec((pattern(), any::<bool>()), 0..12),
             removed in prop::collection::vec(any::<prop::sample::Index>(), 0..4),
             keys in prop::collection::vec(key(), 1..8),
         ) {
             let mut trie = TopicTrie::new();
-            for (value, pattern) in patterns.iter().enumerate() {
-                trie.insert(pattern, value);
+            for (value, (pattern, exclude_dollar)) in patterns.iter().enumerate() {
+                if *exclude_dollar {
+                    trie.insert_excluding_dollar(pattern, value);
+                } else {
+                    trie.insert(pattern, value);
+                }
             }
             // Remove a few to exercise pruning; the reference drops the same ones.
             let mut live: BTreeSet<usize> = (0..patterns.len()).collect();
             if !patterns.is_empty() {
                 for index in &removed {
                     let value = index.index(patterns.len());
-                    prop_assert_eq!(trie.remove(&patterns[value], &value), live.remove(&value));
+                    let (pattern, exclude_dollar) = &patterns[value];
+                    let was_there = if *exclude_dollar {
+                        trie.remove_excluding_dollar(pattern, &value)
+                    } else {
+                        trie.remove(pattern, &value)
+                    };
+                    prop_assert_eq!(was_there, live.remove(&value));
                 }
             }
             for key in &keys {
-                let expected: BTreeSet<usize> =
-                    live.iter().copied().filter(|&value| naive_str(&patterns[value], key)).collect();
+                let expected: BTreeSet<usize> = live
+                    .iter()
+                    .copied()
+                    .filter(|&value| naive_rule(&patterns[value].0, key, patterns[value].1))
+                    .collect();
                 let got: BTreeSet<usize> = trie.matching(key).into_iter().copied().collect();
                 prop_assert_eq!(got, expected, "key {:?}", key);
             }
+            prop_assert_eq!(trie.is_empty(), live.is_empty());
         }
     }
 }

@@ -9,6 +9,7 @@
 mod background;
 mod consumers;
 pub(crate) mod proposer;
+mod state;
 mod txn;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent};
 use self::proposer::{Proposer, ReplyReceiver, wait};
 pub use self::txn::{CheckBack, Txn, TxnCommitted, TxnStop};
+pub use crate::catalogue::state::StateWrite;
 use crate::catalogue::{
     BindingSpec, Catalogue, ExchangeDeclare, ExchangeKind, MetaCommand, MetaReply, QueueDeclare, QueueDef, RoutedQueue,
 };
@@ -503,7 +505,13 @@ impl Core {
     }
 
     async fn meta(&self, command: MetaCommand) -> CoreResult<MetaReply> {
-        match self.inner.meta.proposer.call(command, 256).await? {
+        self.meta_sized(command, 256).await
+    }
+
+    /// [`Core::meta`] for a command whose size in a Raft entry is `size_bytes` (group commit packs
+    /// entries up to `limits.batch_bytes_max`).
+    async fn meta_sized(&self, command: MetaCommand, size_bytes: u64) -> CoreResult<MetaReply> {
+        match self.inner.meta.proposer.call(command, size_bytes).await? {
             MetaReply::Error(error) => Err(error),
             reply => Ok(reply),
         }

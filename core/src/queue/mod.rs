@@ -111,6 +111,10 @@ pub struct Delivery {
     pub delivery_count: u32,
     /// Messages still ready in the partition after this one (AMQP `basic.get-ok` message-count).
     pub ready_after: u64,
+    /// Committed time of the Raft entry that stored the message in this queue, milliseconds since
+    /// the Unix epoch. Replicas agree on it and it survives restarts, so a front-end can tell how
+    /// long the message has waited (MQTT 5 sends a message's remaining expiry interval).
+    pub enqueued_ms: u64,
 }
 
 /// A message leaving its queue for the dead-letter exchange. The partition keeps it until the
@@ -171,6 +175,8 @@ enum State {
 struct Stored {
     message: MessageRef,
     priority: u8,
+    /// Committed time of the entry that stored it (a delay or a requeue does not change it).
+    enqueued_ms: u64,
     /// When it stops being deliverable (set when it becomes ready).
     expires_at_ms: Option<u64>,
     delivery_count: u32,
@@ -453,14 +459,14 @@ impl Partition {
                 Overflow::RejectPublish => return Enqueued::Rejected,
                 Overflow::RejectPublishDlx => {
                     // RabbitMQ dead-letters the refused message (reason maxlen) and nacks it.
-                    let offset = self.allocate(message, 0);
+                    let offset = self.allocate(message, 0, now_ms);
                     self.dead_letter(offset, DeathReason::Maxlen, now_ms, effects);
                     return Enqueued::Rejected;
                 }
             }
         }
         let priority = self.priority_of(&message);
-        let offset = self.allocate(message, priority);
+        let offset = self.allocate(message, priority, now_ms);
         match delay {
             Some(delay) => {
                 let visible_at_ms = now_ms.saturating_add(delay);
@@ -486,14 +492,16 @@ impl Partition {
         too_long || too_big
     }
 
-    /// Store a message under a new offset. Its state is set by the caller right after.
-    fn allocate(&mut self, message: MessageRef, priority: u8) -> u64 {
+    /// Store a message under a new offset at committed time `now_ms`. Its state is set by the
+    /// caller right after.
+    fn allocate(&mut self, message: MessageRef, priority: u8, now_ms: u64) -> u64 {
         let offset = self.next_offset;
         self.next_offset += 1;
         self.total_bytes += message.payload_len();
         let stored = Stored {
             message,
             priority,
+            enqueued_ms: now_ms,
             expires_at_ms: None,
             delivery_count: 0,
             redelivered: false,
@@ -747,6 +755,7 @@ impl Partition {
             redelivered: stored.redelivered,
             delivery_count: stored.delivery_count,
             ready_after,
+            enqueued_ms: stored.enqueued_ms,
         };
         if no_ack {
             self.remove(offset);
@@ -928,6 +937,7 @@ impl Partition {
             redelivered: stored.redelivered,
             delivery_count: stored.delivery_count,
             ready_after,
+            enqueued_ms: stored.enqueued_ms,
         };
         let no_ack = match self.consumers.get_mut(&consumer) {
             Some(state) if state.no_ack => {

@@ -536,3 +536,40 @@ fn a_refused_publish_does_not_take_its_key() {
     p.purge();
     assert_eq!(p.publish(1_000, keyed("x", "k"), &mut fx), Enqueued::Stored(1), "the retry is stored");
 }
+
+#[test]
+fn enqueued_time_is_the_storing_entry_time_through_delay_requeue_and_snapshot() {
+    let mut p = partition(QueueArgs::default());
+    let mut fx = Vec::new();
+    let mut delayed = Message::new("ex", "rk", b"later".to_vec());
+    delayed.delay_ms = Some(500);
+    p.publish(1_000, Arc::new(delayed), &mut fx);
+    p.publish(1_200, message("now"), &mut fx);
+    p.attach(1_300, consumer(1), 10, false, 0, &mut fx).expect("attach");
+    let enqueued = |fx: &[Effect]| -> Vec<(String, u64)> {
+        fx.iter()
+            .filter_map(|e| match e {
+                Effect::Deliver(d) => Some((String::from_utf8_lossy(&d.message.payload).into_owned(), d.enqueued_ms)),
+                _ => None,
+            })
+            .collect()
+    };
+    assert_eq!(enqueued(&fx), [("now".to_owned(), 1_200)], "delivered later, stored at 1200");
+    fx.clear();
+    p.tick(1_500, &mut fx);
+    assert_eq!(enqueued(&fx), [("later".to_owned(), 1_000)], "the delay does not move it");
+    fx.clear();
+    p.settle(2_000, consumer(1), &[1], Outcome::Requeue, &mut fx);
+    assert_eq!(enqueued(&fx), [("now".to_owned(), 1_200)], "nor does a requeue");
+
+    // It is part of the state: a snapshot carries it.
+    let bytes = postcard::to_allocvec(&p).expect("serialise");
+    let mut restored: Partition = postcard::from_bytes(&bytes).expect("deserialise");
+    fx.clear();
+    restored.detach(3_000, consumer(1), &mut fx);
+    let got = restored.get(3_000, consumer(2), true, &mut fx).expect("a message");
+    assert_eq!(got.enqueued_ms, 1_000);
+    let got = restored.get(3_000, consumer(2), true, &mut fx).expect("a message");
+    assert_eq!(got.enqueued_ms, 1_200);
+    restored.check_invariants().expect("invariants");
+}

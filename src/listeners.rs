@@ -1,0 +1,268 @@
+//! The MQTT listeners: plain TCP, TLS (rustls, optional client certificates) and MQTT over
+//! WebSocket (path `/mqtt`, subprotocol `mqtt`). Accepts connections up to the configured maximum
+//! and hands each byte stream to `wharf_mqtt::serve`; owns sockets and nothing else.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::{SinkExt, StreamExt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::JoinSet;
+use tokio_rustls::TlsAcceptor;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::{HeaderValue, StatusCode};
+use tokio_tungstenite::tungstenite::protocol::Message as WsMessage;
+use tracing::{debug, info, warn};
+use wharf_mqtt::Broker;
+
+use crate::settings::ListenerSettings;
+
+/// The WebSocket path MQTT clients connect to.
+pub const WEBSOCKET_PATH: &str = "/mqtt";
+
+/// Subprotocols accepted for MQTT over WebSocket (MQTT 5 section 6; `mqttv3.1` for 3.1 clients).
+const WEBSOCKET_SUBPROTOCOLS: [&str; 2] = ["mqtt", "mqttv3.1"];
+
+/// Time a WebSocket or TLS handshake may take.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Bytes buffered between a WebSocket and the MQTT engine.
+const WEBSOCKET_BRIDGE_BYTES: usize = 64 * 1024;
+
+/// Which kind of listener.
+#[derive(Debug, Clone, Copy)]
+enum Kind {
+    Tcp,
+    Tls,
+    WebSocket,
+}
+
+/// The running listeners.
+#[derive(Debug)]
+pub struct Listeners {
+    stop: watch::Sender<bool>,
+    tasks: JoinSet<()>,
+}
+
+impl Listeners {
+    /// Bind every configured listener and start accepting.
+    pub async fn start(settings: &ListenerSettings, broker: Arc<Broker>) -> anyhow::Result<Self> {
+        let (stop, stopped) = watch::channel(false);
+        let limit = Arc::new(Semaphore::new(settings.connections_max as usize));
+        let mut tasks = JoinSet::new();
+        let tls = tls_acceptor(settings)?;
+        let mut plan: Vec<(&'static str, &str, Kind)> =
+            vec![("mqtt", &settings.mqtt, Kind::Tcp), ("mqtt_ws", &settings.mqtt_ws, Kind::WebSocket)];
+        if tls.is_some() {
+            plan.push(("mqtt_tls", &settings.mqtt_tls, Kind::Tls));
+        }
+        for (name, address, kind) in plan {
+            if address.is_empty() {
+                continue;
+            }
+            let address: SocketAddr = address.parse().with_context(|| format!("listeners.{name}: not an address"))?;
+            let listener =
+                TcpListener::bind(address).await.with_context(|| format!("binding listeners.{name} on {address}"))?;
+            let local = listener.local_addr()?;
+            info!(listener = name, address = %local, "MQTT listening");
+            tasks.spawn(accept_loop(
+                listener,
+                kind,
+                Arc::clone(&broker),
+                Arc::clone(&limit),
+                tls.clone(),
+                stopped.clone(),
+            ));
+        }
+        Ok(Self { stop, tasks })
+    }
+
+    /// Stop accepting (open connections are closed by the broker's shutdown).
+    pub async fn stop(mut self) {
+        let _ = self.stop.send(true);
+        while self.tasks.join_next().await.is_some() {}
+    }
+}
+
+/// The TLS acceptor, when a certificate is configured; with a client CA, client certificates are
+/// required and verified (mTLS).
+fn tls_acceptor(settings: &ListenerSettings) -> anyhow::Result<Option<TlsAcceptor>> {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    if settings.tls_cert_file.is_empty() {
+        return Ok(None);
+    }
+    let certs = CertificateDer::pem_file_iter(&settings.tls_cert_file)
+        .with_context(|| format!("listeners.tls_cert_file: reading {}", settings.tls_cert_file))?
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("listeners.tls_cert_file: parsing {}", settings.tls_cert_file))?;
+    let key = PrivateKeyDer::from_pem_file(&settings.tls_key_file)
+        .with_context(|| format!("listeners.tls_key_file: reading {}", settings.tls_key_file))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()
+        .context("TLS protocol versions")?;
+    let builder = if settings.tls_client_ca_file.is_empty() {
+        builder.with_no_client_auth()
+    } else {
+        let mut roots = rustls::RootCertStore::empty();
+        for cert in CertificateDer::pem_file_iter(&settings.tls_client_ca_file)
+            .with_context(|| format!("listeners.tls_client_ca_file: reading {}", settings.tls_client_ca_file))?
+        {
+            roots
+                .add(cert.context("listeners.tls_client_ca_file: parsing")?)
+                .context("listeners.tls_client_ca_file")?;
+        }
+        let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+            .build()
+            .context("listeners.tls_client_ca_file: building the client verifier")?;
+        builder.with_client_cert_verifier(verifier)
+    };
+    let mut config = builder.with_single_cert(certs, key).context("listeners.tls_cert_file / tls_key_file")?;
+    config.alpn_protocols = vec![b"mqtt".to_vec()];
+    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    kind: Kind,
+    broker: Arc<Broker>,
+    limit: Arc<Semaphore>,
+    tls: Option<TlsAcceptor>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(error) => {
+                    // Out of file descriptors and the like: wait rather than spin.
+                    warn!(%error, "accepting an MQTT connection failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = stopped.changed() => return,
+        };
+        let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
+            // Over listeners.connections_max: refuse at once, before reading anything.
+            metrics::counter!("wharf_mqtt_connections_refused_total").increment(1);
+            debug!(%peer, "connection refused: listeners.connections_max reached");
+            drop(stream);
+            continue;
+        };
+        let _ = stream.set_nodelay(true);
+        let broker = Arc::clone(&broker);
+        let tls = tls.clone();
+        tokio::spawn(async move {
+            let peer = peer.to_string();
+            match kind {
+                Kind::Tcp => wharf_mqtt::serve(broker, stream, peer).await,
+                Kind::Tls => {
+                    let Some(tls) = tls else { return };
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => wharf_mqtt::serve(broker, stream, peer).await,
+                        Ok(Err(error)) => debug!(peer, %error, "TLS handshake failed"),
+                        Err(_) => debug!(peer, "TLS handshake timed out"),
+                    }
+                }
+                Kind::WebSocket => serve_websocket(broker, stream, peer).await,
+            }
+            drop(permit);
+        });
+    }
+}
+
+/// Accept a WebSocket on `/mqtt` with subprotocol `mqtt`, and bridge its binary messages to the
+/// MQTT engine as a byte stream (an MQTT packet may span messages, and a message hold several).
+async fn serve_websocket(broker: Arc<Broker>, stream: TcpStream, peer: String) {
+    let ws =
+        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tokio_tungstenite::accept_hdr_async(stream, websocket_handshake))
+            .await
+        {
+            Ok(Ok(ws)) => ws,
+            Ok(Err(error)) => {
+                debug!(peer, %error, "WebSocket handshake failed");
+                return;
+            }
+            Err(_) => {
+                debug!(peer, "WebSocket handshake timed out");
+                return;
+            }
+        };
+    let (engine_side, bridge_side) = tokio::io::duplex(WEBSOCKET_BRIDGE_BYTES);
+    let engine = tokio::spawn(wharf_mqtt::serve(broker, engine_side, peer));
+    let (mut ws_tx, mut ws_rx) = ws.split();
+    let (mut from_engine, mut to_engine) = tokio::io::split(bridge_side);
+    let inbound = async {
+        while let Some(message) = ws_rx.next().await {
+            match message {
+                Ok(WsMessage::Binary(data)) => {
+                    if to_engine.write_all(&data).await.is_err() {
+                        break;
+                    }
+                }
+                // MQTT over WebSocket is binary only [MQTT-6.0.0-1]: anything else closes.
+                Ok(WsMessage::Text(_)) | Ok(WsMessage::Close(_)) | Err(_) => break,
+                Ok(_) => {}
+            }
+        }
+        let _ = to_engine.shutdown().await;
+    };
+    let outbound = async {
+        let mut buf = vec![0u8; WEBSOCKET_BRIDGE_BYTES];
+        loop {
+            match from_engine.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => {
+                    if ws_tx.send(WsMessage::binary(buf[..n].to_vec())).await.is_err() {
+                        break;
+                    }
+                }
+            }
+        }
+        let _ = ws_tx.close().await;
+    };
+    // Either side ending ends the bridge: the engine sees end of stream, or the peer is gone.
+    tokio::select! {
+        () = inbound => {}
+        () = outbound => {}
+    }
+    let _ = engine.await;
+}
+
+/// Check the WebSocket upgrade request: path `/mqtt` and an MQTT subprotocol, which is echoed.
+#[expect(clippy::result_large_err, reason = "the error type is tungstenite's handshake callback's")]
+fn websocket_handshake(request: &Request, mut response: Response) -> Result<Response, ErrorResponse> {
+    if request.uri().path() != WEBSOCKET_PATH {
+        let mut error = ErrorResponse::new(Some(format!("MQTT is served on {WEBSOCKET_PATH}")));
+        *error.status_mut() = StatusCode::NOT_FOUND;
+        return Err(error);
+    }
+    let offered = request
+        .headers()
+        .get_all("sec-websocket-protocol")
+        .iter()
+        .filter_map(|value| value.to_str().ok())
+        .flat_map(|value| value.split(','))
+        .map(str::trim)
+        .find(|protocol| WEBSOCKET_SUBPROTOCOLS.contains(protocol))
+        .map(str::to_owned);
+    match offered {
+        Some(protocol) => {
+            if let Ok(value) = HeaderValue::from_str(&protocol) {
+                response.headers_mut().insert("sec-websocket-protocol", value);
+            }
+            Ok(response)
+        }
+        None => {
+            let mut error = ErrorResponse::new(Some("the WebSocket subprotocol must be mqtt".into()));
+            *error.status_mut() = StatusCode::BAD_REQUEST;
+            Err(error)
+        }
+    }
+}
