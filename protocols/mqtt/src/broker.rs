@@ -41,6 +41,8 @@ pub struct Stats {
     pub bytes_sent: AtomicU64,
     /// Retained messages stored.
     pub retained: AtomicU64,
+    /// Sessions stored (connected or not).
+    pub sessions: AtomicU64,
 }
 
 /// A connected client, as the takeover logic sees it.
@@ -112,7 +114,10 @@ impl Broker {
         broker.stats.retained.store(retained as u64, Ordering::Relaxed);
         metrics::gauge!("wharf_mqtt_retained_messages").set(retained as f64);
         // Sessions whose connection died with the previous run expire from this start.
-        for (key, value) in broker.core.state_scan(&broker.config.vhost, session::SESSION_KEY_PREFIX) {
+        let sessions = broker.core.state_scan(&broker.config.vhost, session::SESSION_KEY_PREFIX);
+        broker.stats.sessions.store(sessions.len() as u64, Ordering::Relaxed);
+        metrics::gauge!("wharf_mqtt_sessions").set(sessions.len() as f64);
+        for (key, value) in sessions {
             let Some(client_id) = key.strip_prefix(session::SESSION_KEY_PREFIX) else { continue };
             if let Some(record) = SessionRecord::decode(&value) {
                 let disconnected_at_ms = if record.connected { broker.started_ms } else { record.disconnected_at_ms };
@@ -290,7 +295,8 @@ impl Broker {
     pub(crate) async fn end_session(&self, client_id: &str) {
         let queue = session::session_queue(client_id);
         match self.core.delete_queue(&self.config.vhost, &queue, false, false, None).await {
-            Ok(_) | Err(CoreError::NotFound(_)) => {}
+            Ok(_) => self.session_count(-1),
+            Err(CoreError::NotFound(_)) => {}
             Err(error) => tracing::warn!(client_id, %error, "deleting an ended session failed"),
         }
         // A record without its queue (written by an interrupted set-up) goes too.
@@ -386,6 +392,17 @@ impl Broker {
                 Some((topic.to_owned(), session::decode_message(&value)?))
             })
             .collect()
+    }
+
+    /// Count a session created (+1) or ended (-1).
+    pub(crate) fn session_count(&self, delta: i64) {
+        let count = if delta >= 0 {
+            self.stats.sessions.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
+        } else {
+            let down = delta.unsigned_abs();
+            self.stats.sessions.fetch_sub(down, Ordering::Relaxed).saturating_sub(down)
+        };
+        metrics::gauge!("wharf_mqtt_sessions").set(count as f64);
     }
 
     fn uptime_secs(&self) -> u64 {

@@ -209,6 +209,8 @@ enum Event {
     Released { packet_id: u16, result: CoreResult<()> },
     /// An outbound QoS 2 PUBREC is recorded: send PUBREL.
     Received { packet_id: u16, result: CoreResult<()> },
+    /// An outbound QoS 2 PUBCOMP is recorded: the packet id is free.
+    Completed { packet_id: u16, result: CoreResult<()> },
 }
 
 /// A delivery sent with QoS 1 or 2 and not yet acknowledged by PUBACK / PUBREC.
@@ -584,7 +586,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
             Packet::PubRec(rec) => self.on_pubrec(rec).await,
             Packet::PubRel(rel) => self.on_pubrel(rel.packet_id),
-            Packet::PubComp(comp) => self.on_pubcomp(comp.packet_id).await,
+            Packet::PubComp(comp) => self.on_pubcomp(comp.packet_id),
             Packet::Subscribe(subscribe) => self.on_subscribe(subscribe).await,
             Packet::Unsubscribe(unsubscribe) => self.on_unsubscribe(unsubscribe).await,
             Packet::PingReq => {
@@ -690,6 +692,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     /// Answer an inbound PUBLISH once its outcome is known.
     fn answer_publish(&mut self, packet_id: Option<u16>, qos: QoS, result: CoreResult<Published>) {
+        if let Ok(published) = &result
+            && !published.rejected.is_empty()
+        {
+            // Full session queues drop what they cannot take, as Mosquitto does.
+            metrics::counter!("wharf_mqtt_messages_dropped_total").increment(published.rejected.len() as u64);
+        }
         let Some(packet_id) = packet_id else {
             if let Err(error) = result {
                 tracing::debug!(client = self.client_id, %error, "QoS 0 publish failed");
@@ -806,6 +814,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     ));
                 }
                 self.send(Packet::PubRel(PubResponse { packet_id, ..PubResponse::default() }));
+            }
+            Event::Completed { packet_id, result } => {
+                if let Err(error) = result {
+                    return Some(Close::Server(ReasonCode::UNSPECIFIED_ERROR, format!("recording PUBCOMP failed: {error}")));
+                }
+                self.released.remove(&packet_id);
+                self.drain_parked();
             }
         }
         None
@@ -998,21 +1013,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         None
     }
 
-    /// PUBCOMP: the QoS 2 exchange is over; forget its record.
-    async fn on_pubcomp(&mut self, packet_id: u16) -> Option<Close> {
-        if self.released.remove(&packet_id).is_some() {
+    /// PUBCOMP: the QoS 2 exchange is over; forget its record. The packet id stays taken until
+    /// the record is gone, so a crash never leaves a stale PUBREL record for a reused id.
+    fn on_pubcomp(&mut self, packet_id: u16) -> Option<Close> {
+        if self.released.contains_key(&packet_id) {
+            let core = self.broker.core().clone();
+            let vhost = self.broker.config.vhost.clone();
             let write = StateWrite {
                 key: session::released_key(&self.client_id, packet_id),
                 value: None,
                 owner: Some(session::session_queue(&self.client_id)),
             };
-            if let Err(error) = self.broker.core().state_write(&self.broker.config.vhost, vec![write]).await {
-                return Some(Close::Server(
-                    ReasonCode::UNSPECIFIED_ERROR,
-                    format!("recording PUBCOMP failed: {error}"),
-                ));
-            }
-            self.drain_parked();
+            let events = self.events_tx.clone();
+            tokio::spawn(async move {
+                let result = core.state_write(&vhost, vec![write]).await;
+                let _ = events.send(Event::Completed { packet_id, result });
+            });
         }
         None
     }
@@ -1364,6 +1380,7 @@ async fn setup_session(
         broker.end_session(client_id).await;
     }
     broker.core().declare_queue(queue_spec(broker, &queue)).await?;
+    broker.session_count(1);
     let record = SessionRecord {
         uid: connection.to_string(),
         expiry_secs,

@@ -1,6 +1,8 @@
-//! Raw-byte tests of the decoder's validation: one test per rule and version, named after the
-//! normative statement where the specification numbers one (`mqtt_` for 3.1.1, `mqtt5_` for 5.0,
-//! `mqtt31_` for 3.1), each asserting the exact error variant and the MQTT 5 reason code it maps to.
+//! Raw-byte tests of the decoder's validation: one test per rule and version, each asserting the
+//! exact error variant and the MQTT 5 reason code it maps to. The prefix is the version (`mqtt_`
+//! for 3.1.1, `mqtt5_` for 5.0, `mqtt31_` for 3.1); a number after it is the normative statement
+//! the test checks (`mqtt5_3_1_2_3_...` checks [MQTT-3.1.2-3] of 5.0), and rules the specification
+//! states without a number get a descriptive name only.
 //! Also the few "this must still decode" cases next to the rules they border. Touches only the
 //! codec's public API.
 
@@ -162,25 +164,25 @@ fn assert_topic_filter_invalid(error: DecodeError) {
 // ----- fixed header ---------------------------------------------------------------------------------
 
 #[test]
-fn mqtt_2_2_1_packet_type_0_is_reserved() {
+fn mqtt_packet_type_0_is_reserved() {
     assert_malformed(client_error(&[0x00, 0x00], Some(V311)));
     assert_malformed(client_error(&[0x00, 0x00], None));
 }
 
 #[test]
-fn mqtt5_2_1_2_packet_type_0_is_reserved() {
+fn mqtt5_packet_type_0_is_reserved() {
     assert_malformed(client_error(&[0x00, 0x00], Some(V5)));
 }
 
 #[test]
-fn mqtt_2_2_1_packet_type_15_is_reserved() {
+fn mqtt_packet_type_15_is_reserved() {
     assert_malformed(client_error(&[0xF0, 0x00], Some(V311)));
     assert_malformed(client_error(&[0xF0, 0x00], Some(V31)));
     assert_malformed(server_error(&[0xF0, 0x00], V311));
 }
 
 #[test]
-fn mqtt5_3_15_auth_is_packet_type_15() {
+fn mqtt5_auth_is_packet_type_15() {
     let auth = cat(&[&[0x19], &properties(&cat(&[&[0x15], &text("SCRAM")]))]);
     assert!(matches!(decoded(&frame(0xF0, &auth), Some(V5)), Packet::Auth(_)));
 }
@@ -284,14 +286,14 @@ fn mqtt31_dup_on_pubrel_subscribe_unsubscribe_is_tolerated() {
 }
 
 #[test]
-fn mqtt_2_2_3_remaining_length_longer_than_4_bytes() {
+fn mqtt_remaining_length_longer_than_4_bytes() {
     // Refused as soon as the fourth byte shows a continuation, without waiting for more.
     assert_malformed(client_error(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF], Some(V311)));
     assert_malformed(client_error(&[0x30, 0x80, 0x80, 0x80, 0x80, 0x01], Some(V311)));
 }
 
 #[test]
-fn mqtt5_1_5_5_remaining_length_longer_than_4_bytes() {
+fn mqtt5_remaining_length_longer_than_4_bytes() {
     assert_malformed(client_error(&[0x30, 0xFF, 0xFF, 0xFF, 0xFF, 0x7F], Some(V5)));
 }
 
@@ -306,7 +308,7 @@ fn mqtt5_1_5_5_1_remaining_length_not_in_shortest_form() {
 }
 
 #[test]
-fn mqtt_2_2_3_remaining_length_not_in_shortest_form_is_accepted() {
+fn mqtt_remaining_length_not_in_shortest_form_is_accepted() {
     // 3.1.1 asks for no shortest form; only MQTT 5 does [MQTT-1.5.5-1].
     assert_eq!(decoded(&[0xC0, 0x80, 0x00], Some(V311)), Packet::PingReq);
     let connect = connect_v311(0x02, &text("c"));
@@ -519,7 +521,7 @@ fn mqtt5_1_5_4_2_null_character() {
 }
 
 #[test]
-fn mqtt_3_1_3_11_will_topic_must_be_a_topic_name() {
+fn mqtt_3_1_3_10_will_topic_must_be_a_topic_name() {
     for topic in ["a/#", "+", ""] {
         let payload = cat(&[&text("c"), &text(topic), &field(b"bye")]);
         assert_topic_name_invalid(client_error(&connect_v311(0x06, &payload), None));
@@ -533,7 +535,7 @@ fn mqtt5_3_1_3_11_will_topic_must_be_a_topic_name() {
 }
 
 #[test]
-fn mqtt_3_1_trailing_bytes_after_the_payload() {
+fn mqtt_connect_trailing_bytes_after_the_payload() {
     assert_malformed(client_error(&connect_v311(0x02, &cat(&[&text("c"), &[0]])), None));
 }
 
@@ -593,20 +595,20 @@ fn mqtt5_connect_property_not_allowed_in_connect() {
 }
 
 #[test]
-fn mqtt5_2_2_2_unknown_property_identifier() {
+fn mqtt5_unknown_property_identifier() {
     assert_malformed(connect_with_properties(&[0x04, 0]));
     assert_malformed(connect_with_properties(&[0x80, 0x01, 0]));
 }
 
 #[test]
-fn mqtt5_2_2_2_property_length_runs_past_the_packet() {
+fn mqtt5_property_length_runs_past_the_packet() {
     let mut body = text("MQTT");
     body.extend([5, 0x02, 0, 60, 50, 0x21, 0, 1]);
     assert_malformed(client_error(&frame(0x10, &body), None));
 }
 
 #[test]
-fn mqtt5_2_2_2_property_runs_past_the_property_length() {
+fn mqtt5_property_runs_past_the_property_length() {
     // The block says 2 bytes, Receive Maximum needs 3; the third byte is then read as the payload.
     let mut body = text("MQTT");
     body.extend([5, 0x02, 0, 60, 2, 0x21, 0, 1]);
@@ -776,7 +778,7 @@ fn mqtt_2_3_1_5_qos_0_publish_has_no_packet_identifier() {
 }
 
 #[test]
-fn mqtt_3_3_publish_truncated_topic() {
+fn mqtt_publish_truncated_topic() {
     assert_malformed(client_error(&[0x30, 3, 0, 5, b'a'], Some(V311)));
 }
 
@@ -785,7 +787,7 @@ fn mqtt_3_3_publish_truncated_topic() {
 const ACKS: [(u8, &str); 4] = [(0x40, "PUBACK"), (0x50, "PUBREC"), (0x62, "PUBREL"), (0x70, "PUBCOMP")];
 
 #[test]
-fn mqtt_3_4_acknowledgement_length_must_be_2() {
+fn mqtt_acknowledgement_length_must_be_2() {
     for (first, name) in ACKS {
         assert_malformed(client_error(&[first, 3, 0, 1, 0], Some(V311)));
         assert_malformed(client_error(&[first, 1, 0], Some(V311)));
@@ -965,7 +967,7 @@ fn mqtt5_2_2_1_3_subscribe_packet_identifier_zero() {
 }
 
 #[test]
-fn mqtt_3_8_3_subscribe_filter_without_options_byte() {
+fn mqtt_subscribe_filter_without_options_byte() {
     assert_malformed(client_error(&frame(0x82, &cat(&[&[0, 1], &text("a")])), Some(V311)));
 }
 
@@ -1018,7 +1020,7 @@ fn mqtt5_4_8_2_2_share_name_without_wildcards_then_a_filter() {
 }
 
 #[test]
-fn mqtt_4_8_shared_subscription_form_is_checked_in_3_1_1_too() {
+fn mqtt_shared_subscription_form_is_checked_in_3_1_1_too() {
     assert_topic_filter_invalid(client_error(&subscribe_v311(&[("$share/+/a", 0)]), Some(V311)));
     assert!(from_client(&subscribe_v311(&[("$share/g/a/#", 1)]), Some(V311)).is_ok());
 }
@@ -1058,22 +1060,22 @@ fn mqtt_2_3_1_1_unsubscribe_packet_identifier_zero() {
 // ----- PINGREQ, DISCONNECT -------------------------------------------------------------------------------
 
 #[test]
-fn mqtt_3_12_pingreq_with_a_body() {
+fn mqtt_pingreq_with_a_body() {
     assert_malformed(client_error(&[0xC0, 1, 0], Some(V311)));
 }
 
 #[test]
-fn mqtt5_3_12_pingreq_with_a_body() {
+fn mqtt5_pingreq_with_a_body() {
     assert_malformed(client_error(&[0xC0, 1, 0], Some(V5)));
 }
 
 #[test]
-fn mqtt_3_13_pingresp_with_a_body() {
+fn mqtt_pingresp_with_a_body() {
     assert_malformed(server_error(&[0xD0, 1, 0], V311));
 }
 
 #[test]
-fn mqtt_3_14_disconnect_with_a_body() {
+fn mqtt_disconnect_with_a_body() {
     assert_malformed(client_error(&[0xE0, 1, 0], Some(V311)));
 }
 
@@ -1109,7 +1111,7 @@ fn mqtt5_disconnect_property_included_twice() {
 }
 
 #[test]
-fn mqtt_3_14_a_server_sends_no_disconnect_in_3_1_1() {
+fn mqtt_a_server_sends_no_disconnect_in_3_1_1() {
     assert_protocol(server_error(&[0xE0, 0], V311));
 }
 
@@ -1129,18 +1131,18 @@ fn mqtt5_3_15_2_1_auth_reason_code() {
 }
 
 #[test]
-fn mqtt5_3_15_2_2_auth_without_authentication_method() {
+fn mqtt5_auth_without_authentication_method() {
     assert_protocol(client_error(&frame(0xF0, &cat(&[&[0x18], &properties(&[])])), Some(V5)));
 }
 
 #[test]
-fn mqtt5_3_15_2_auth_reason_code_without_properties() {
+fn mqtt5_auth_reason_code_without_properties() {
     // Only Remaining Length 0 may omit the properties.
     assert_malformed(client_error(&[0xF0, 1, 0x18], Some(V5)));
 }
 
 #[test]
-fn mqtt5_3_15_2_auth_success_short_form_from_the_server() {
+fn mqtt5_auth_success_short_form_from_the_server() {
     assert_eq!(from_server(&[0xF0, 0], V5), Ok(Some(Packet::Auth(Auth::default()))));
 }
 
@@ -1166,7 +1168,7 @@ fn client_to_server_packets_from_a_server_are_protocol_errors() {
 // ----- CONNACK, SUBACK, UNSUBACK (what a server sends) ---------------------------------------------------
 
 #[test]
-fn mqtt_3_2_2_connack_reserved_flags() {
+fn mqtt_connack_reserved_flags() {
     assert_malformed(server_error(&[0x20, 2, 0x02, 0], V311));
 }
 
@@ -1186,7 +1188,7 @@ fn mqtt5_3_2_2_6_session_present_with_a_refusal() {
 }
 
 #[test]
-fn mqtt_3_2_2_connack_return_code_reserved() {
+fn mqtt_connack_return_code_reserved() {
     assert_protocol(server_error(&[0x20, 2, 0, 6], V311));
 }
 
@@ -1196,7 +1198,7 @@ fn mqtt5_connack_reason_code_not_allowed() {
 }
 
 #[test]
-fn mqtt_3_2_connack_trailing_bytes() {
+fn mqtt_connack_trailing_bytes() {
     assert_malformed(server_error(&[0x20, 3, 0, 0, 0], V311));
 }
 
@@ -1235,7 +1237,7 @@ fn mqtt5_3_9_3_2_suback_reason_code() {
 }
 
 #[test]
-fn mqtt_3_11_unsuback_length_must_be_2() {
+fn mqtt_unsuback_length_must_be_2() {
     assert_malformed(server_error(&[0xB0, 3, 0, 1, 0], V311));
 }
 

@@ -129,7 +129,7 @@ fn read_frame(
     }
 }
 
-/// Reads the body of any packet but CONNECT.
+/// Reads the body of a packet once the connection's version is known.
 fn read_body(packet_type: PacketType, reader: &mut Reader, context: &Context) -> Result<Packet, DecodeError> {
     Ok(match packet_type {
         PacketType::Connect => Packet::Connect(Box::new(connect::read(reader)?)),

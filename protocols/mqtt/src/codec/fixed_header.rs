@@ -160,7 +160,7 @@ pub(crate) fn parse(
     let code = first >> 4;
     let flags = first & 0x0F;
     let Some(packet_type) = PacketType::from_code(code) else {
-        return Err(malformed("[MQTT-2.1.2] packet type 0 is reserved"));
+        return Err(malformed("packet type 0 is reserved (section 2.1.2)"));
     };
     let Some(version) = version else {
         if packet_type != PacketType::Connect {
@@ -173,7 +173,7 @@ pub(crate) fn parse(
         return remaining_length(buf, packet_type, flags, None, packet_size_max_bytes);
     };
     if packet_type == PacketType::Auth && !version.is_v5() {
-        return Err(malformed("[MQTT-2.2.1] packet type 15 is reserved before MQTT 5"));
+        return Err(malformed("packet type 15 is reserved before MQTT 5 (3.1.1 section 2.2.1)"));
     }
     if !packet_type.may_be_sent_by(sender, version) {
         let sender = match sender {

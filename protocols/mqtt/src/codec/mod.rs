@@ -5,6 +5,11 @@
 //! the encoder writes none. The decoder rejects every malformed packet the specifications name, and
 //! tells *incomplete* (`Ok(None)`: read more bytes) from *malformed* from *too large* (checked from
 //! the fixed header, before the body is buffered).
+//!
+//! Layout: `decode.rs` and `encode.rs` are the entry points and `fixed_header.rs` frames packets;
+//! each packet has a file with its `read` and `write` (`pub_response.rs` serves the four
+//! acknowledgements, `ping.rs` both pings); `properties.rs` reads and writes MQTT 5 property blocks,
+//! `topic.rs` holds the topic name and filter grammar, `wire.rs` the primitives.
 
 use bytes::Bytes;
 
@@ -510,13 +515,16 @@ pub enum DecodeError {
     /// Well-formed bytes that break a protocol rule. MQTT 5: 0x82 Protocol Error.
     #[error("protocol error: {0}")]
     Protocol(String),
-    /// A PUBLISH topic name that is not allowed (wildcards, U+0000). MQTT 5: 0x90.
+    /// A PUBLISH or will topic name that is not allowed: a wildcard, or empty where no Topic Alias
+    /// can stand for it. (U+0000 and ill-formed UTF-8 are `Malformed`, as [MQTT-1.5.4-2] says.)
+    /// MQTT 5: 0x90.
     #[error("topic name invalid: {0}")]
     TopicNameInvalid(String),
-    /// A SUBSCRIBE/UNSUBSCRIBE topic filter that is malformed (`a/b#`, `+a`, bad `$share`).
-    /// MQTT 5: 0x8F is the SUBACK code when refusing one filter; a malformed filter in the packet
-    /// makes the packet malformed (0x81) per [MQTT-4.7.3-?]; the server uses this variant's
-    /// `reason_code` for DISCONNECT.
+    /// A SUBSCRIBE/UNSUBSCRIBE topic filter that is malformed (`a/b#`, `+a`, empty, bad `$share`).
+    /// MQTT 5: 0x8F is the SUBACK code for a well-formed filter the server refuses; a filter that
+    /// breaks the grammar ([MQTT-4.7.1-2], [MQTT-4.7.1-3], [MQTT-4.7.3-1], [MQTT-4.8.2-1],
+    /// [MQTT-4.8.2-2]) makes the packet malformed (0x81), which is this variant's `reason_code`, for
+    /// DISCONNECT.
     #[error("topic filter invalid: {0}")]
     TopicFilterInvalid(String),
     /// CONNECT with a protocol name or level this server does not speak. 3.1.1: CONNACK 0x01;

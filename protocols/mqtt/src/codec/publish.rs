@@ -54,8 +54,8 @@ pub(crate) fn read(reader: &mut Reader, context: &Context) -> Result<Publish, De
     })
 }
 
-/// A non-zero packet identifier (3.1.1 [MQTT-2.3.1-1], 5.0 [MQTT-2.2.1-3]: "It is a Protocol Error"
-/// in spirit: the bytes parse, the value is forbidden).
+/// A packet identifier, which must not be 0 (3.1.1 [MQTT-2.3.1-1], 5.0 [MQTT-2.2.1-3]). The
+/// specification does not say which error; 0 parses but is forbidden, so it is a Protocol Error.
 pub(crate) fn read_packet_id(reader: &mut Reader, packet: &str) -> Result<u16, DecodeError> {
     let id = reader.u16(&format!("{packet} packet identifier"))?;
     if id == 0 {

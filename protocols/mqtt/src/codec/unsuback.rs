@@ -26,7 +26,7 @@ pub(crate) fn read(reader: &mut Reader, context: &Context) -> Result<UnsubAck, D
             }
             unsuback.reason_codes.push(ReasonCode(code));
         }
-        // One code per filter of the UNSUBSCRIBE [MQTT-3.11.3-1], which has at least one.
+        // One code per filter of the UNSUBSCRIBE, in order [MQTT-3.11.3-1]; it has at least one.
         if unsuback.reason_codes.is_empty() {
             return Err(protocol("UNSUBACK without a reason code"));
         }
