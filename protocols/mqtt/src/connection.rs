@@ -817,7 +817,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
             Event::Completed { packet_id, result } => {
                 if let Err(error) = result {
-                    return Some(Close::Server(ReasonCode::UNSPECIFIED_ERROR, format!("recording PUBCOMP failed: {error}")));
+                    return Some(Close::Server(
+                        ReasonCode::UNSPECIFIED_ERROR,
+                        format!("recording PUBCOMP failed: {error}"),
+                    ));
                 }
                 self.released.remove(&packet_id);
                 self.drain_parked();
