@@ -14,10 +14,9 @@ use wharf_core::model::{FieldValue, Headers, Message};
 use wharf_core::node::StateWrite;
 use wharf_core::{Core, CoreError};
 
-use crate::codec::{PublishProperties, Will};
 use crate::config::MqttConfig;
 use crate::mapping;
-use crate::session::{self, SessionRecord};
+use crate::session::{self, SessionRecord, StoredWill};
 
 /// Per-client locks serialising session set-up, teardown and expiry of one client id: a fixed
 /// array indexed by a hash, so memory does not grow with the number of clients.
@@ -59,7 +58,7 @@ struct Client {
 /// What waits for a disconnected client: a delayed will and the session's expiry.
 #[derive(Debug, Default)]
 struct Pending {
-    will: Option<(Will, JoinHandle<()>)>,
+    will: Option<(StoredWill, JoinHandle<()>)>,
     expiry: Option<JoinHandle<()>>,
 }
 
@@ -121,6 +120,11 @@ impl Broker {
             let Some(client_id) = key.strip_prefix(session::SESSION_KEY_PREFIX) else { continue };
             if let Some(record) = SessionRecord::decode(&value) {
                 let disconnected_at_ms = if record.connected { broker.started_ms } else { record.disconnected_at_ms };
+                // A will still in the record belongs to a connection that ended without
+                // DISCONNECT (or with the broker): it is due after its delay.
+                if let Some(will) = record.will {
+                    broker.schedule_will(client_id, will, record.expiry_secs, disconnected_at_ms);
+                }
                 broker.schedule_expiry(client_id, record.expiry_secs, disconnected_at_ms);
             }
         }
@@ -238,25 +242,53 @@ impl Broker {
         }
     }
 
-    /// A client's connection ended without a normal DISCONNECT: publish its will now, or after
-    /// the Will Delay Interval, or when the session ends, whichever comes first
-    /// [MQTT-3.1.3-9].
-    pub(crate) fn schedule_will(self: &Arc<Self>, client_id: &str, will: Will, session_expiry_secs: u32) {
-        let delay_secs = will.properties.will_delay_interval_secs.unwrap_or(0).min(session_expiry_secs);
+    /// A client's connection ended without a normal DISCONNECT: publish its will after the Will
+    /// Delay Interval counted from `disconnected_at_ms`, or when the session ends, whichever comes
+    /// first [MQTT-3.1.3-9]; then remove it from the session record.
+    pub(crate) fn schedule_will(
+        self: &Arc<Self>,
+        client_id: &str,
+        will: StoredWill,
+        session_expiry_secs: u32,
+        disconnected_at_ms: u64,
+    ) {
+        let delay_secs = will.delay_secs.min(session_expiry_secs);
+        let due_ms = disconnected_at_ms.saturating_add(u64::from(delay_secs) * 1000);
         let broker = Arc::clone(self);
         let id = client_id.to_owned();
         let delayed = will.clone();
         let task = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_secs(delay_secs.into())).await;
+            tokio::time::sleep(Duration::from_millis(due_ms.saturating_sub(now_ms()))).await;
+            let _guard = broker.client_lock(&id).await;
+            if broker.is_connected(&id) {
+                return;
+            }
             let will = {
                 let mut pending = lock(&broker.pending);
                 pending.get_mut(&id).and_then(|p| p.will.take()).map(|(will, _)| will)
             };
             if let Some(will) = will {
                 broker.publish_will(&id, &will).await;
+                broker.forget_stored_will(&id).await;
             }
         });
         lock(&self.pending).entry(client_id.to_owned()).or_default().will = Some((delayed, task));
+    }
+
+    /// Remove the will from a client's session record (it was published).
+    async fn forget_stored_will(&self, client_id: &str) {
+        let key = session::session_key(client_id);
+        let Some(mut record) = self.core.state_get(&self.config.vhost, &key).and_then(|v| SessionRecord::decode(&v))
+        else {
+            return;
+        };
+        if record.will.take().is_none() {
+            return;
+        }
+        let write = StateWrite { key, value: Some(record.encode()), owner: Some(session::session_queue(client_id)) };
+        if let Err(error) = self.core.state_write(&self.config.vhost, vec![write]).await {
+            tracing::debug!(client_id, %error, "removing a published will from its session failed");
+        }
     }
 
     /// A session without a connection ends `expiry_secs` after `disconnected_at_ms` (never for
@@ -310,33 +342,13 @@ impl Broker {
     }
 
     /// Publish a will message (with its properties and RETAIN) as its client would have.
-    pub(crate) async fn publish_will(&self, client_id: &str, will: &Will) {
-        let p = &will.properties;
-        let properties = PublishProperties {
-            payload_format_indicator: p.payload_format_indicator,
-            message_expiry_interval_secs: p.message_expiry_interval_secs,
-            topic_alias: None,
-            response_topic: p.response_topic.clone(),
-            correlation_data: p.correlation_data.clone(),
-            user_properties: p.user_properties.clone(),
-            subscription_identifiers: Vec::new(),
-            content_type: p.content_type.clone(),
-        };
-        let message = mapping::message_from_publish(
-            &self.config.exchange,
-            &will.topic,
-            will.qos,
-            will.retain,
-            &properties,
-            will.payload.clone(),
-            client_id,
-        );
+    pub(crate) async fn publish_will(&self, client_id: &str, will: &StoredWill) {
         if will.retain
-            && let Err(error) = self.store_retained(&will.topic, &message).await
+            && let Err(error) = self.store_retained(&will.topic, &will.message).await
         {
             tracing::warn!(client_id, %error, "storing a retained will failed");
         }
-        match self.core.publish_confirmed(&self.config.vhost, message).await {
+        match self.core.publish_confirmed(&self.config.vhost, will.message.clone()).await {
             Ok(_) => tracing::debug!(client_id, topic = will.topic, "will published"),
             Err(error) => tracing::warn!(client_id, %error, "publishing a will failed"),
         }

@@ -25,10 +25,10 @@ use wharf_core::{CoreError, CoreResult};
 use crate::broker::{Broker, now_ms};
 use crate::codec::{
     self, ConnAck, ConnAckProperties, Connect, DecodeError, Disconnect, Packet, ProtocolVersion, PubResponse, Publish,
-    QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, Will, v3_connack,
+    QoS, ReasonCode, SubAck, Subscribe, UnsubAck, Unsubscribe, v3_connack,
 };
 use crate::mapping;
-use crate::session::{self, SessionRecord, StoredSubscription};
+use crate::session::{self, SessionRecord, StoredSubscription, StoredWill};
 use crate::topic;
 
 /// Bytes read from the socket at a time (the buffer grows to a whole packet when needed).
@@ -237,7 +237,6 @@ struct Connection<S> {
     connection_id: ConnectionId,
     seq: u64,
     record: SessionRecord,
-    will: Option<Will>,
     keep_alive: Option<Duration>,
     last_packet: Instant,
     /// The client's limits on what we send.
@@ -268,7 +267,8 @@ struct Connection<S> {
     next_consumer_seq: u64,
     events_tx: mpsc::UnboundedSender<Event>,
     events: mpsc::UnboundedReceiver<Event>,
-    confirms: mpsc::UnboundedSender<(Option<u16>, QoS, wharf_core::node::PendingPublish)>,
+    confirms: mpsc::UnboundedSender<(Option<u16>, QoS, PublishOutcome)>,
+    recorder: mpsc::UnboundedSender<(StateWrite, Recorded)>,
     takeover: oneshot::Receiver<()>,
     done: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
@@ -339,6 +339,32 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             server_keep_alive = Some(keep_alive_secs);
         }
 
+        let will = connect.will.as_ref().map(|will| {
+            let p = &will.properties;
+            let properties = codec::PublishProperties {
+                payload_format_indicator: p.payload_format_indicator,
+                message_expiry_interval_secs: p.message_expiry_interval_secs,
+                response_topic: p.response_topic.clone(),
+                correlation_data: p.correlation_data.clone(),
+                user_properties: p.user_properties.clone(),
+                content_type: p.content_type.clone(),
+                ..codec::PublishProperties::default()
+            };
+            StoredWill {
+                topic: will.topic.clone(),
+                retain: will.retain,
+                delay_secs: p.will_delay_interval_secs.unwrap_or(0),
+                message: mapping::message_from_publish(
+                    &config.exchange,
+                    &will.topic,
+                    will.qos,
+                    will.retain,
+                    &properties,
+                    will.payload.clone(),
+                    &client_id,
+                ),
+            }
+        });
         let seq = broker.next_connection_seq();
         let (done, done_rx) = watch::channel(false);
         let takeover = broker.register(&client_id, seq, done_rx).await;
@@ -347,7 +373,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         broker.cancel_pending(&client_id, resuming).await;
         let connection_id = broker.core().new_connection();
         let (record, session_present) =
-            match setup_session(&broker, &client_id, resuming, expiry_secs, connection_id).await {
+            match setup_session(&broker, &client_id, resuming, expiry_secs, connection_id, will).await {
                 Ok(found) => found,
                 Err(error) => {
                     drop(guard);
@@ -380,6 +406,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let confirms = spawn_confirmer(events_tx.clone());
+        let recorder = spawn_recorder(broker.core().clone(), config.vhost.clone(), events_tx.clone());
         let props = &connect.properties;
         let mut connection = Self {
             version,
@@ -388,7 +415,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             seq,
             subscriptions: record.subscriptions.clone(),
             record,
-            will: connect.will.clone(),
             keep_alive: (keep_alive_secs > 0).then(|| Duration::from_millis(u64::from(keep_alive_secs) * 1500)),
             last_packet: Instant::now(),
             client_receive_maximum: props.receive_maximum.unwrap_or(u16::MAX),
@@ -409,6 +435,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             events_tx,
             events,
             confirms,
+            recorder,
             takeover,
             done,
             shutdown: broker.shutdown.subscribe(),
@@ -656,7 +683,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }
         // `$` topics are the server's [MQTT-4.7.2-1]; clients may not publish into `$SYS`.
         if publish.topic.starts_with("$SYS") {
-            self.answer_publish(packet_id, qos, Err(CoreError::AccessRefused("$SYS topics are the server's".into())));
+            self.outcome(packet_id, qos, Err(CoreError::AccessRefused("$SYS topics are the server's".into())));
             return None;
         }
         let mut message = mapping::message_from_publish(
@@ -678,16 +705,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         if publish.retain
             && let Err(error) = self.broker.store_retained(&publish.topic, &message).await
         {
-            self.answer_publish(packet_id, qos, Err(error));
+            self.outcome(packet_id, qos, Err(error));
             return None;
         }
         match self.broker.core().publish(&self.broker.config.vhost, message).await {
             Ok(pending) => {
-                let _ = self.confirms.send((packet_id, qos, pending));
+                let _ = self.confirms.send((packet_id, qos, PublishOutcome::Pending(pending)));
             }
-            Err(error) => self.answer_publish(packet_id, qos, Err(error)),
+            Err(error) => self.outcome(packet_id, qos, Err(error)),
         }
         None
+    }
+
+    /// An inbound PUBLISH's outcome known at once: answered through the confirmer too, behind the
+    /// ones still committing, so acknowledgements keep the order of the PUBLISHes [MQTT-4.6.0-2].
+    fn outcome(&mut self, packet_id: Option<u16>, qos: QoS, result: CoreResult<Published>) {
+        let _ = self.confirms.send((packet_id, qos, PublishOutcome::Known(result)));
     }
 
     /// Answer an inbound PUBLISH once its outcome is known.
@@ -755,18 +788,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     fn on_pubrel(&mut self, packet_id: u16) -> Option<Close> {
         let epoch = self.epochs.get(&packet_id).copied().unwrap_or(0).wrapping_add(1);
         self.epochs.insert(packet_id, epoch);
-        let core = self.broker.core().clone();
-        let vhost = self.broker.config.vhost.clone();
         let write = StateWrite {
             key: session::inbound_qos2_key(&self.client_id, packet_id),
             value: Some(session::encode_epoch(epoch)),
             owner: Some(session::session_queue(&self.client_id)),
         };
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let result = core.state_write(&vhost, vec![write]).await;
-            let _ = events.send(Event::Released { packet_id, result });
-        });
+        let _ = self.recorder.send((write, Recorded::Released { packet_id }));
         None
     }
 
@@ -997,22 +1024,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             return None;
         }
         self.released.insert(packet_id, inflight.position);
-        let core = self.broker.core().clone();
-        let vhost = self.broker.config.vhost.clone();
         let write = StateWrite {
             key: session::released_key(&self.client_id, packet_id),
             value: Some(session::encode_position(&inflight.position)),
             owner: Some(session::session_queue(&self.client_id)),
         };
-        let events = self.events_tx.clone();
-        tokio::spawn(async move {
-            let result = core.state_write(&vhost, vec![write]).await;
-            if result.is_ok() {
-                // Recorded: the message itself is done.
-                let _ = core.settle(inflight.consumer, &[inflight.position], Outcome::Ack).await;
-            }
-            let _ = events.send(Event::Received { packet_id, result });
-        });
+        let received = Recorded::Received { packet_id, consumer: inflight.consumer, position: inflight.position };
+        let _ = self.recorder.send((write, received));
         None
     }
 
@@ -1020,18 +1038,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     /// the record is gone, so a crash never leaves a stale PUBREL record for a reused id.
     fn on_pubcomp(&mut self, packet_id: u16) -> Option<Close> {
         if self.released.contains_key(&packet_id) {
-            let core = self.broker.core().clone();
-            let vhost = self.broker.config.vhost.clone();
             let write = StateWrite {
                 key: session::released_key(&self.client_id, packet_id),
                 value: None,
                 owner: Some(session::session_queue(&self.client_id)),
             };
-            let events = self.events_tx.clone();
-            tokio::spawn(async move {
-                let result = core.state_write(&vhost, vec![write]).await;
-                let _ = events.send(Event::Completed { packet_id, result });
-            });
+            let _ = self.recorder.send((write, Recorded::Completed { packet_id }));
         }
         None
     }
@@ -1252,10 +1264,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         self.flush_settles();
         let inflight = self.inflight.len();
         metrics::gauge!("wharf_mqtt_inflight_messages").decrement(inflight as f64);
+        // Every close but a normal DISCONNECT publishes the will [MQTT-3.1.2-8], a server
+        // shutdown included.
         let publish_will = match close {
             Close::Disconnect { publish_will } => publish_will,
-            // A server shutdown is not the client's failure: its will waits for its session.
-            Close::Server(reason, _) if reason == ReasonCode::SERVER_SHUTTING_DOWN => false,
             Close::Lost | Close::Server(..) => true,
         };
         let broker = Arc::clone(&self.broker);
@@ -1264,22 +1276,31 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             tracing::debug!(client = self.client_id, %error, "closing the core connection failed");
         }
         let expiry_secs = self.record.expiry_secs;
+        let disconnected_at_ms = now_ms();
+        // The will is published now, or kept in the session record until its delay has passed
+        // (so a broker restart meanwhile does not lose it), or dropped on a normal DISCONNECT.
+        let will = self.record.will.take().filter(|_| publish_will);
+        let (publish_now, delayed) = match will {
+            Some(will) if expiry_secs == 0 || will.delay_secs == 0 => (Some(will), None),
+            Some(will) => (None, Some(will)),
+            None => (None, None),
+        };
+        if let Some(will) = &publish_now {
+            broker.publish_will(&self.client_id, will).await;
+        }
         if expiry_secs == 0 {
             broker.end_session(&self.client_id).await;
         } else {
             self.record.connected = false;
-            self.record.disconnected_at_ms = now_ms();
+            self.record.disconnected_at_ms = disconnected_at_ms;
+            self.record.will.clone_from(&delayed);
             if let Err(error) = self.save_record().await {
                 tracing::warn!(client = self.client_id, %error, "saving the session at disconnect failed");
             }
-            broker.schedule_expiry(&self.client_id, expiry_secs, self.record.disconnected_at_ms);
-        }
-        if let (true, Some(will)) = (publish_will, self.will.take()) {
-            if expiry_secs == 0 || will.properties.will_delay_interval_secs.unwrap_or(0) == 0 {
-                broker.publish_will(&self.client_id, &will).await;
-            } else {
-                broker.schedule_will(&self.client_id, will, expiry_secs);
+            if let Some(will) = delayed {
+                broker.schedule_will(&self.client_id, will, expiry_secs, disconnected_at_ms);
             }
+            broker.schedule_expiry(&self.client_id, expiry_secs, disconnected_at_ms);
         }
         broker.unregister(&self.client_id, self.seq);
         drop(guard);
@@ -1317,16 +1338,88 @@ async fn sleep_until(deadline: Option<Instant>) {
     }
 }
 
+/// What an inbound PUBLISH became, for the confirmer.
+enum PublishOutcome {
+    /// Queued for commit.
+    Pending(wharf_core::node::PendingPublish),
+    /// Refused before it reached the core.
+    Known(CoreResult<Published>),
+}
+
 /// A task awaiting the commits of a connection's inbound PUBLISHes, in order, and reporting them.
-fn spawn_confirmer(
-    events: mpsc::UnboundedSender<Event>,
-) -> mpsc::UnboundedSender<(Option<u16>, QoS, wharf_core::node::PendingPublish)> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<(Option<u16>, QoS, wharf_core::node::PendingPublish)>();
+fn spawn_confirmer(events: mpsc::UnboundedSender<Event>) -> mpsc::UnboundedSender<(Option<u16>, QoS, PublishOutcome)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(Option<u16>, QoS, PublishOutcome)>();
     tokio::spawn(async move {
-        while let Some((packet_id, qos, pending)) = rx.recv().await {
-            let result = pending.confirm().await;
+        while let Some((packet_id, qos, outcome)) = rx.recv().await {
+            let result = match outcome {
+                PublishOutcome::Pending(pending) => pending.confirm().await,
+                PublishOutcome::Known(result) => result,
+            };
             if events.send(Event::Published { packet_id, qos, result }).is_err() {
                 break;
+            }
+        }
+    });
+    tx
+}
+
+/// A QoS 2 state change to record before its packet is answered.
+#[derive(Debug)]
+enum Recorded {
+    /// Inbound PUBREL (epoch bumped): then PUBCOMP.
+    Released { packet_id: u16 },
+    /// Outbound PUBREC (PUBREL state): then acknowledge the message and send PUBREL.
+    Received { packet_id: u16, consumer: ConsumerId, position: Position },
+    /// Outbound PUBCOMP (PUBREL state gone): then the packet id is free.
+    Completed { packet_id: u16 },
+}
+
+/// Most QoS 2 records written in one batch.
+const RECORD_BATCH_MAX: usize = 256;
+
+/// A task writing a connection's QoS 2 records in order, batching whatever has queued up into one
+/// atomic write (one commit), and reporting each in order: the answers (PUBCOMP, PUBREL) go out in
+/// the order of the packets that caused them [MQTT-4.6.0-4].
+fn spawn_recorder(
+    core: wharf_core::Core,
+    vhost: String,
+    events: mpsc::UnboundedSender<Event>,
+) -> mpsc::UnboundedSender<(StateWrite, Recorded)> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<(StateWrite, Recorded)>();
+    tokio::spawn(async move {
+        while let Some(first) = rx.recv().await {
+            let mut batch = vec![first];
+            while batch.len() < RECORD_BATCH_MAX
+                && let Ok(next) = rx.try_recv()
+            {
+                batch.push(next);
+            }
+            let (writes, recorded): (Vec<StateWrite>, Vec<Recorded>) = batch.into_iter().unzip();
+            let result = core.state_write(&vhost, writes).await;
+            if result.is_ok() {
+                // Recorded: messages whose PUBREC arrived are done in their queues.
+                let mut done: HashMap<ConsumerId, Vec<Position>> = HashMap::new();
+                for record in &recorded {
+                    if let Recorded::Received { consumer, position, .. } = record {
+                        done.entry(*consumer).or_default().push(*position);
+                    }
+                }
+                for (consumer, positions) in done {
+                    if let Err(error) = core.settle(consumer, &positions, Outcome::Ack).await {
+                        tracing::debug!(%error, "acknowledging received QoS 2 deliveries failed");
+                    }
+                }
+            }
+            for record in recorded {
+                let result = result.clone();
+                let event = match record {
+                    Recorded::Released { packet_id } => Event::Released { packet_id, result },
+                    Recorded::Received { packet_id, .. } => Event::Received { packet_id, result },
+                    Recorded::Completed { packet_id } => Event::Completed { packet_id, result },
+                };
+                if events.send(event).is_err() {
+                    return;
+                }
             }
         }
     });
@@ -1364,6 +1457,7 @@ async fn setup_session(
     resuming: bool,
     expiry_secs: u32,
     connection: ConnectionId,
+    will: Option<StoredWill>,
 ) -> CoreResult<(SessionRecord, bool)> {
     let vhost = &broker.config.vhost;
     let queue = session::session_queue(client_id);
@@ -1376,6 +1470,7 @@ async fn setup_session(
     {
         record.expiry_secs = expiry_secs;
         record.connected = true;
+        record.will = will;
         write_record(broker, client_id, &record).await?;
         return Ok((record, true));
     }
@@ -1390,6 +1485,7 @@ async fn setup_session(
         connected: true,
         disconnected_at_ms: 0,
         subscriptions: BTreeMap::new(),
+        will,
     };
     write_record(broker, client_id, &record).await?;
     Ok((record, false))

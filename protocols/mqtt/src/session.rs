@@ -112,8 +112,22 @@ impl StoredSubscription {
     }
 }
 
+/// A will message as the session keeps it (the will is part of the session state, MQTT 5
+/// section 4.1), so that a will pending when the broker stops is published after it restarts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StoredWill {
+    /// Will Topic.
+    pub topic: String,
+    /// Will Retain.
+    pub retain: bool,
+    /// Will Delay Interval, seconds.
+    pub delay_secs: u32,
+    /// The message to publish, already mapped (see `mapping::message_from_publish`).
+    pub message: Message,
+}
+
 /// A session, as stored in the core (owned by its session queue: deleting the queue deletes it).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct SessionRecord {
     /// Unique per session incarnation: part of the idempotency keys of inbound QoS 2 messages, so
     /// a new session reusing packet identifiers is never mistaken for the old one.
@@ -126,6 +140,9 @@ pub struct SessionRecord {
     pub disconnected_at_ms: u64,
     /// Subscriptions by topic filter (shared ones under their full `$share/...` filter).
     pub subscriptions: BTreeMap<String, StoredSubscription>,
+    /// The will of the connection holding the session, or of the last one if it ended without
+    /// DISCONNECT and the will is still waiting for its delay.
+    pub will: Option<StoredWill>,
 }
 
 impl SessionRecord {
@@ -210,6 +227,12 @@ mod tests {
             connected: true,
             disconnected_at_ms: 5,
             subscriptions: BTreeMap::new(),
+            will: Some(StoredWill {
+                topic: "w".into(),
+                retain: true,
+                delay_secs: 5,
+                message: Message::new("amq.topic", "w", "gone"),
+            }),
         };
         record.subscriptions.insert(
             "a/#".into(),
