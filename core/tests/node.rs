@@ -1,6 +1,8 @@
 //! End-to-end tests of the core API (`Core`): real Raft groups, proposers, state machines and
 //! background tasks, on in-memory storage (restarts reopen the same `MemStorage`) or on fjall.
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -9,20 +11,14 @@ use wharf_core::model::{FieldValue, Headers, Message, Position};
 use wharf_core::node::{ConsumeOptions, Consumer, ConsumerEvent, ExchangeSpec, QueueSpec};
 use wharf_core::queue::{ConsumerId, Delivery, Outcome};
 use wharf_core::raft::storage::MemStorage;
-use wharf_core::{Core, CoreConfig, CoreError, StorageKind};
+use wharf_core::{Core, CoreConfig, CoreError};
 
 fn config() -> CoreConfig {
-    let mut config = CoreConfig::single_node("/nonexistent");
-    config.storage = StorageKind::Memory;
-    config.shard_count = 3;
-    config.tick_interval_ms = 10;
-    config.raft_heartbeat_interval_ms = 50;
-    config.raft_election_timeout_min_ms = 150;
-    config
+    common::memory_config(3)
 }
 
 async fn open(storage: &MemStorage) -> Core {
-    Core::open_on(config(), Arc::new(storage.clone())).await.expect("open core")
+    common::open_on(config(), storage).await
 }
 
 fn args(pairs: &[(&str, FieldValue)]) -> Headers {

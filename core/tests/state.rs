@@ -2,6 +2,8 @@
 //! groups on in-memory storage (restarts reopen the same `MemStorage`, crashes drop what was not
 //! synced) or on fjall (restarts across snapshots).
 
+mod common;
+
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -10,20 +12,14 @@ use wharf_core::model::{FieldValue, Headers};
 use wharf_core::node::{ConsumeOptions, QueueSpec};
 use wharf_core::queue::ConsumerId;
 use wharf_core::raft::storage::MemStorage;
-use wharf_core::{Core, CoreConfig, CoreError, StateWrite, StorageKind};
+use wharf_core::{Core, CoreConfig, CoreError, StateWrite};
 
 fn config() -> CoreConfig {
-    let mut config = CoreConfig::single_node("/nonexistent");
-    config.storage = StorageKind::Memory;
-    config.shard_count = 2;
-    config.tick_interval_ms = 10;
-    config.raft_heartbeat_interval_ms = 50;
-    config.raft_election_timeout_min_ms = 150;
-    config
+    common::memory_config(2)
 }
 
 async fn open(storage: &MemStorage) -> Core {
-    Core::open_on(config(), Arc::new(storage.clone())).await.expect("open core")
+    common::open_on(config(), storage).await
 }
 
 async fn queue(core: &Core, vhost: &str, name: &str, durable: bool) {
