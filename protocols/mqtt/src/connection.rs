@@ -112,6 +112,8 @@ async fn read_connect<S: AsyncRead + AsyncWrite>(broker: &Broker, io: &mut Io<S>
             Err(error) => {
                 let version = peek_connect_version(&io.buf);
                 let connack = match (&error, version) {
+                    // Not MQTT at all: close without a CONNACK [MQTT-3.1.2-1].
+                    (DecodeError::UnknownProtocolName(_), _) => None,
                     (DecodeError::UnsupportedProtocolVersion { .. }, _) => Some((
                         ProtocolVersion::V3_1_1,
                         ConnAck {

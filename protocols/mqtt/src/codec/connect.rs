@@ -48,7 +48,7 @@ fn protocol_version(name: &str, level: u8) -> Result<ProtocolVersion, DecodeErro
         ("MQTT", 5) => Ok(ProtocolVersion::V5),
         ("MQIsdp", 3) => Ok(ProtocolVersion::V3_1),
         ("MQTT" | "MQIsdp", _) => Err(DecodeError::UnsupportedProtocolVersion { name: name.to_owned(), level }),
-        _ => Err(protocol(format!("[MQTT-3.1.2-1] unknown protocol name {name:?}"))),
+        _ => Err(DecodeError::UnknownProtocolName(name.to_owned())),
     }
 }
 

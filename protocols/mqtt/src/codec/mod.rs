@@ -527,7 +527,15 @@ pub enum DecodeError {
     /// DISCONNECT.
     #[error("topic filter invalid: {0}")]
     TopicFilterInvalid(String),
-    /// CONNECT with a protocol name or level this server does not speak. 3.1.1: CONNACK 0x01;
+    /// A Topic Alias of 0 [MQTT-3.3.2-8] (an alias above the maximum is the server's check, as
+    /// only it knows the maximum). MQTT 5: DISCONNECT 0x94 Topic Alias invalid.
+    #[error("topic alias invalid: {0}")]
+    TopicAliasInvalid(String),
+    /// CONNECT whose protocol name is neither `MQTT` nor `MQIsdp`: the server closes the connection
+    /// without a CONNACK [MQTT-3.1.2-1] (it cannot know which protocol's CONNACK to send).
+    #[error("unknown protocol name {0:?}")]
+    UnknownProtocolName(String),
+    /// CONNECT with a known protocol name and a level this server does not speak. 3.1.1: CONNACK 0x01;
     /// MQTT 5: CONNACK 0x84.
     #[error("unsupported protocol: name {name:?}, level {level}")]
     UnsupportedProtocolVersion {
@@ -544,7 +552,8 @@ impl DecodeError {
         match self {
             Self::TooLarge { .. } => ReasonCode::PACKET_TOO_LARGE,
             Self::Malformed(_) | Self::TopicFilterInvalid(_) => ReasonCode::MALFORMED_PACKET,
-            Self::Protocol(_) => ReasonCode::PROTOCOL_ERROR,
+            Self::Protocol(_) | Self::UnknownProtocolName(_) => ReasonCode::PROTOCOL_ERROR,
+            Self::TopicAliasInvalid(_) => ReasonCode::TOPIC_ALIAS_INVALID,
             Self::TopicNameInvalid(_) => ReasonCode::TOPIC_NAME_INVALID,
             Self::UnsupportedProtocolVersion { .. } => ReasonCode::UNSUPPORTED_PROTOCOL_VERSION,
         }

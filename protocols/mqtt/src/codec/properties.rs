@@ -210,8 +210,12 @@ pub(crate) fn read(
             }
             PropertyId::TopicAliasMaximum => set_once(&mut set.topic_alias_maximum, block.u16(what)?, what)?,
             PropertyId::TopicAlias => {
-                // [MQTT-3.3.2-8]: a Topic Alias of 0 is not permitted.
-                set_once(&mut set.topic_alias, non_zero_u16(block.u16(what)?, what)?, what)?;
+                // [MQTT-3.3.2-8]: a Topic Alias of 0 is not permitted (DISCONNECT 0x94).
+                let alias = block.u16(what)?;
+                if alias == 0 {
+                    return Err(DecodeError::TopicAliasInvalid(format!("[MQTT-3.3.2-8] {what}: 0 is not allowed")));
+                }
+                set_once(&mut set.topic_alias, alias, what)?;
             }
             PropertyId::MaximumQos => {
                 let value = block.u8(what)?;

@@ -1,0 +1,96 @@
+//! Interoperability with the Eclipse Paho Python client (paho-mqtt 2.1, MQTT 3.1.1 and 5): round
+//! trips at QoS 0, 1 and 2, retained messages, the Will, persistent sessions, over TCP, WebSocket
+//! (`/mqtt`) and TLS. The scenarios are in `paho/paho_check.py`, run with the venv made by
+//! `conformance/setup.sh`; each must exit 0.
+
+use std::path::Path;
+use std::process::Command;
+use std::time::Duration;
+
+use crate::harness::{Broker, python, run_with_timeout, workspace_dir};
+
+/// Longest a scenario may take (each waits at most 10 s for any one thing).
+const SCENARIO_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// How to reach the broker.
+struct Target<'a> {
+    port: u16,
+    transport: &'static str,
+    tls_ca: Option<&'a Path>,
+}
+
+/// Run each scenario against the broker, then fail listing every scenario that failed.
+fn run_scenarios(version: &str, target: &Target<'_>, scenarios: &[&str]) {
+    let python = python();
+    let script = workspace_dir().join("conformance/mqtt/paho/paho_check.py");
+    let mut failures = Vec::new();
+    for scenario in scenarios {
+        let mut command = Command::new(&python);
+        command
+            .arg(&script)
+            .arg(scenario)
+            .args(["--host", "127.0.0.1", "--port", &target.port.to_string(), "--version", version])
+            .args(["--transport", target.transport]);
+        if let Some(ca) = target.tls_ca {
+            command.arg("--tls-ca").arg(ca);
+        }
+        let (status, stdout, stderr) = run_with_timeout(&mut command, SCENARIO_TIMEOUT);
+        eprintln!("--- paho {scenario} (MQTT {version}, {}): {status}\n{stdout}{stderr}", target.transport);
+        if !status.success() {
+            failures.push(format!("{scenario}: {status}\n{stdout}{stderr}"));
+        }
+    }
+    assert!(failures.is_empty(), "paho scenarios failed:\n{}", failures.join("\n"));
+}
+
+fn tcp_scenarios(version: &str) {
+    python();
+    let broker = Broker::start();
+    let target = Target { port: broker.mqtt_port(), transport: "tcp", tls_ca: None };
+    run_scenarios(version, &target, &["roundtrip", "retained", "will", "session"]);
+}
+
+fn websocket_scenarios(version: &str) {
+    python();
+    let broker = Broker::start();
+    let target = Target { port: broker.ws_port(), transport: "websockets", tls_ca: None };
+    run_scenarios(version, &target, &["roundtrip", "will"]);
+}
+
+fn tls_scenarios(version: &str) {
+    python();
+    let broker = Broker::builder().tls().start();
+    let (port, files) = broker.tls().expect("the TLS listener");
+    let target = Target { port, transport: "tcp", tls_ca: Some(&files.cert) };
+    run_scenarios(version, &target, &["roundtrip", "session"]);
+}
+
+#[test]
+fn paho_mqttv311_roundtrip_retained_will_session() {
+    tcp_scenarios("311");
+}
+
+#[test]
+fn paho_mqttv5_roundtrip_retained_will_session() {
+    tcp_scenarios("5");
+}
+
+#[test]
+fn paho_mqttv311_over_websocket() {
+    websocket_scenarios("311");
+}
+
+#[test]
+fn paho_mqttv5_over_websocket() {
+    websocket_scenarios("5");
+}
+
+#[test]
+fn paho_mqttv311_over_tls() {
+    tls_scenarios("311");
+}
+
+#[test]
+fn paho_mqttv5_over_tls() {
+    tls_scenarios("5");
+}
