@@ -75,13 +75,19 @@ fn wharf() -> Command {
 /// A minimal HTTP/1.1 GET with `Connection: close`: the status code, or `None` if the server does
 /// not answer (yet).
 fn get_status(address: SocketAddr, path: &str) -> Option<u16> {
+    get(address, path).map(|(status, _)| status)
+}
+
+/// A minimal HTTP/1.1 GET with `Connection: close`: the status code and the body.
+fn get(address: SocketAddr, path: &str) -> Option<(u16, String)> {
     let mut stream = TcpStream::connect_timeout(&address, REQUEST_TIMEOUT).ok()?;
     stream.set_read_timeout(Some(REQUEST_TIMEOUT)).ok()?;
     stream.set_write_timeout(Some(REQUEST_TIMEOUT)).ok()?;
     write!(stream, "GET {path} HTTP/1.1\r\nHost: {address}\r\nConnection: close\r\n\r\n").ok()?;
     let mut response = String::new();
     stream.read_to_string(&mut response).ok()?;
-    response.split(' ').nth(1)?.parse().ok()
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    Some((head.split(' ').nth(1)?.parse().ok()?, body.to_owned()))
 }
 
 /// The loopback ports of one broker.
@@ -173,6 +179,14 @@ impl Broker {
     }
 
     /// The MQTT-over-TCP listener.
+    /// The Prometheus text of `/metrics`.
+    pub fn metrics(&self) -> String {
+        match get(loopback(self.ports.admin), "/metrics") {
+            Some((200, body)) => body,
+            other => panic!("GET /metrics answered {other:?}"),
+        }
+    }
+
     pub fn mqtt_addr(&self) -> SocketAddr {
         loopback(self.ports.mqtt)
     }

@@ -12,6 +12,7 @@
 mod rumqttc_client;
 
 mod harness;
+mod metrics;
 mod mosquitto;
 mod packets;
 mod paho;

@@ -72,7 +72,8 @@ class Conn:
         if args.transport == "websockets":
             client.ws_set_options(path="/mqtt")
         if args.tls_ca:
-            client.tls_set(ca_certs=args.tls_ca)
+            # With --client-cert/--client-key the client authenticates too (mTLS).
+            client.tls_set(ca_certs=args.tls_ca, certfile=args.client_cert, keyfile=args.client_key)
         if will is not None:
             topic, payload = will
             client.will_set(topic, payload, qos=1, retain=False)
@@ -259,6 +260,61 @@ def gen_cert(args):
         )
 
 
+def gen_client_cert(args):
+    """A CA (--cert/--key) and a client certificate it signs (--client-cert/--client-key), for mTLS."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def write(path, data):
+        with open(path, "wb") as f:
+            f.write(data)
+
+    def key_pem(key):
+        return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "wharf test client CA")])
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False, data_encipherment=False,
+                key_agreement=False, key_cert_sign=True, crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
+    client_key = ec.generate_private_key(ec.SECP256R1())
+    client = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "device-1")]))
+        .issuer_name(ca_name)
+        .public_key(client_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    write(args.cert, ca.public_bytes(serialization.Encoding.PEM))
+    write(args.key, key_pem(ca_key))
+    write(args.client_cert, client.public_bytes(serialization.Encoding.PEM))
+    write(args.client_key, key_pem(client_key))
+
+
 SCENARIOS = {
     "roundtrip": scenario_roundtrip,
     "retained": scenario_retained,
@@ -269,7 +325,7 @@ SCENARIOS = {
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=sorted(SCENARIOS) + ["gen-cert"])
+    parser.add_argument("scenario", choices=sorted(SCENARIOS) + ["gen-cert", "gen-client-cert"])
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int)
     parser.add_argument("--version", choices=["311", "5"], default="311")
@@ -277,9 +333,14 @@ def main():
     parser.add_argument("--tls-ca")
     parser.add_argument("--cert")
     parser.add_argument("--key")
+    parser.add_argument("--client-cert")
+    parser.add_argument("--client-key")
     args = parser.parse_args()
     if args.scenario == "gen-cert":
         gen_cert(args)
+        return 0
+    if args.scenario == "gen-client-cert":
+        gen_client_cert(args)
         return 0
     if args.port is None:
         parser.error("--port is required")
