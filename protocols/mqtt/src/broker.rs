@@ -376,7 +376,7 @@ impl Broker {
             // A retained copy is re-published to each new subscriber: it must not carry the
             // original's idempotency key, or it would be taken for a duplicate.
             stored.idempotency_key = None;
-            Some(session::encode_message(&stored))
+            Some(session::RetainedRecord { stored_ms: now_ms(), message: stored }.encode())
         };
         let deleting = value.is_none();
         self.core.state_write(&self.config.vhost, vec![StateWrite { key, value, owner: None }]).await?;
@@ -391,7 +391,8 @@ impl Broker {
         Ok(())
     }
 
-    /// Retained messages whose topic matches `filter`.
+    /// Retained messages whose topic matches `filter`, their expiry reduced by the time they were
+    /// retained; expired ones are left out (and stay stored until replaced: counted as retained).
     pub(crate) fn retained_matching(&self, filter: &str) -> Vec<(String, Message)> {
         self.core
             .state_scan(&self.config.vhost, session::RETAINED_KEY_PREFIX)
@@ -401,7 +402,8 @@ impl Broker {
                 if !crate::topic::filter_matches(filter, topic) {
                     return None;
                 }
-                Some((topic.to_owned(), session::decode_message(&value)?))
+                let message = session::RetainedRecord::decode(&value)?.current(now_ms())?;
+                Some((topic.to_owned(), message))
             })
             .collect()
     }

@@ -177,14 +177,39 @@ pub fn decode_epoch(bytes: &[u8]) -> Option<u32> {
     Some(u32::from_be_bytes(bytes.try_into().ok()?))
 }
 
-/// Encode a retained message.
-pub fn encode_message(message: &Message) -> bytes::Bytes {
-    postcard::to_stdvec(message).map(bytes::Bytes::from).unwrap_or_default()
+/// A retained message and when it was stored, so its Message Expiry Interval keeps running while
+/// it is retained [MQTT-3.3.2-5].
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RetainedRecord {
+    /// When it was stored, milliseconds since the Unix epoch.
+    pub stored_ms: u64,
+    /// The message as published.
+    pub message: Message,
 }
 
-/// Decode a retained message.
-pub fn decode_message(bytes: &[u8]) -> Option<Message> {
-    postcard::from_bytes(bytes).ok()
+impl RetainedRecord {
+    /// Encode for the state store.
+    pub fn encode(&self) -> bytes::Bytes {
+        postcard::to_stdvec(self).map(bytes::Bytes::from).unwrap_or_default()
+    }
+
+    /// Decode from the state store; `None` if unreadable.
+    pub fn decode(bytes: &[u8]) -> Option<Self> {
+        postcard::from_bytes(bytes).ok()
+    }
+
+    /// The message as it is to be sent at `now_ms`: its expiry reduced by the time it was
+    /// retained, or `None` once expired.
+    pub fn current(mut self, now_ms: u64) -> Option<Message> {
+        if let Some(ttl_ms) = self.message.properties.expiration_ms {
+            let retained_ms = now_ms.saturating_sub(self.stored_ms);
+            if retained_ms >= ttl_ms {
+                return None;
+            }
+            self.message.properties.expiration_ms = Some(ttl_ms - retained_ms);
+        }
+        Some(self.message)
+    }
 }
 
 /// The packet identifier of a delivery towards a client: a function of where the message lives,
@@ -246,5 +271,18 @@ mod tests {
         );
         assert_eq!(SessionRecord::decode(&record.encode()), Some(record));
         assert_eq!(decode_epoch(&encode_epoch(77)), Some(77));
+    }
+
+    // [MQTT-3.3.2-5]: a retained message's expiry keeps running while it is retained.
+    #[test]
+    fn mqtt_3_3_2_5_retained_messages_expire() {
+        let mut message = Message::new("amq.topic", "t", "x");
+        message.properties.expiration_ms = Some(10_000);
+        let record = RetainedRecord { stored_ms: 1_000, message };
+        let decoded = RetainedRecord::decode(&record.encode()).expect("round trip");
+        assert_eq!(decoded.clone().current(4_000).and_then(|m| m.properties.expiration_ms), Some(7_000));
+        assert_eq!(decoded.current(11_000), None);
+        let forever = RetainedRecord { stored_ms: 0, message: Message::new("amq.topic", "t", "x") };
+        assert!(forever.current(u64::MAX).is_some());
     }
 }
