@@ -280,3 +280,47 @@ fn mqtt_3_1_2_5_persistent_session_survives_sigterm_restart() {
     let got = sub.receive_acking(1, Duration::from_millis(500), "a live message on the restored subscription");
     assert_eq!(got[0].payload, b"after");
 }
+
+/// [MQTT-3.1.2-8], [MQTT-3.1.3-9] across a crash: the will is part of the session state, so a
+/// client whose connection died with the broker (SIGKILL) has its will published after the restart,
+/// once its Will Delay Interval has passed; a will removed by a normal DISCONNECT is not.
+#[test]
+fn mqtt5_3_1_3_9_will_published_after_a_crash_and_restart() {
+    let mut broker = Broker::start();
+    let expiry = [crate::raw::Prop::Four(0x11, 300)];
+    let subscriber = Connect::v5("crash-will-sub").clean(false).properties(&expiry);
+    let (mut sub, _) = Raw::session(broker.mqtt_addr(), &subscriber);
+    sub.subscribe(1, "crash/will/#", 1);
+    sub.send(&crate::raw::disconnect(true, 0));
+    sub.expect_eventually_closed("DISCONNECT");
+    let delayed = crate::raw::Will {
+        topic: "crash/will/delayed",
+        payload: b"gone",
+        qos: 1,
+        retain: false,
+        properties: crate::raw::props(&[crate::raw::Prop::Four(0x18, 2)]),
+    };
+    let (_dying, _) =
+        Raw::session(broker.mqtt_addr(), &Connect::v5("crash-will-client").properties(&expiry).will(delayed));
+    let polite = crate::raw::Will {
+        topic: "crash/will/polite",
+        payload: b"never",
+        qos: 1,
+        retain: false,
+        properties: crate::raw::props(&[]),
+    };
+    let (mut leaving, _) =
+        Raw::session(broker.mqtt_addr(), &Connect::v5("crash-will-polite").properties(&expiry).will(polite));
+    leaving.send(&crate::raw::disconnect(true, 0));
+    leaving.expect_eventually_closed("DISCONNECT");
+    broker.kill();
+    broker.restart();
+    let restarted = Instant::now();
+    let (mut sub, connack) = Raw::session(broker.mqtt_addr(), &subscriber);
+    assert!(connack.session_present, "the subscriber's session must survive the crash");
+    let got = sub.receive_acking(1, Duration::from_secs(3), "the will of the client lost with the crash");
+    let topics: Vec<&str> = got.iter().map(|m| m.topic.as_str()).collect();
+    assert_eq!(topics, vec!["crash/will/delayed"], "only the delayed will of the lost connection");
+    assert_eq!(got[0].payload, b"gone");
+    assert!(restarted.elapsed() >= Duration::from_millis(1500), "the will must wait for its delay after the restart");
+}

@@ -1258,7 +1258,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             }
         }
         let _ = self.io.flush().await;
-        let _ = self.io.writer.shutdown().await;
         let seqs: Vec<u64> = self.consumers.keys().copied().collect();
         for seq in seqs {
             self.stop_consumer(seq).await;
@@ -1306,6 +1305,9 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }
         broker.unregister(&self.client_id, self.seq);
         drop(guard);
+        // The socket closes last: once the client sees it closed, what its DISCONNECT changed
+        // (the will removed, the session stored) is committed.
+        let _ = self.io.writer.shutdown().await;
         let _ = self.done.send(true);
     }
 
