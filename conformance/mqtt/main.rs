@@ -20,3 +20,4 @@ mod raw;
 mod restart;
 mod rumqttc_v4;
 mod rumqttc_v5;
+mod wills;
