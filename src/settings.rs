@@ -161,6 +161,7 @@ macro_rules! limits_settings {
 limits_settings! {
     message_size_max_bytes: u64 => "Largest message payload accepted, in bytes.",
     name_len_max_bytes: u32 => "Longest exchange, queue, vhost or routing key name, in bytes (at most 255).",
+    binding_key_len_max_bytes: u32 => "Longest binding key (topic pattern), in bytes (MQTT topic filters can be 65,535).",
     queue_messages_max: u64 => "Most messages held by one queue partition when the queue sets no x-max-length.",
     queue_bytes_max: u64 => "Most payload bytes held by one queue partition when the queue sets no x-max-length-bytes.",
     consumer_inflight_max: u32 => "Most unacknowledged deliveries one consumer may hold on one partition.",

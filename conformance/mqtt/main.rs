@@ -20,4 +20,5 @@ mod raw;
 mod restart;
 mod rumqttc_v4;
 mod rumqttc_v5;
+mod topics;
 mod wills;

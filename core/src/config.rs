@@ -100,6 +100,9 @@ pub struct Limits {
     pub message_size_max_bytes: u64,
     /// Longest exchange, queue, vhost or routing key name (AMQP short strings are 255 bytes).
     pub name_len_max_bytes: u32,
+    /// Longest binding key (pattern). AMQP's own are short strings (255 bytes) on the wire; MQTT
+    /// topic filters, bound as topic patterns, can be 65,535 bytes.
+    pub binding_key_len_max_bytes: u32,
     /// Most messages held by one queue partition (ready, unacked and delayed) when the queue sets
     /// no `x-max-length`; the whole state machine lives in memory, so this bounds memory.
     pub queue_messages_max: u64,
@@ -165,6 +168,7 @@ impl Default for Limits {
         Self {
             message_size_max_bytes: 16 * 1024 * 1024,
             name_len_max_bytes: 255,
+            binding_key_len_max_bytes: 65_535,
             queue_messages_max: 1_000_000,
             queue_bytes_max: 1024 * 1024 * 1024,
             consumer_inflight_max: 10_000,
@@ -196,9 +200,10 @@ impl Default for Limits {
 impl Limits {
     /// Check that every limit is positive and that related limits agree.
     pub fn validate(&self) -> Result<(), ConfigError> {
-        let positive: [(&'static str, u64); 26] = [
+        let positive: [(&'static str, u64); 27] = [
             ("limits.message_size_max_bytes", self.message_size_max_bytes),
             ("limits.name_len_max_bytes", self.name_len_max_bytes.into()),
+            ("limits.binding_key_len_max_bytes", self.binding_key_len_max_bytes.into()),
             ("limits.queue_messages_max", self.queue_messages_max),
             ("limits.queue_bytes_max", self.queue_bytes_max),
             ("limits.consumer_inflight_max", self.consumer_inflight_max.into()),

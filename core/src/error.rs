@@ -63,6 +63,7 @@ impl CoreError {
 const LIMIT_KEYS: &[&str] = &[
     "limits.message_size_max_bytes",
     "limits.name_len_max_bytes",
+    "limits.binding_key_len_max_bytes",
     "limits.queue_messages_max",
     "limits.queue_bytes_max",
     "limits.consumer_inflight_max",

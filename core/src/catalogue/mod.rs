@@ -1312,7 +1312,15 @@ impl Catalogue {
         if binding.source.is_empty() || matches!(&binding.destination, Destination::Exchange(name) if name.is_empty()) {
             return Err(CoreError::AccessRefused(DEFAULT_EXCHANGE_REFUSED.into()));
         }
-        self.check_name_len("routing key", &binding.routing_key)?;
+        // Binding keys have their own limit: MQTT topic filters are bound as patterns and can be far
+        // longer than AMQP's short strings.
+        let max = self.limits.binding_key_len_max_bytes;
+        if binding.routing_key.len() > max as usize {
+            return Err(CoreError::InvalidArgument(format!(
+                "binding key is {} bytes, longer than limits.binding_key_len_max_bytes ({max})",
+                binding.routing_key.len()
+            )));
+        }
         let source = host.exchanges.get(&binding.source).ok_or_else(|| no_exchange(vhost, &binding.source))?;
         match &binding.destination {
             Destination::Queue(name) => {
@@ -2012,6 +2020,7 @@ mod tests {
             exchanges_max: 7,
             bindings_max: 2,
             name_len_max_bytes: 10,
+            binding_key_len_max_bytes: 10,
             partitions_per_queue_max: 4,
             ..Limits::default()
         };
@@ -2045,7 +2054,9 @@ mod tests {
         unbind(&mut catalogue, "x", q("a"), "1");
         let error =
             refused(&mut catalogue, MetaCommand::Bind { binding: binding("x", q("b"), &long), connection: None });
-        assert!(matches!(&error, CoreError::InvalidArgument(text) if text.contains("limits.name_len_max_bytes")));
+        assert!(
+            matches!(&error, CoreError::InvalidArgument(text) if text.contains("limits.binding_key_len_max_bytes"))
+        );
         let mut wide = queue("a");
         wide.arguments.push("x-partitions", FieldValue::I32(5));
         assert_eq!(
