@@ -20,5 +20,6 @@ mod raw;
 mod restart;
 mod rumqttc_v4;
 mod rumqttc_v5;
+mod shared;
 mod topics;
 mod wills;

@@ -326,6 +326,14 @@ impl Broker {
     /// Delete a session: its queue and, with it, every record it owns.
     pub(crate) async fn end_session(&self, client_id: &str) {
         let queue = session::session_queue(client_id);
+        let shared: Vec<String> = self
+            .core
+            .state_get(&self.config.vhost, &session::session_key(client_id))
+            .and_then(|value| SessionRecord::decode(&value))
+            .map(|record| {
+                record.subscriptions.into_keys().filter(|f| crate::topic::split_shared(f).is_some()).collect()
+            })
+            .unwrap_or_default();
         match self.core.delete_queue(&self.config.vhost, &queue, false, false, None).await {
             Ok(_) => self.session_count(-1),
             Err(CoreError::NotFound(_)) => {}
@@ -339,6 +347,32 @@ impl Broker {
                 vec![StateWrite { key: session::session_key(client_id), value: None, owner: None }],
             )
             .await;
+        for filter in shared {
+            self.release_shared(&filter).await;
+        }
+    }
+
+    /// A session dropped the shared subscription `filter`: when no stored session holds it any
+    /// more and no member consumes from it, the group's queue is deleted, so messages stop piling
+    /// up for a group that is gone.
+    pub(crate) async fn release_shared(&self, filter: &str) {
+        let Some((group, inner)) = crate::topic::split_shared(filter) else { return };
+        let still_held = self
+            .core
+            .state_scan(&self.config.vhost, session::SESSION_KEY_PREFIX)
+            .into_iter()
+            .filter_map(|(_, value)| SessionRecord::decode(&value))
+            .any(|record| record.subscriptions.contains_key(filter));
+        if still_held {
+            return;
+        }
+        let name_len_max = self.core.config().limits.name_len_max_bytes as usize;
+        let queue = session::shared_queue(group, inner, name_len_max);
+        // `if_unused`: a member subscribing at this moment keeps the queue.
+        match self.core.delete_queue(&self.config.vhost, &queue, true, false, None).await {
+            Ok(_) | Err(CoreError::NotFound(_) | CoreError::PreconditionFailed(_)) => {}
+            Err(error) => tracing::warn!(filter, %error, "deleting an unused shared subscription queue failed"),
+        }
     }
 
     /// Publish a will message (with its properties and RETAIN) as its client would have.

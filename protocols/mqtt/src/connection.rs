@@ -815,7 +815,18 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                             return Some(Close::Server(ReasonCode::ADMINISTRATIVE_ACTION, "session deleted".into()));
                         }
                         Source::Shared(filter) => {
+                            // Deleted by another member's release racing this subscription, or by
+                            // an administrator: declare it again while subscribed.
                             tracing::info!(client = self.client_id, filter, "shared subscription queue deleted");
+                            if self.subscriptions.contains_key(&filter) {
+                                let attached = match self.ensure_shared_queue(&filter).await {
+                                    Ok(queue) => self.consume(Source::Shared(filter.clone()), queue).await,
+                                    Err(error) => Err(error),
+                                };
+                                if let Err(error) = attached {
+                                    tracing::warn!(client = self.client_id, filter, %error, "re-attaching a shared subscription failed");
+                                }
+                            }
                         }
                     }
                 }
@@ -1215,6 +1226,11 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }
         if let Err(error) = self.save_record().await {
             return Some(Close::Server(ReasonCode::UNSPECIFIED_ERROR, format!("saving the session failed: {error}")));
+        }
+        for filter in &unsubscribe.filters {
+            if topic::split_shared(filter).is_some() && !self.subscriptions.contains_key(filter) {
+                self.broker.release_shared(filter).await;
+            }
         }
         if !self.version.is_v5() {
             reason_codes.clear();
