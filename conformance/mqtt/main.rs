@@ -16,6 +16,7 @@ mod metrics;
 mod mosquitto;
 mod packets;
 mod paho;
+mod pipelining;
 mod raw;
 mod restart;
 mod rumqttc_v4;

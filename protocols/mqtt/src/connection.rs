@@ -545,10 +545,19 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 break Close::Lost;
             }
             self.flush_settles();
+            // Packets already buffered go first: a client may send SUBSCRIBE right behind CONNECT
+            // in one segment, and a paused reader leaves whole packets behind.
+            if !self.input_paused() && !self.io.buf.is_empty() {
+                if let Some(close) = self.handle_input().await {
+                    break close;
+                }
+                if let Err(error) = self.io.flush().await {
+                    tracing::debug!(client = self.client_id, %error, "write failed");
+                    break Close::Lost;
+                }
+            }
             let keep_alive_deadline = self.keep_alive.map(|k| self.last_packet + k);
-            // MQTT 3.1.1 has no Receive Maximum: flow control is to stop reading.
-            let paused =
-                !self.version.is_v5() && self.inbound_unacked >= usize::from(self.broker.config.receive_maximum);
+            let paused = self.input_paused();
             tokio::select! {
                 filled = self.io.fill(), if !paused => {
                     if !filled {
@@ -585,8 +594,17 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     /// Decode and handle every complete packet in the buffer.
+    /// MQTT 3.1.1 has no Receive Maximum: its flow control is to stop reading (and decoding) while
+    /// `mqtt.receive_maximum` PUBLISHes wait for their commit.
+    fn input_paused(&self) -> bool {
+        !self.version.is_v5() && self.inbound_unacked >= usize::from(self.broker.config.receive_maximum)
+    }
+
     async fn handle_input(&mut self) -> Option<Close> {
         loop {
+            if self.input_paused() {
+                return None;
+            }
             let before = self.io.buf.len();
             match codec::decode(&mut self.io.buf, Some(self.version), self.broker.config.packet_size_max_bytes) {
                 Ok(Some(packet)) => {
