@@ -232,6 +232,8 @@ async fn serve_websocket(broker: Arc<Broker>, stream: TcpStream, peer: String) {
         () = inbound => {}
         () = outbound => {}
     }
+    // The engine sees the end of its stream at once (rather than lingering on an open pipe).
+    drop((from_engine, to_engine));
     let _ = engine.await;
 }
 

@@ -13,8 +13,9 @@ use std::time::{Duration, Instant};
 
 use crate::harness::Broker;
 use crate::raw::{
-    self, CONNACK, Connect, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, Prop, Publish, Raw, SUBACK, SUBSCRIBE,
-    UNSUBACK, UNSUBSCRIBE, Will, ack, hex, packet, prop, subscribe, subscribe_with, unsubscribe_with,
+    self, CLOSE_TIMEOUT, CONNACK, Connect, Next, PINGREQ, PUBACK, PUBCOMP, PUBLISH, PUBREC, PUBREL, Prop, Publish, Raw,
+    SUBACK, SUBSCRIBE, UNSUBACK, UNSUBSCRIBE, Will, ack, hex, packet, prop, subscribe, subscribe_with,
+    unsubscribe_with,
 };
 
 // MQTT 5 reason codes.
@@ -678,6 +679,44 @@ fn mqtt5_3_3_4_7_receive_maximum_exceeded() {
     // Ids 2 and 3 are outstanding: a third is one too many.
     raw.send_lenient(&publish(4));
     raw.expect_disconnect(&[RECEIVE_MAXIMUM_EXCEEDED], "a third unacknowledged QoS 2 PUBLISH with Receive Maximum 2");
+}
+
+/// [MQTT-4.13.1-1]: the server closes after a protocol error, and should send DISCONNECT with the
+/// reason first. A client still sending when the server closes (here the PUBRELs a QoS 2 publisher
+/// sends while it reads its backlog of PUBRECs, as the Paho interoperability suite's
+/// `test_flow_control2` does) can still write, reads the DISCONNECT, and sees the connection end
+/// in order: a reset would fail its writes and can destroy the DISCONNECT before it is read.
+#[test]
+fn mqtt5_4_13_1_1_disconnect_reaches_a_client_still_sending() {
+    let broker = Broker::builder().env("WHARF__MQTT__RECEIVE_MAXIMUM", 2).start();
+    let (mut raw, _) = Raw::session(broker.mqtt_addr(), &Connect::v5("linger"));
+    let publish = |id: u16| Publish::new("linger/t", 2, b"x").id(id).v5(&[]).encode();
+    // Three unacknowledged QoS 2 PUBLISHes in one write: the third exceeds Receive Maximum 2.
+    let burst: Vec<u8> = [1, 2, 3].into_iter().flat_map(publish).collect();
+    raw.send(&burst);
+    // Give the server time to send DISCONNECT and finish its teardown, then write more without
+    // having read anything.
+    sleep(Duration::from_secs(1));
+    for id in [1, 2] {
+        if let Err(error) = raw.try_send(&ack(PUBREL, id)) {
+            panic!("PUBREL {id} written after the server's DISCONNECT: {error} (the connection was reset)");
+        }
+        sleep(Duration::from_millis(100));
+    }
+    let mut packets = Vec::new();
+    loop {
+        match raw.next(CLOSE_TIMEOUT) {
+            Next::Packet(packet) => packets.push(packet),
+            Next::Closed => break,
+            Next::Timeout => panic!("the connection is still open {CLOSE_TIMEOUT:?} after DISCONNECT"),
+        }
+    }
+    let shown: Vec<String> = packets.iter().map(|p| hex(&p.bytes())).collect();
+    let (last, before) = packets.split_last().unwrap_or_else(|| panic!("nothing before the close: {shown:?}"));
+    assert_eq!(last.kind(), raw::DISCONNECT, "the last packet before the close: {shown:?}");
+    assert_eq!(last.disconnect_reason(), RECEIVE_MAXIMUM_EXCEEDED, "DISCONNECT reason: {shown:?}");
+    assert!(before.iter().all(|p| p.kind() == PUBREC), "only PUBRECs may precede the DISCONNECT: {shown:?}");
+    assert!(!raw.closed_by_reset(), "the connection ended with a reset, not in order, after {shown:?}");
 }
 
 /// The server does not send more unacknowledged QoS 1/2 PUBLISHes than the client's Receive

@@ -572,6 +572,8 @@ pub struct Raw {
     stream: TcpStream,
     buf: Vec<u8>,
     closed: bool,
+    /// The closure was a reset (the server's socket refused what we sent), not an end of stream.
+    reset: bool,
     /// MQTT 5 framing for the helpers that decode.
     pub v5: bool,
 }
@@ -581,7 +583,7 @@ impl Raw {
         let stream = TcpStream::connect_timeout(&address, REPLY_TIMEOUT)
             .unwrap_or_else(|error| panic!("connect to {address}: {error}"));
         stream.set_nodelay(true).expect("nodelay");
-        Self { stream, buf: Vec::new(), closed: false, v5: false }
+        Self { stream, buf: Vec::new(), closed: false, reset: false, v5: false }
     }
 
     /// Send bytes; panics if the connection is already broken.
@@ -592,6 +594,16 @@ impl Raw {
     /// Send bytes the server may refuse by closing (a write error is not a failure).
     pub fn send_lenient(&mut self, bytes: &[u8]) {
         let _ = self.stream.write_all(bytes);
+    }
+
+    /// Send bytes, returning the write error (a reset connection fails with broken pipe).
+    pub fn try_send(&mut self, bytes: &[u8]) -> std::io::Result<()> {
+        self.stream.write_all(bytes)
+    }
+
+    /// Whether the connection ended with a reset rather than in order (end of stream).
+    pub fn closed_by_reset(&self) -> bool {
+        self.reset
     }
 
     /// Close the socket without DISCONNECT (an abnormal disconnection).
@@ -621,7 +633,10 @@ impl Raw {
                 Err(error) if matches!(error.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {}
                 Err(error) if error.kind() == ErrorKind::Interrupted => {}
                 // Reset, aborted, broken pipe: the server closed the connection.
-                Err(_) => self.closed = true,
+                Err(error) => {
+                    self.reset = matches!(error.kind(), ErrorKind::ConnectionReset | ErrorKind::ConnectionAborted);
+                    self.closed = true;
+                }
             }
         }
     }
@@ -776,7 +791,7 @@ impl Raw {
     pub fn try_session(address: SocketAddr, connect: &Connect<'_>) -> Option<(Self, ConnAck)> {
         let stream = TcpStream::connect_timeout(&address, REPLY_TIMEOUT).ok()?;
         stream.set_nodelay(true).ok()?;
-        let mut raw = Self { stream, buf: Vec::new(), closed: false, v5: connect.level == 5 };
+        let mut raw = Self { stream, buf: Vec::new(), closed: false, reset: false, v5: connect.level == 5 };
         raw.stream.write_all(&connect.encode()).ok()?;
         match raw.next(REPLY_TIMEOUT) {
             Next::Packet(packet) if packet.kind() == CONNACK => {

@@ -34,6 +34,14 @@ use crate::topic;
 /// Bytes read from the socket at a time (the buffer grows to a whole packet when needed).
 const READ_CHUNK_BYTES: usize = 8 * 1024;
 
+/// How long a connection the server closes keeps reading, and discarding, what the client still
+/// sends after the server's DISCONNECT (a lingering close, as HTTP servers do). A socket closed
+/// while the client's packets keep arriving answers them with a reset, which makes the client's
+/// next write fail and, on TCP stacks that flush their queues on a reset, drops the DISCONNECT
+/// and its reason code before the client reads it. Long enough for a client to read a backlog of
+/// acknowledgements; short enough that a client which never closes holds its slot briefly.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// Binding argument carrying the MQTT filter, so two filters with the same AMQP pattern (`a/+`
 /// and the literal `a/*`) are distinct bindings.
 const BINDING_FILTER: &str = "x-mqtt-filter";
@@ -92,6 +100,18 @@ impl<S: AsyncRead + AsyncWrite> Io<S> {
             self.out.clear();
         }
         self.writer.flush().await
+    }
+
+    /// After the write side is shut down: read and discard until the client closes its side, the
+    /// stream fails, or `LINGER` has passed.
+    async fn linger(&mut self) {
+        let deadline = Instant::now() + LINGER;
+        loop {
+            self.buf.clear();
+            if !matches!(tokio::time::timeout_at(deadline, self.fill()).await, Ok(true)) {
+                return;
+            }
+        }
     }
 }
 
@@ -1276,8 +1296,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     /// Tear the connection down: tell an MQTT 5 client why, stop consuming (unacknowledged
-    /// deliveries return to the queue), store or end the session, and handle the will.
+    /// deliveries return to the queue), store or end the session, handle the will, and close
+    /// (lingering when the server decided it).
     async fn finish(mut self, close: Close) {
+        let server_closed = matches!(&close, Close::Server(reason, _) if *reason != ReasonCode::SERVER_SHUTTING_DOWN);
         if let Close::Server(reason, text) = &close {
             tracing::debug!(client = self.client_id, reason = reason.0, text, "closing connection");
             // MQTT 5 servers may send DISCONNECT before closing [MQTT-4.13.1-1]; never for
@@ -1343,6 +1365,12 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         // (the will removed, the session stored) is committed.
         let _ = self.io.writer.shutdown().await;
         let _ = self.done.send(true);
+        // A close the server decided lingers, so the DISCONNECT (MQTT 5) and what preceded it
+        // reach a client that is still sending [MQTT-4.13.1-1]; not at shutdown, which must not
+        // wait for clients.
+        if server_closed {
+            self.io.linger().await;
+        }
     }
 
     /// Queue a packet for the client, honouring its Maximum Packet Size for what can shrink.
