@@ -970,3 +970,24 @@ async fn deliveries_carry_their_enqueued_time_across_a_restart() {
 fn now_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).expect("after 1970").as_millis() as u64
 }
+
+/// The catalogue enforces the configured limits, not its built-in defaults, and a restart with
+/// other limits adopts them.
+#[tokio::test]
+async fn configured_catalogue_limits_are_enforced_and_follow_restarts() {
+    let storage = MemStorage::new();
+    let mut limited = config();
+    limited.limits.queues_max = 2;
+    let core = common::open_on(limited.clone(), &storage).await;
+    queue(&core, "one", Headers::new()).await;
+    queue(&core, "two", Headers::new()).await;
+    let spec = QueueSpec { vhost: "/".into(), name: "three".into(), durable: true, ..QueueSpec::default() };
+    let refused = core.declare_queue(spec.clone()).await.expect_err("a third queue is over limits.queues_max");
+    assert!(matches!(refused, CoreError::LimitExceeded { limit: "limits.queues_max", .. }), "{refused:?}");
+    core.shutdown().await.expect("shutdown");
+
+    limited.limits.queues_max = 3;
+    let core = common::open_on(limited, &storage).await;
+    core.declare_queue(spec).await.expect("the raised limit is adopted after a restart");
+    core.shutdown().await.expect("shutdown");
+}

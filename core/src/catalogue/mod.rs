@@ -187,6 +187,10 @@ pub struct QueueDeclare {
 /// A command of the meta group.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub enum MetaCommand {
+    /// Adopt the configured limits (proposed at start when they differ from the replicated ones, so
+    /// every replica enforces the same limits from the same log position on). Objects that
+    /// already exceed a lowered limit stay; only new ones are refused.
+    SetLimits(Limits),
     /// Create a vhost with the predeclared exchanges. Creating an existing vhost succeeds.
     CreateVhost {
         /// Vhost name.
@@ -1391,6 +1395,10 @@ impl ReplicatedState for Catalogue {
     /// it was and pushes no effect.
     fn apply(&mut self, now_ms: u64, command: MetaCommand, effects: &mut Vec<MetaEffect>) -> MetaReply {
         let result = match command {
+            MetaCommand::SetLimits(limits) => {
+                self.limits = limits;
+                Ok(MetaReply::Ok)
+            }
             MetaCommand::CreateVhost { name } => self.create_vhost(name),
             MetaCommand::DeleteVhost { name } => self.delete_vhost(&name, effects),
             MetaCommand::DeclareExchange(declare) => self.declare_exchange(declare),

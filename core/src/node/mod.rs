@@ -340,6 +340,11 @@ impl Core {
     async fn recover(&self) -> CoreResult<()> {
         let node = self.inner.config.node_id;
         let incarnation = self.inner.incarnation;
+        // The catalogue enforces the limits in its replicated state: adopt the configured ones.
+        let limits = &self.inner.config.limits;
+        if self.inner.meta.reader.read(|c| c.limits() != limits) {
+            self.meta(MetaCommand::SetLimits(limits.clone())).await?;
+        }
         if !self.inner.meta.reader.read(|c| c.has_vhost(DEFAULT_VHOST)) {
             self.meta(MetaCommand::CreateVhost { name: DEFAULT_VHOST.into() }).await?;
         }
