@@ -3,6 +3,7 @@
 # it is already there (safe to run before every test run; .ci/run does):
 #   - Mosquitto's command-line clients (mosquitto_pub, mosquitto_sub) from the distribution's
 #     mosquitto-clients package, with apt-get (as root, or through sudo);
+#   - MQTT.js (npm package mqtt, pinned) under target/conformance-node, with the machine's Node.js;
 #   - a Python venv at target/conformance-venv with paho-mqtt 2.1.x, and cryptography (used to
 #     make a TLS certificate when the openssl command is missing), from PyPI.
 # The tests find the venv at <workspace>/target/conformance-venv/bin/python and fail, naming this
@@ -76,4 +77,21 @@ else
         exit 1
     fi
     echo "python venv: ready ($VENV, paho-mqtt $("$VENV/bin/python" -c 'import paho.mqtt; print(paho.mqtt.__version__)'))"
+fi
+
+# --- MQTT.js (npm) --------------------------------------------------------------------------------
+NODE_DIR=target/conformance-node
+MQTTJS_VERSION=5.16.0
+if [ -f "$NODE_DIR/node_modules/mqtt/package.json" ] \
+    && grep -q "\"version\": \"$MQTTJS_VERSION\"" "$NODE_DIR/node_modules/mqtt/package.json"; then
+    echo "MQTT.js: present ($NODE_DIR, mqtt $MQTTJS_VERSION)"
+else
+    if ! command -v npm >/dev/null 2>&1; then
+        echo "Node.js/npm: installing with apt-get"
+        as_root apt-get update
+        as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends nodejs npm
+    fi
+    echo "MQTT.js: installing mqtt@$MQTTJS_VERSION into $NODE_DIR"
+    mkdir -p "$NODE_DIR"
+    npm install --prefix "$NODE_DIR" --no-audit --no-fund --loglevel=error "mqtt@$MQTTJS_VERSION"
 fi

@@ -14,6 +14,7 @@ mod rumqttc_client;
 mod harness;
 mod metrics;
 mod mosquitto;
+mod mqttjs;
 mod packets;
 mod paho;
 mod pipelining;
