@@ -1,6 +1,7 @@
-//! The MQTT listeners: plain TCP, TLS (rustls, optional client certificates) and MQTT over
-//! WebSocket (path `/mqtt`, subprotocol `mqtt`). Accepts connections up to the configured maximum
-//! and hands each byte stream to `wharf_mqtt::serve`; owns sockets and nothing else.
+//! The protocol listeners: MQTT over plain TCP, TLS (rustls, optional client certificates) and
+//! WebSocket (path `/mqtt`, subprotocol `mqtt`); AMQP 0-9-1 over TCP and TLS. Accepts connections
+//! up to the configured maximum and hands each byte stream to its front-end (`wharf_mqtt::serve`,
+//! `wharf_amqp::serve`); owns sockets and nothing else.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -36,9 +37,27 @@ const WEBSOCKET_BRIDGE_BYTES: usize = 64 * 1024;
 /// Which kind of listener.
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Tcp,
-    Tls,
-    WebSocket,
+    MqttTcp,
+    MqttTls,
+    MqttWebSocket,
+    AmqpTcp,
+    AmqpTls,
+}
+
+/// The protocol front-ends connections are handed to.
+#[derive(Debug, Clone)]
+pub struct FrontEnds {
+    /// MQTT.
+    pub mqtt: Arc<Broker>,
+    /// AMQP 0-9-1.
+    pub amqp: Arc<wharf_amqp::Broker>,
+}
+
+/// TLS acceptors, one per protocol (they differ in ALPN).
+#[derive(Clone)]
+struct Acceptors {
+    mqtt: TlsAcceptor,
+    amqp: TlsAcceptor,
 }
 
 /// The running listeners.
@@ -50,15 +69,23 @@ pub struct Listeners {
 
 impl Listeners {
     /// Bind every configured listener and start accepting.
-    pub async fn start(settings: &ListenerSettings, broker: Arc<Broker>) -> anyhow::Result<Self> {
+    pub async fn start(settings: &ListenerSettings, front_ends: FrontEnds) -> anyhow::Result<Self> {
         let (stop, stopped) = watch::channel(false);
         let limit = Arc::new(Semaphore::new(settings.connections_max as usize));
         let mut tasks = JoinSet::new();
-        let tls = tls_acceptor(settings)?;
-        let mut plan: Vec<(&'static str, &str, Kind)> =
-            vec![("mqtt", &settings.mqtt, Kind::Tcp), ("mqtt_ws", &settings.mqtt_ws, Kind::WebSocket)];
+        let tls = tls_config(settings)?.map(|config| {
+            let mut mqtt = config.clone();
+            mqtt.alpn_protocols = vec![b"mqtt".to_vec()];
+            Acceptors { mqtt: TlsAcceptor::from(Arc::new(mqtt)), amqp: TlsAcceptor::from(Arc::new(config)) }
+        });
+        let mut plan: Vec<(&'static str, &str, Kind)> = vec![
+            ("mqtt", &settings.mqtt, Kind::MqttTcp),
+            ("mqtt_ws", &settings.mqtt_ws, Kind::MqttWebSocket),
+            ("amqp", &settings.amqp, Kind::AmqpTcp),
+        ];
         if tls.is_some() {
-            plan.push(("mqtt_tls", &settings.mqtt_tls, Kind::Tls));
+            plan.push(("mqtt_tls", &settings.mqtt_tls, Kind::MqttTls));
+            plan.push(("amqp_tls", &settings.amqp_tls, Kind::AmqpTls));
         }
         for (name, address, kind) in plan {
             if address.is_empty() {
@@ -68,11 +95,11 @@ impl Listeners {
             let listener =
                 TcpListener::bind(address).await.with_context(|| format!("binding listeners.{name} on {address}"))?;
             let local = listener.local_addr()?;
-            info!(listener = name, address = %local, "MQTT listening");
+            info!(listener = name, address = %local, "listening");
             tasks.spawn(accept_loop(
                 listener,
                 kind,
-                Arc::clone(&broker),
+                front_ends.clone(),
                 Arc::clone(&limit),
                 tls.clone(),
                 stopped.clone(),
@@ -88,9 +115,9 @@ impl Listeners {
     }
 }
 
-/// The TLS acceptor, when a certificate is configured; with a client CA, client certificates are
-/// required and verified (mTLS).
-fn tls_acceptor(settings: &ListenerSettings) -> anyhow::Result<Option<TlsAcceptor>> {
+/// The TLS configuration, when a certificate is configured; with a client CA, client certificates
+/// are required and verified (mTLS).
+fn tls_config(settings: &ListenerSettings) -> anyhow::Result<Option<rustls::ServerConfig>> {
     use rustls::pki_types::pem::PemObject;
     use rustls::pki_types::{CertificateDer, PrivateKeyDer};
     if settings.tls_cert_file.is_empty() {
@@ -122,17 +149,16 @@ fn tls_acceptor(settings: &ListenerSettings) -> anyhow::Result<Option<TlsAccepto
             .context("listeners.tls_client_ca_file: building the client verifier")?;
         builder.with_client_cert_verifier(verifier)
     };
-    let mut config = builder.with_single_cert(certs, key).context("listeners.tls_cert_file / tls_key_file")?;
-    config.alpn_protocols = vec![b"mqtt".to_vec()];
-    Ok(Some(TlsAcceptor::from(Arc::new(config))))
+    let config = builder.with_single_cert(certs, key).context("listeners.tls_cert_file / tls_key_file")?;
+    Ok(Some(config))
 }
 
 async fn accept_loop(
     listener: TcpListener,
     kind: Kind,
-    broker: Arc<Broker>,
+    front_ends: FrontEnds,
     limit: Arc<Semaphore>,
-    tls: Option<TlsAcceptor>,
+    tls: Option<Acceptors>,
     mut stopped: watch::Receiver<bool>,
 ) {
     loop {
@@ -141,7 +167,7 @@ async fn accept_loop(
                 Ok(accepted) => accepted,
                 Err(error) => {
                     // Out of file descriptors and the like: wait rather than spin.
-                    warn!(%error, "accepting an MQTT connection failed");
+                    warn!(%error, "accepting a connection failed");
                     tokio::time::sleep(Duration::from_millis(100)).await;
                     continue;
                 }
@@ -150,27 +176,32 @@ async fn accept_loop(
         };
         let Ok(permit) = Arc::clone(&limit).try_acquire_owned() else {
             // Over listeners.connections_max: refuse at once, before reading anything.
-            metrics::counter!("wharf_mqtt_connections_refused_total").increment(1);
+            metrics::counter!("wharf_connections_refused_total").increment(1);
             debug!(%peer, "connection refused: listeners.connections_max reached");
             drop(stream);
             continue;
         };
         let _ = stream.set_nodelay(true);
-        let broker = Arc::clone(&broker);
+        let front_ends = front_ends.clone();
         let tls = tls.clone();
         tokio::spawn(async move {
             let peer = peer.to_string();
             match kind {
-                Kind::Tcp => wharf_mqtt::serve(broker, stream, peer).await,
-                Kind::Tls => {
+                Kind::MqttTcp => wharf_mqtt::serve(front_ends.mqtt, stream, peer).await,
+                Kind::AmqpTcp => wharf_amqp::serve(front_ends.amqp, stream, peer).await,
+                Kind::MqttTls | Kind::AmqpTls => {
                     let Some(tls) = tls else { return };
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => wharf_mqtt::serve(broker, stream, peer).await,
+                    let acceptor = if matches!(kind, Kind::MqttTls) { tls.mqtt } else { tls.amqp };
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(stream)) if matches!(kind, Kind::MqttTls) => {
+                            wharf_mqtt::serve(front_ends.mqtt, stream, peer).await
+                        }
+                        Ok(Ok(stream)) => wharf_amqp::serve(front_ends.amqp, stream, peer).await,
                         Ok(Err(error)) => debug!(peer, %error, "TLS handshake failed"),
                         Err(_) => debug!(peer, "TLS handshake timed out"),
                     }
                 }
-                Kind::WebSocket => serve_websocket(broker, stream, peer).await,
+                Kind::MqttWebSocket => serve_websocket(front_ends.mqtt, stream, peer).await,
             }
             drop(permit);
         });

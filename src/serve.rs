@@ -15,7 +15,7 @@ use wharf_core::Core;
 
 use crate::admin::{self, AdminState};
 use crate::cli::ServeArgs;
-use crate::listeners::Listeners;
+use crate::listeners::{FrontEnds, Listeners};
 use crate::settings::{self, Settings};
 use crate::telemetry;
 
@@ -132,11 +132,23 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
             return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
         }
     };
-    let listeners = match Listeners::start(&settings.listeners, broker.clone()).await {
+    let amqp = match wharf_amqp::Broker::start(core.clone(), settings.amqp.clone()).await {
+        Ok(amqp) => amqp,
+        Err(error) => {
+            error!("starting the AMQP front-end: {error}");
+            broker.shutdown();
+            let _ = stop_admin.send(());
+            let _ = core.shutdown().await;
+            return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
+        }
+    };
+    let front_ends = FrontEnds { mqtt: broker.clone(), amqp: amqp.clone() };
+    let listeners = match Listeners::start(&settings.listeners, front_ends).await {
         Ok(listeners) => listeners,
         Err(error) => {
             error!("{error:#}");
             broker.shutdown();
+            amqp.shutdown();
             let _ = stop_admin.send(());
             let _ = core.shutdown().await;
             return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
@@ -160,9 +172,11 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
         info!("stopping the protocol listeners and closing client connections");
         listeners.stop().await;
         broker.shutdown();
+        amqp.shutdown();
         // Connections close on their own once told; give them a moment to store their sessions.
         let deadline = Instant::now() + CONNECTIONS_CLOSE_TIMEOUT;
-        while broker.stats().clients_connected.load(std::sync::atomic::Ordering::Relaxed) > 0
+        while (broker.stats().clients_connected.load(std::sync::atomic::Ordering::Relaxed) > 0
+            || amqp.connections() > 0)
             && Instant::now() < deadline
         {
             tokio::time::sleep(Duration::from_millis(20)).await;

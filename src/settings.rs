@@ -13,6 +13,7 @@ use std::path::{Path, PathBuf};
 
 use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
+use wharf_amqp::AmqpConfig;
 use wharf_core::{CoreConfig, Limits, StorageKind};
 use wharf_mqtt::MqttConfig;
 
@@ -67,6 +68,8 @@ pub struct Settings {
     pub listeners: ListenerSettings,
     /// `[mqtt]`: the MQTT front-end's behaviour and limits.
     pub mqtt: MqttConfig,
+    /// `[amqp]`: the AMQP 0-9-1 front-end's behaviour and limits.
+    pub amqp: AmqpConfig,
     /// `[log]`: logging.
     pub log: LogSettings,
 }
@@ -218,6 +221,10 @@ pub struct ListenerSettings {
     pub mqtt_ws: String,
     /// MQTT over TLS; started only when `tls_cert_file` is set.
     pub mqtt_tls: String,
+    /// AMQP 0-9-1 over TCP (`[::]` listens on IPv6 and IPv4).
+    pub amqp: String,
+    /// AMQP 0-9-1 over TLS; started only when `tls_cert_file` is set.
+    pub amqp_tls: String,
     /// PEM certificate chain of the TLS listeners ("" for no TLS).
     pub tls_cert_file: String,
     /// PEM private key of the TLS listeners.
@@ -235,6 +242,8 @@ impl Default for ListenerSettings {
             mqtt: "0.0.0.0:1883".into(),
             mqtt_ws: "0.0.0.0:8083".into(),
             mqtt_tls: "0.0.0.0:8883".into(),
+            amqp: "[::]:5672".into(),
+            amqp_tls: "[::]:5671".into(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
@@ -312,6 +321,9 @@ impl Settings {
         self.mqtt
             .validate()
             .map_err(|(key, reason)| SettingsError::Invalid { key: key.into(), reason: reason.into() })?;
+        self.amqp
+            .validate()
+            .map_err(|(key, reason)| SettingsError::Invalid { key: key.into(), reason: reason.into() })?;
         self.core_config()
             .validate()
             .map_err(|error| SettingsError::Invalid { key: settings_key(error.key), reason: error.reason })
@@ -323,6 +335,8 @@ impl Settings {
             ("listeners.mqtt", &listeners.mqtt),
             ("listeners.mqtt_ws", &listeners.mqtt_ws),
             ("listeners.mqtt_tls", &listeners.mqtt_tls),
+            ("listeners.amqp", &listeners.amqp),
+            ("listeners.amqp_tls", &listeners.amqp_tls),
         ] {
             if !address.is_empty() && address.parse::<SocketAddr>().is_err() {
                 return Err(SettingsError::Invalid {
@@ -470,6 +484,13 @@ pub fn default_file() -> String {
     let listeners = &settings.listeners;
     entry(&mut out, "MQTT over TCP (\"\" turns a listener off).", "mqtt", toml_string(&listeners.mqtt));
     entry(&mut out, "MQTT over WebSocket: path /mqtt, subprotocol mqtt.", "mqtt_ws", toml_string(&listeners.mqtt_ws));
+    entry(&mut out, "AMQP 0-9-1 over TCP ([::] listens on IPv6 and IPv4).", "amqp", toml_string(&listeners.amqp));
+    entry(
+        &mut out,
+        "AMQP 0-9-1 over TLS; started only when tls_cert_file is set.",
+        "amqp_tls",
+        toml_string(&listeners.amqp_tls),
+    );
     entry(
         &mut out,
         "MQTT over TLS; started only when tls_cert_file is set.",
@@ -572,6 +593,30 @@ pub fn default_file() -> String {
         "sys_interval_secs",
         mqtt.sys_interval_secs,
     );
+
+    section(&mut out, "amqp");
+    let amqp = &settings.amqp;
+    entry(
+        &mut out,
+        "Largest frame, bytes (negotiated down by clients; checked before buffering).",
+        "frame_max_bytes",
+        amqp.frame_max_bytes,
+    );
+    entry(&mut out, "Most channels per connection (negotiated down by clients).", "channel_max", amqp.channel_max);
+    entry(&mut out, "Heartbeat interval offered, seconds (0: none).", "heartbeat_secs", amqp.heartbeat_secs);
+    entry(
+        &mut out,
+        "Time a new connection has to finish the handshake, seconds.",
+        "connect_timeout_secs",
+        amqp.connect_timeout_secs,
+    );
+    entry(
+        &mut out,
+        "User name accepted (PLAIN, AMQPLAIN) until users are configurable.",
+        "default_user",
+        toml_string(&amqp.default_user),
+    );
+    entry(&mut out, "Its password.", "default_pass", toml_string(&amqp.default_pass));
 
     section(&mut out, "log");
     entry(

@@ -29,6 +29,8 @@ fn wharf() -> Command {
     // Protocol listeners on ephemeral loopback ports, so tests running at once never collide.
     command.env("WHARF__LISTENERS__MQTT", "127.0.0.1:0");
     command.env("WHARF__LISTENERS__MQTT_WS", "127.0.0.1:0");
+    command.env("WHARF__LISTENERS__AMQP", "127.0.0.1:0");
+    command.env("WHARF__LISTENERS__AMQP_TLS", "127.0.0.1:0");
     command
 }
 

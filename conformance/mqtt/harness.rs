@@ -225,6 +225,9 @@ impl Broker {
             .env("RUST_LOG", RUST_LOG)
             .env("WHARF__LISTENERS__MQTT", loopback(self.ports.mqtt).to_string())
             .env("WHARF__LISTENERS__MQTT_WS", loopback(self.ports.ws).to_string())
+            // AMQP is not under test here: an ephemeral port, so parallel brokers never collide.
+            .env("WHARF__LISTENERS__AMQP", "127.0.0.1:0")
+            .env("WHARF__LISTENERS__AMQP_TLS", "127.0.0.1:0")
             // $SYS publications are off unless a test turns them on (it may override below).
             .env("WHARF__MQTT__SYS_INTERVAL_SECS", "0");
         // Without a certificate the TLS listener is not started.

@@ -1,0 +1,1370 @@
+//! One AMQP 0-9-1 connection: the handshake (protocol header, start/start-ok, tune/tune-ok,
+//! open), heartbeats, the channel state machines, content assembly, deliveries, settlements,
+//! publisher confirms and transactions, translated into calls on `wharf_core::Core`. Owns the
+//! byte stream it is given; reaches the core only through its public API.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use amq_protocol::frame::AMQPFrame;
+use amq_protocol::protocol::basic::AMQPProperties;
+use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, connection, exchange, queue, tx};
+use amq_protocol::types::{AMQPValue, FieldTable, LongString};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::sync::{mpsc, oneshot};
+use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
+use wharf_core::model::{ConnectionId, Message, Position};
+use wharf_core::node::{ConsumeOptions, ConsumerEvent, ExchangeSpec, PendingPublish, Published, QueueSpec, Txn};
+use wharf_core::queue::{ConsumerId, Delivery, Outcome};
+use wharf_core::{CoreError, CoreResult};
+
+use crate::broker::Broker;
+use crate::frame::{self, FrameError};
+use crate::mapping::{self, AmqpError, short};
+
+/// How long a closing connection waits for the peer's close-ok.
+const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// Bytes read from the socket at a time.
+const READ_CHUNK_BYTES: usize = 64 * 1024;
+
+/// Serve one AMQP connection on `stream` until it closes. `peer` names the client in logs.
+pub async fn serve<S: AsyncRead + AsyncWrite + Send + 'static>(broker: Arc<Broker>, stream: S, peer: String) {
+    let _open = broker.track();
+    let (reader, writer) = tokio::io::split(stream);
+    let mut connection = Connection::new(Arc::clone(&broker), peer);
+    let result = connection.run(reader, writer).await;
+    if let Err(error) = &result {
+        tracing::debug!(peer = %connection.peer, %error, "amqp connection ended");
+    }
+    connection.teardown().await;
+}
+
+/// Where the handshake is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for the protocol header.
+    Header,
+    /// connection.start sent.
+    StartOk,
+    /// connection.tune sent.
+    TuneOk,
+    /// Tuned; waiting for connection.open.
+    Open,
+    /// Open: channels may be used.
+    Active,
+    /// connection.close sent; waiting for close-ok.
+    Closing,
+}
+
+/// What the tasks of a connection report to it.
+#[derive(Debug)]
+enum Event {
+    /// A consumer's delivery.
+    Delivery { channel: u16, generation: u64, tag: String, delivery: Delivery },
+    /// The broker ended a consumer (its queue was deleted).
+    ConsumerGone { channel: u16, generation: u64, tag: String },
+    /// A publish is committed (or failed).
+    Confirmed { channel: u16, generation: u64, job: PublishJob, result: CoreResult<Published> },
+}
+
+/// A publish awaiting its confirmation, in publish order.
+#[derive(Debug)]
+struct PublishJob {
+    /// Publisher-confirm sequence number (0 when the channel is not in confirm mode).
+    seq: u64,
+    /// The message, kept to return it when mandatory and unroutable.
+    returnable: Option<Box<Message>>,
+}
+
+/// A consumer as its channel sees it.
+#[derive(Debug)]
+struct ConsumerHandle {
+    /// Dropping or firing it cancels the consumer.
+    cancel: oneshot::Sender<()>,
+    id: ConsumerId,
+    no_ack: bool,
+}
+
+/// A basic.publish waiting for its content.
+#[derive(Debug)]
+struct PendingContent {
+    publish: basic::Publish,
+    /// The content header's body size and properties, once received.
+    header: Option<(u64, AMQPProperties)>,
+    body: Vec<u8>,
+}
+
+/// One open channel.
+#[derive(Debug)]
+struct Channel {
+    /// Told apart from an earlier channel with the same number, so stale events are dropped.
+    generation: u64,
+    /// channel.close sent; waiting for close-ok.
+    closing: bool,
+    pending: Option<PendingContent>,
+    next_delivery_tag: u64,
+    /// Delivery tag → who holds it and where the message is.
+    unacked: BTreeMap<u64, (ConsumerId, Position)>,
+    consumers: HashMap<String, ConsumerHandle>,
+    prefetch: u16,
+    /// Publisher confirms on; the next sequence number.
+    confirm: Option<u64>,
+    txn: Option<Txn>,
+    /// The holder of this channel's basic.get deliveries.
+    getter: ConsumerId,
+}
+
+/// A connection's state.
+struct Connection {
+    broker: Arc<Broker>,
+    peer: String,
+    id: ConnectionId,
+    phase: Phase,
+    /// Negotiated limits (before tune-ok: the server's).
+    frame_max: u32,
+    channel_max: u16,
+    heartbeat_secs: u16,
+    user: String,
+    vhost: String,
+    channels: HashMap<u16, Channel>,
+    next_generation: u64,
+    next_consumer_seq: u64,
+    next_ctag: u64,
+    events_tx: mpsc::UnboundedSender<Event>,
+    events_rx: mpsc::UnboundedReceiver<Event>,
+    confirm_tx: mpsc::UnboundedSender<(u16, u64, PublishJob, PendingPublish)>,
+    started: Instant,
+    closing_since: Option<Instant>,
+    last_read: Instant,
+    last_write: Instant,
+    /// Bytes to write at the end of this turn.
+    out: Vec<u8>,
+}
+
+impl std::fmt::Debug for Connection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Connection").field("peer", &self.peer).field("id", &self.id).finish()
+    }
+}
+
+/// How a turn ended when the connection must stop.
+#[derive(Debug)]
+enum Stop {
+    /// Close the socket after writing what is queued.
+    Close(String),
+}
+
+impl std::fmt::Display for Stop {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Close(reason) => f.write_str(reason),
+        }
+    }
+}
+
+/// Negotiate a tune value as RabbitMQ does: 0 from either side means the other's value, else the
+/// smaller.
+pub fn negotiate<T: Copy + Ord + Default>(server: T, client: T) -> T {
+    let zero = T::default();
+    if server == zero {
+        client
+    } else if client == zero {
+        server
+    } else {
+        server.min(client)
+    }
+}
+
+/// Check a PLAIN or AMQPLAIN response; returns the user.
+fn authenticate(mechanism: &str, response: &[u8], user: &str, pass: &str) -> Result<String, AmqpError> {
+    let refused = || {
+        AmqpError::new(
+            mapping::ACCESS_REFUSED,
+            format!(
+                "Login was refused using authentication mechanism {mechanism}. For details see the broker logfile."
+            ),
+        )
+    };
+    let (login, password) = match mechanism {
+        "PLAIN" => {
+            let mut parts = response.split(|b| *b == 0);
+            let _authzid = parts.next();
+            let login = parts.next().ok_or_else(refused)?;
+            let password = parts.next().ok_or_else(refused)?;
+            (login.to_vec(), password.to_vec())
+        }
+        "AMQPLAIN" => amqplain(response).ok_or_else(refused)?,
+        other => {
+            return Err(AmqpError::new(
+                mapping::COMMAND_INVALID,
+                format!("unknown authentication mechanism '{other}'"),
+            ));
+        }
+    };
+    if login == user.as_bytes() && password == pass.as_bytes() { Ok(user.to_owned()) } else { Err(refused()) }
+}
+
+/// LOGIN and PASSWORD from an AMQPLAIN response (a field table without its length prefix).
+fn amqplain(mut bytes: &[u8]) -> Option<(Vec<u8>, Vec<u8>)> {
+    let mut login = None;
+    let mut password = None;
+    while !bytes.is_empty() {
+        let name_len = usize::from(*bytes.first()?);
+        let name = bytes.get(1..1 + name_len)?;
+        let kind = *bytes.get(1 + name_len)?;
+        let rest = bytes.get(2 + name_len..)?;
+        let (value, used) = match kind {
+            b'S' => {
+                let len = u32::from_be_bytes(rest.get(..4)?.try_into().ok()?) as usize;
+                (rest.get(4..4 + len)?.to_vec(), 4 + len)
+            }
+            b's' => {
+                let len = usize::from(*rest.first()?);
+                (rest.get(1..1 + len)?.to_vec(), 1 + len)
+            }
+            _ => return None,
+        };
+        match name {
+            b"LOGIN" => login = Some(value),
+            b"PASSWORD" => password = Some(value),
+            _ => {}
+        }
+        bytes = rest.get(used..)?;
+    }
+    Some((login?, password?))
+}
+
+/// The server-properties of connection.start.
+fn server_properties() -> FieldTable {
+    let mut capabilities = FieldTable::default();
+    for name in [
+        "publisher_confirms",
+        "exchange_exchange_bindings",
+        "basic.nack",
+        "consumer_cancel_notify",
+        "connection.blocked",
+        "authentication_failure_close",
+        "per_consumer_qos",
+    ] {
+        capabilities.insert(name.into(), AMQPValue::Boolean(true));
+    }
+    let mut properties = FieldTable::default();
+    properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    properties.insert("product".into(), AMQPValue::LongString("Wharf".into()));
+    properties.insert("version".into(), AMQPValue::LongString(env!("CARGO_PKG_VERSION").into()));
+    properties.insert("platform".into(), AMQPValue::LongString("Rust".into()));
+    properties
+}
+
+fn method(channel: u16, class: AMQPClass) -> AMQPFrame {
+    AMQPFrame::Method(channel, class)
+}
+
+fn class_method_ids(class: &AMQPClass) -> (u16, u16) {
+    (class.get_amqp_class_id(), class.get_amqp_method_id())
+}
+
+impl Connection {
+    fn new(broker: Arc<Broker>, peer: String) -> Self {
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
+        tokio::spawn(confirmer(confirm_rx, events_tx.clone()));
+        let id = broker.core.new_connection();
+        let now = Instant::now();
+        Self {
+            frame_max: broker.config.frame_max_bytes,
+            channel_max: broker.config.channel_max,
+            heartbeat_secs: 0,
+            broker,
+            peer,
+            id,
+            phase: Phase::Header,
+            user: String::new(),
+            vhost: String::new(),
+            channels: HashMap::new(),
+            next_generation: 0,
+            next_consumer_seq: 1,
+            next_ctag: 1,
+            events_tx,
+            events_rx,
+            confirm_tx,
+            started: now,
+            closing_since: None,
+            last_read: now,
+            last_write: now,
+            out: Vec::new(),
+        }
+    }
+
+    async fn run<R, W>(&mut self, mut reader: R, mut writer: W) -> Result<(), String>
+    where
+        R: AsyncRead + Unpin,
+        W: AsyncWrite + Unpin,
+    {
+        let mut shutdown = self.broker.shutdown.subscribe();
+        let mut shutdown_seen = false;
+        let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let result = loop {
+            if !shutdown_seen && *shutdown.borrow_and_update() {
+                shutdown_seen = true;
+                if let Err(stop) = self.forced_close() {
+                    break Err(stop);
+                }
+            }
+            let turn: Result<(), Stop> = tokio::select! {
+                read = read_some(&mut reader, &mut inbuf) => match read {
+                    Ok(0) => Err(Stop::Close("peer closed the socket".into())),
+                    Ok(_) => {
+                        self.last_read = Instant::now();
+                        self.on_bytes(&mut inbuf).await
+                    }
+                    Err(error) => Err(Stop::Close(format!("read failed: {error}"))),
+                },
+                Some(event) = self.events_rx.recv() => self.on_event(event).await,
+                _ = shutdown.changed(), if !shutdown_seen => Ok(()),
+                _ = tick.tick() => self.on_tick(),
+            };
+            if !self.out.is_empty() {
+                let out = std::mem::take(&mut self.out);
+                if let Err(error) = writer.write_all(&out).await {
+                    break Err(Stop::Close(format!("write failed: {error}")));
+                }
+                let _ = writer.flush().await;
+                self.last_write = Instant::now();
+            }
+            if let Err(stop) = turn {
+                break Err(stop);
+            }
+        };
+        let _ = writer.shutdown().await;
+        result.map_err(|stop| stop.to_string())
+    }
+
+    /// The broker is shutting down.
+    fn forced_close(&mut self) -> Result<(), Stop> {
+        if self.phase == Phase::Active {
+            let error =
+                AmqpError::new(mapping::CONNECTION_FORCED, "broker forced connection closure with reason 'shutdown'");
+            self.close_connection(&error, (0, 0));
+            Ok(())
+        } else {
+            Err(Stop::Close("broker shutting down".into()))
+        }
+    }
+
+    fn on_tick(&mut self) -> Result<(), Stop> {
+        let now = Instant::now();
+        if self.phase != Phase::Active && self.phase != Phase::Closing {
+            let timeout = Duration::from_secs(self.broker.config.connect_timeout_secs.into());
+            if now.duration_since(self.started) > timeout {
+                return Err(Stop::Close("handshake timeout".into()));
+            }
+        }
+        if let Some(since) = self.closing_since
+            && now.duration_since(since) > CLOSE_OK_TIMEOUT
+        {
+            return Err(Stop::Close("no connection.close-ok".into()));
+        }
+        if self.heartbeat_secs > 0 {
+            let interval = Duration::from_secs(self.heartbeat_secs.into());
+            if now.duration_since(self.last_read) > interval * 2 {
+                return Err(Stop::Close("missed heartbeats".into()));
+            }
+            if now.duration_since(self.last_write) >= interval / 2 {
+                self.send(&AMQPFrame::Heartbeat);
+            }
+        }
+        Ok(())
+    }
+
+    fn send(&mut self, frame: &AMQPFrame) {
+        if let Err(error) = frame::encode(frame, &mut self.out) {
+            tracing::error!(%error, "amqp frame not encoded");
+        }
+    }
+
+    fn send_content(&mut self, channel: u16, message: &Message) {
+        let properties = mapping::properties_of(message);
+        if let Err(error) = frame::encode_content(channel, properties, &message.payload, self.frame_max, &mut self.out)
+        {
+            tracing::error!(%error, "amqp content not encoded");
+        }
+    }
+
+    /// Send connection.close and wait for close-ok.
+    fn close_connection(&mut self, error: &AmqpError, (class_id, method_id): (u16, u16)) {
+        tracing::debug!(peer = %self.peer, code = error.code.code, text = %error.text, "closing amqp connection");
+        let close =
+            connection::Close { reply_code: error.code.code, reply_text: short(&error.text), class_id, method_id };
+        self.send(&method(0, AMQPClass::Connection(connection::AMQPMethod::Close(close))));
+        self.phase = Phase::Closing;
+        self.closing_since = Some(Instant::now());
+    }
+
+    /// Process every complete frame in `inbuf`.
+    async fn on_bytes(&mut self, inbuf: &mut Vec<u8>) -> Result<(), Stop> {
+        let mut at = 0;
+        let result = loop {
+            if self.phase == Phase::Header {
+                match frame::check_protocol_header(&inbuf[at..]) {
+                    Ok(()) => {
+                        at += frame::PROTOCOL_HEADER.len();
+                        self.send_start();
+                        continue;
+                    }
+                    Err(FrameError::Incomplete) => break Ok(()),
+                    Err(_) => {
+                        self.out.extend_from_slice(frame::PROTOCOL_HEADER);
+                        break Err(Stop::Close("bad protocol header".into()));
+                    }
+                }
+            }
+            match frame::decode(&inbuf[at..], self.frame_max) {
+                Ok((frame, used)) => {
+                    at += used;
+                    if let Err(stop) = self.on_frame(frame).await {
+                        break Err(stop);
+                    }
+                }
+                Err(FrameError::Incomplete) => break Ok(()),
+                Err(error) => {
+                    // The stream cannot be resynchronised: close at once.
+                    let code = match error {
+                        FrameError::Malformed(_) => mapping::SYNTAX_ERROR,
+                        _ => mapping::FRAME_ERROR,
+                    };
+                    if self.phase != Phase::Closing {
+                        self.close_connection(&AmqpError::new(code, error.to_string()), (0, 0));
+                    }
+                    break Err(Stop::Close(error.to_string()));
+                }
+            }
+        };
+        inbuf.drain(..at);
+        result
+    }
+
+    fn send_start(&mut self) {
+        let start = connection::Start {
+            version_major: 0,
+            version_minor: 9,
+            server_properties: server_properties(),
+            mechanisms: LongString::from("PLAIN AMQPLAIN"),
+            locales: LongString::from("en_US"),
+        };
+        self.send(&method(0, AMQPClass::Connection(connection::AMQPMethod::Start(start))));
+        self.phase = Phase::StartOk;
+    }
+
+    async fn on_frame(&mut self, frame: AMQPFrame) -> Result<(), Stop> {
+        if self.phase == Phase::Closing {
+            // Only the end of the close handshake matters now.
+            return match frame {
+                AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::CloseOk(_))) => {
+                    Err(Stop::Close("closed".into()))
+                }
+                AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Close(_))) => {
+                    self.send(&method(
+                        0,
+                        AMQPClass::Connection(connection::AMQPMethod::CloseOk(connection::CloseOk {})),
+                    ));
+                    Err(Stop::Close("closed".into()))
+                }
+                _ => Ok(()),
+            };
+        }
+        let outcome = match frame {
+            AMQPFrame::Heartbeat => Ok(()),
+            AMQPFrame::ProtocolHeader(_) | AMQPFrame::InvalidHeartbeat(_) => {
+                Err((AmqpError::new(mapping::FRAME_ERROR, "unexpected frame type"), (0, 0)))
+            }
+            AMQPFrame::Method(0, AMQPClass::Connection(m)) => {
+                let ids = class_method_ids(&AMQPClass::Connection(m.clone()));
+                return match self.on_connection_method(m).await {
+                    Ok(()) => Ok(()),
+                    Err(ConnectionOutcome::Stop(stop)) => Err(stop),
+                    Err(ConnectionOutcome::Error(error)) => {
+                        self.close_connection(&error, ids);
+                        Ok(())
+                    }
+                };
+            }
+            AMQPFrame::Method(0, class) => Err((
+                AmqpError::new(mapping::COMMAND_INVALID, "only connection methods are allowed on channel 0"),
+                class_method_ids(&class),
+            )),
+            AMQPFrame::Header(0, _) | AMQPFrame::Body(0, _) => {
+                Err((AmqpError::new(mapping::UNEXPECTED_FRAME, "content frame on channel 0"), (0, 0)))
+            }
+            _ if self.phase != Phase::Active => {
+                Err((AmqpError::new(mapping::COMMAND_INVALID, "channel frame before connection.open"), (0, 0)))
+            }
+            AMQPFrame::Method(id, class) => self.on_channel_method(id, class).await,
+            AMQPFrame::Header(id, header) => {
+                self.on_content_header(id, header.body_size, header.class_id, header.properties).await
+            }
+            AMQPFrame::Body(id, body) => self.on_content_body(id, body).await,
+        };
+        if let Err((error, ids)) = outcome {
+            self.close_connection(&error, ids);
+        }
+        Ok(())
+    }
+
+    async fn on_connection_method(&mut self, m: connection::AMQPMethod) -> Result<(), ConnectionOutcome> {
+        use connection::AMQPMethod as M;
+        match (self.phase, m) {
+            (_, M::Close(_)) => {
+                self.send(&method(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {}))));
+                Err(ConnectionOutcome::Stop(Stop::Close("closed by peer".into())))
+            }
+            (Phase::StartOk, M::StartOk(start_ok)) => {
+                let config = &self.broker.config;
+                match authenticate(
+                    start_ok.mechanism.as_str(),
+                    start_ok.response.as_bytes(),
+                    &config.default_user,
+                    &config.default_pass,
+                ) {
+                    Ok(user) => self.user = user,
+                    Err(error) => return Err(ConnectionOutcome::Error(error)),
+                }
+                let tune = connection::Tune {
+                    channel_max: config.channel_max,
+                    frame_max: config.frame_max_bytes,
+                    heartbeat: config.heartbeat_secs,
+                };
+                self.send(&method(0, AMQPClass::Connection(M::Tune(tune))));
+                self.phase = Phase::TuneOk;
+                Ok(())
+            }
+            (Phase::TuneOk, M::TuneOk(tune_ok)) => {
+                let config = &self.broker.config;
+                let frame_max = negotiate(config.frame_max_bytes, tune_ok.frame_max);
+                if frame_max < crate::config::FRAME_MIN_SIZE_BYTES {
+                    return Err(ConnectionOutcome::Error(AmqpError::new(
+                        mapping::NOT_ALLOWED,
+                        format!("frame_max={frame_max} < {} min size", crate::config::FRAME_MIN_SIZE_BYTES),
+                    )));
+                }
+                self.frame_max = frame_max;
+                self.channel_max = negotiate(config.channel_max, tune_ok.channel_max);
+                self.heartbeat_secs = negotiate(config.heartbeat_secs, tune_ok.heartbeat);
+                self.phase = Phase::Open;
+                Ok(())
+            }
+            (Phase::Open, M::Open(open)) => {
+                let vhost = open.virtual_host.as_str().to_owned();
+                if !self.broker.core.with_catalogue(|c| c.has_vhost(&vhost)) {
+                    return Err(ConnectionOutcome::Error(AmqpError::new(
+                        mapping::NOT_ALLOWED,
+                        format!("vhost {vhost} not found"),
+                    )));
+                }
+                self.vhost = vhost;
+                self.send(&method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {}))));
+                self.phase = Phase::Active;
+                Ok(())
+            }
+            (Phase::Active, M::UpdateSecret(_)) => {
+                self.send(&method(0, AMQPClass::Connection(M::UpdateSecretOk(connection::UpdateSecretOk {}))));
+                Ok(())
+            }
+            (Phase::Active, M::Blocked(_) | M::Unblocked(_)) => Ok(()),
+            (_, other) => Err(ConnectionOutcome::Error(AmqpError::new(
+                mapping::COMMAND_INVALID,
+                format!("unexpected connection method {}", class_method_ids(&AMQPClass::Connection(other)).1),
+            ))),
+        }
+    }
+
+    /// A method on a channel other than 0. Channel-level errors close the channel; an `Err` is
+    /// a connection-level error.
+    async fn on_channel_method(&mut self, id: u16, class: AMQPClass) -> Result<(), (AmqpError, (u16, u16))> {
+        let ids = class_method_ids(&class);
+        let hard = |code, text: &str| Err((AmqpError::new(code, text), ids));
+        if id > self.channel_max {
+            return hard(mapping::CHANNEL_ERROR, "channel number above channel_max");
+        }
+        let Some(channel) = self.channels.get_mut(&id) else {
+            if let AMQPClass::Channel(channel::AMQPMethod::Open(_)) = class {
+                self.open_channel(id);
+                return Ok(());
+            }
+            return hard(mapping::CHANNEL_ERROR, "expected 'channel.open'");
+        };
+        if channel.closing {
+            match class {
+                AMQPClass::Channel(channel::AMQPMethod::CloseOk(_)) => {
+                    self.channels.remove(&id);
+                }
+                AMQPClass::Channel(channel::AMQPMethod::Close(_)) => {
+                    self.send(&method(id, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))));
+                }
+                _ => {}
+            }
+            return Ok(());
+        }
+        if let Some(pending) = &channel.pending {
+            return hard(
+                mapping::UNEXPECTED_FRAME,
+                if pending.header.is_some() {
+                    "expected content body, got non content body frame instead"
+                } else {
+                    "expected content header for class 60, got non content header frame instead"
+                },
+            );
+        }
+        match self.dispatch(id, class).await {
+            Ok(()) => Ok(()),
+            Err(error) if error.code.hard => Err((error, ids)),
+            Err(error) => {
+                self.close_channel(id, &error, ids).await;
+                Ok(())
+            }
+        }
+    }
+
+    fn open_channel(&mut self, id: u16) {
+        self.next_generation += 1;
+        let getter = ConsumerId { connection: self.id, seq: u64::from(id) << 40 };
+        self.channels.insert(
+            id,
+            Channel {
+                generation: self.next_generation,
+                closing: false,
+                pending: None,
+                next_delivery_tag: 1,
+                unacked: BTreeMap::new(),
+                consumers: HashMap::new(),
+                prefetch: 0,
+                confirm: None,
+                txn: None,
+                getter,
+            },
+        );
+        self.send(&method(id, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {}))));
+    }
+
+    /// Close a channel for a channel-level error: its resources go at once, close-ok is awaited.
+    async fn close_channel(&mut self, id: u16, error: &AmqpError, (class_id, method_id): (u16, u16)) {
+        tracing::debug!(peer = %self.peer, channel = id, code = error.code.code, text = %error.text, "closing amqp channel");
+        self.release_channel(id).await;
+        if let Some(channel) = self.channels.get_mut(&id) {
+            channel.closing = true;
+        }
+        let close = channel::Close { reply_code: error.code.code, reply_text: short(&error.text), class_id, method_id };
+        self.send(&method(id, AMQPClass::Channel(channel::AMQPMethod::Close(close))));
+    }
+
+    /// Release what a channel holds: unacked deliveries return to their queues, consumers are
+    /// cancelled, a transaction is dropped.
+    async fn release_channel(&mut self, id: u16) {
+        let Some(channel) = self.channels.get_mut(&id) else { return };
+        channel.pending = None;
+        channel.txn = None;
+        let unacked = std::mem::take(&mut channel.unacked);
+        // Dropping the handles cancels the consumers (their tasks detach them).
+        channel.consumers.clear();
+        let mut by_holder: BTreeMap<ConsumerId, Vec<Position>> = BTreeMap::new();
+        for (_, (holder, position)) in unacked {
+            by_holder.entry(holder).or_default().push(position);
+        }
+        for (holder, positions) in by_holder {
+            if let Err(error) = self.broker.core.settle(holder, &positions, Outcome::Requeue).await {
+                tracing::debug!(%error, "requeue on channel close failed");
+            }
+        }
+    }
+
+    /// The connection ended: release every channel and what the connection owns in the core.
+    async fn teardown(&mut self) {
+        let ids: Vec<u16> = self.channels.keys().copied().collect();
+        for id in ids {
+            self.release_channel(id).await;
+        }
+        self.channels.clear();
+        if let Err(error) = self.broker.core.close_connection(self.id).await {
+            tracing::debug!(%error, "close_connection failed");
+        }
+    }
+
+    fn channel(&mut self, id: u16) -> &mut Channel {
+        self.channels.get_mut(&id).expect("dispatch runs on an open channel")
+    }
+
+    fn reply(&mut self, id: u16, nowait: bool, class: AMQPClass) {
+        if !nowait {
+            self.send(&method(id, class));
+        }
+    }
+
+    /// The methods of an open channel.
+    async fn dispatch(&mut self, id: u16, class: AMQPClass) -> Result<(), AmqpError> {
+        let core = self.broker.core.clone();
+        let vhost = self.vhost.clone();
+        let connection = Some(self.id);
+        let core_err = |e: CoreError| mapping::core_error(&e);
+        match class {
+            AMQPClass::Channel(m) => match m {
+                channel::AMQPMethod::Open(_) => {
+                    Err(AmqpError::new(mapping::CHANNEL_ERROR, "second 'channel.open' seen"))
+                }
+                channel::AMQPMethod::Flow(flow) => {
+                    let ok = channel::FlowOk { active: flow.active };
+                    self.send(&method(id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(ok))));
+                    Ok(())
+                }
+                channel::AMQPMethod::FlowOk(_) | channel::AMQPMethod::OpenOk(_) => Ok(()),
+                channel::AMQPMethod::Close(_) => {
+                    self.release_channel(id).await;
+                    self.channels.remove(&id);
+                    self.send(&method(id, AMQPClass::Channel(channel::AMQPMethod::CloseOk(channel::CloseOk {}))));
+                    Ok(())
+                }
+                channel::AMQPMethod::CloseOk(_) => Ok(()),
+            },
+            AMQPClass::Exchange(m) => match m {
+                exchange::AMQPMethod::Declare(d) => {
+                    let kind = if d.passive {
+                        ExchangeKind::parse(d.kind.as_str()).unwrap_or(ExchangeKind::Direct)
+                    } else {
+                        ExchangeKind::parse(d.kind.as_str()).map_err(|_| {
+                            AmqpError::new(mapping::COMMAND_INVALID, format!("invalid exchange type '{}'", d.kind))
+                        })?
+                    };
+                    let spec = ExchangeSpec {
+                        vhost,
+                        name: d.exchange.as_str().to_owned(),
+                        kind,
+                        passive: d.passive,
+                        durable: d.durable,
+                        auto_delete: d.auto_delete,
+                        internal: d.internal,
+                        arguments: mapping::headers_from_table(&d.arguments),
+                    };
+                    core.declare_exchange(spec).await.map_err(core_err)?;
+                    self.reply(
+                        id,
+                        d.nowait,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeclareOk(exchange::DeclareOk {})),
+                    );
+                    Ok(())
+                }
+                exchange::AMQPMethod::Delete(d) => {
+                    match core.delete_exchange(&vhost, d.exchange.as_str(), d.if_unused).await {
+                        // Deleting what does not exist succeeds, as in RabbitMQ.
+                        Ok(()) | Err(CoreError::NotFound(_)) => {}
+                        Err(error) => return Err(core_err(error)),
+                    }
+                    self.reply(
+                        id,
+                        d.nowait,
+                        AMQPClass::Exchange(exchange::AMQPMethod::DeleteOk(exchange::DeleteOk {})),
+                    );
+                    Ok(())
+                }
+                exchange::AMQPMethod::Bind(b) => {
+                    let spec = BindingSpec {
+                        vhost,
+                        source: b.source.as_str().to_owned(),
+                        destination: Destination::Exchange(b.destination.as_str().to_owned()),
+                        routing_key: b.routing_key.as_str().to_owned(),
+                        arguments: mapping::headers_from_table(&b.arguments),
+                    };
+                    core.bind(spec, connection).await.map_err(core_err)?;
+                    self.reply(id, b.nowait, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
+                    Ok(())
+                }
+                exchange::AMQPMethod::Unbind(b) => {
+                    let spec = BindingSpec {
+                        vhost,
+                        source: b.source.as_str().to_owned(),
+                        destination: Destination::Exchange(b.destination.as_str().to_owned()),
+                        routing_key: b.routing_key.as_str().to_owned(),
+                        arguments: mapping::headers_from_table(&b.arguments),
+                    };
+                    core.unbind(spec, connection).await.map_err(core_err)?;
+                    self.reply(
+                        id,
+                        b.nowait,
+                        AMQPClass::Exchange(exchange::AMQPMethod::UnbindOk(exchange::UnbindOk {})),
+                    );
+                    Ok(())
+                }
+                _ => Err(AmqpError::new(mapping::COMMAND_INVALID, "server-to-client exchange method")),
+            },
+            AMQPClass::Queue(m) => match m {
+                queue::AMQPMethod::Declare(d) => {
+                    let spec = QueueSpec {
+                        vhost,
+                        name: d.queue.as_str().to_owned(),
+                        passive: d.passive,
+                        durable: d.durable,
+                        exclusive: d.exclusive,
+                        connection,
+                        auto_delete: d.auto_delete,
+                        arguments: mapping::headers_from_table(&d.arguments),
+                    };
+                    let declared = core.declare_queue(spec).await.map_err(core_err)?;
+                    let ok = queue::DeclareOk {
+                        queue: short(&declared.name),
+                        message_count: declared.message_count.min(u64::from(u32::MAX)) as u32,
+                        consumer_count: declared.consumer_count,
+                    };
+                    self.reply(id, d.nowait, AMQPClass::Queue(queue::AMQPMethod::DeclareOk(ok)));
+                    Ok(())
+                }
+                queue::AMQPMethod::Bind(b) => {
+                    let spec = BindingSpec {
+                        vhost,
+                        source: b.exchange.as_str().to_owned(),
+                        destination: Destination::Queue(b.queue.as_str().to_owned()),
+                        routing_key: b.routing_key.as_str().to_owned(),
+                        arguments: mapping::headers_from_table(&b.arguments),
+                    };
+                    core.bind(spec, connection).await.map_err(core_err)?;
+                    self.reply(id, b.nowait, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
+                    Ok(())
+                }
+                queue::AMQPMethod::Unbind(b) => {
+                    let spec = BindingSpec {
+                        vhost,
+                        source: b.exchange.as_str().to_owned(),
+                        destination: Destination::Queue(b.queue.as_str().to_owned()),
+                        routing_key: b.routing_key.as_str().to_owned(),
+                        arguments: mapping::headers_from_table(&b.arguments),
+                    };
+                    core.unbind(spec, connection).await.map_err(core_err)?;
+                    self.reply(id, false, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
+                    Ok(())
+                }
+                queue::AMQPMethod::Purge(p) => {
+                    let count = core.purge(&vhost, p.queue.as_str(), connection).await.map_err(core_err)?;
+                    let ok = queue::PurgeOk { message_count: count.min(u64::from(u32::MAX)) as u32 };
+                    self.reply(id, p.nowait, AMQPClass::Queue(queue::AMQPMethod::PurgeOk(ok)));
+                    Ok(())
+                }
+                queue::AMQPMethod::Delete(d) => {
+                    let count =
+                        match core.delete_queue(&vhost, d.queue.as_str(), d.if_unused, d.if_empty, connection).await {
+                            Ok(count) => count,
+                            // Deleting what does not exist succeeds, as in RabbitMQ.
+                            Err(CoreError::NotFound(_)) => 0,
+                            Err(error) => return Err(core_err(error)),
+                        };
+                    let ok = queue::DeleteOk { message_count: count.min(u64::from(u32::MAX)) as u32 };
+                    self.reply(id, d.nowait, AMQPClass::Queue(queue::AMQPMethod::DeleteOk(ok)));
+                    Ok(())
+                }
+                _ => Err(AmqpError::new(mapping::COMMAND_INVALID, "server-to-client queue method")),
+            },
+            AMQPClass::Basic(m) => self.dispatch_basic(id, m).await,
+            AMQPClass::Confirm(confirm::AMQPMethod::Select(select)) => {
+                let channel = self.channel(id);
+                if channel.txn.is_some() {
+                    return Err(AmqpError::new(mapping::PRECONDITION_FAILED, "cannot switch from tx to confirm mode"));
+                }
+                if channel.confirm.is_none() {
+                    channel.confirm = Some(1);
+                }
+                self.reply(id, select.nowait, AMQPClass::Confirm(confirm::AMQPMethod::SelectOk(confirm::SelectOk {})));
+                Ok(())
+            }
+            AMQPClass::Tx(m) => self.dispatch_tx(id, m).await,
+            AMQPClass::Access(_) => Err(AmqpError::new(mapping::NOT_IMPLEMENTED, "access.request")),
+            other => Err(AmqpError::new(
+                mapping::COMMAND_INVALID,
+                format!("unexpected method {:?}", class_method_ids(&other)),
+            )),
+        }
+    }
+
+    async fn dispatch_tx(&mut self, id: u16, m: tx::AMQPMethod) -> Result<(), AmqpError> {
+        let core = self.broker.core.clone();
+        let channel = self.channel(id);
+        match m {
+            tx::AMQPMethod::Select(_) => {
+                if channel.confirm.is_some() {
+                    return Err(AmqpError::new(mapping::PRECONDITION_FAILED, "cannot switch from confirm to tx mode"));
+                }
+                if channel.txn.is_none() {
+                    channel.txn = Some(core.begin_txn());
+                }
+                self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::SelectOk(tx::SelectOk {}))));
+                Ok(())
+            }
+            tx::AMQPMethod::Commit(_) => {
+                let Some(txn) = channel.txn.replace(core.begin_txn()) else {
+                    return Err(AmqpError::new(mapping::PRECONDITION_FAILED, "channel is not transactional"));
+                };
+                if !txn.is_empty() {
+                    core.commit_txn(txn).await.map_err(|e| mapping::core_error(&e))?;
+                }
+                self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}))));
+                Ok(())
+            }
+            tx::AMQPMethod::Rollback(_) => {
+                let Some(txn) = channel.txn.as_mut() else {
+                    return Err(AmqpError::new(mapping::PRECONDITION_FAILED, "channel is not transactional"));
+                };
+                txn.rollback();
+                self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {}))));
+                Ok(())
+            }
+            _ => Err(AmqpError::new(mapping::COMMAND_INVALID, "server-to-client tx method")),
+        }
+    }
+
+    async fn dispatch_basic(&mut self, id: u16, m: basic::AMQPMethod) -> Result<(), AmqpError> {
+        let core = self.broker.core.clone();
+        let vhost = self.vhost.clone();
+        match m {
+            basic::AMQPMethod::Qos(qos) => {
+                // Applies to consumers started afterwards (RabbitMQ's per-consumer QoS).
+                self.channel(id).prefetch = qos.prefetch_count;
+                self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {}))));
+                Ok(())
+            }
+            basic::AMQPMethod::Publish(publish) => {
+                if publish.immediate {
+                    return Err(AmqpError::new(mapping::NOT_IMPLEMENTED, "immediate=true"));
+                }
+                self.channel(id).pending = Some(PendingContent { publish, header: None, body: Vec::new() });
+                Ok(())
+            }
+            basic::AMQPMethod::Consume(consume) => {
+                let mut tag = consume.consumer_tag.as_str().to_owned();
+                if tag.is_empty() {
+                    tag = format!("amq.ctag-{}-{}-{}", self.id.incarnation, self.id.seq, self.next_ctag);
+                    self.next_ctag += 1;
+                }
+                if self.channel(id).consumers.contains_key(&tag) {
+                    return Err(AmqpError::new(mapping::NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
+                }
+                if consume.exclusive {
+                    // The core has no exclusive consumers yet: refuse when others consume, as
+                    // RabbitMQ does; later consumers are not locked out.
+                    let (_, consumers) =
+                        core.queue_status(&vhost, consume.queue.as_str()).map_err(|e| mapping::core_error(&e))?;
+                    if consumers > 0 {
+                        return Err(AmqpError::new(
+                            mapping::ACCESS_REFUSED,
+                            format!("queue '{}' in vhost '{vhost}' in exclusive use", consume.queue),
+                        ));
+                    }
+                }
+                let consumer_id = ConsumerId { connection: self.id, seq: self.next_consumer_seq };
+                self.next_consumer_seq += 1;
+                let options = ConsumeOptions { prefetch: self.channel(id).prefetch.into(), no_ack: consume.no_ack };
+                let consumer = core
+                    .consume(&vhost, consume.queue.as_str(), consumer_id, options)
+                    .await
+                    .map_err(|e| mapping::core_error(&e))?;
+                let (cancel, cancel_rx) = oneshot::channel();
+                let generation = self.channel(id).generation;
+                tokio::spawn(forward_consumer(
+                    consumer,
+                    cancel_rx,
+                    self.events_tx.clone(),
+                    id,
+                    generation,
+                    tag.clone(),
+                ));
+                let handle = ConsumerHandle { cancel, id: consumer_id, no_ack: consume.no_ack };
+                self.channel(id).consumers.insert(tag.clone(), handle);
+                let ok = basic::ConsumeOk { consumer_tag: short(&tag) };
+                self.reply(id, consume.nowait, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)));
+                Ok(())
+            }
+            basic::AMQPMethod::Cancel(cancel) => {
+                if let Some(handle) = self.channel(id).consumers.remove(cancel.consumer_tag.as_str()) {
+                    let _ = handle.cancel.send(());
+                }
+                let ok = basic::CancelOk { consumer_tag: cancel.consumer_tag };
+                self.reply(id, cancel.nowait, AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)));
+                Ok(())
+            }
+            basic::AMQPMethod::Get(get) => {
+                let holder = self.channel(id).getter;
+                let got = core
+                    .get(&vhost, get.queue.as_str(), holder, get.no_ack)
+                    .await
+                    .map_err(|e| mapping::core_error(&e))?;
+                match got {
+                    None => {
+                        self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::GetEmpty(basic::GetEmpty {}))));
+                    }
+                    Some(delivery) => {
+                        let channel = self.channel(id);
+                        let tag = channel.next_delivery_tag;
+                        channel.next_delivery_tag += 1;
+                        if !get.no_ack {
+                            channel.unacked.insert(tag, (holder, delivery.position));
+                        }
+                        let ok = basic::GetOk {
+                            delivery_tag: tag,
+                            redelivered: delivery.redelivered,
+                            exchange: short(&delivery.message.exchange),
+                            routing_key: short(&delivery.message.routing_key),
+                            message_count: delivery.ready_after.min(u64::from(u32::MAX)) as u32,
+                        };
+                        self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::GetOk(ok))));
+                        self.send_content(id, &delivery.message);
+                    }
+                }
+                Ok(())
+            }
+            basic::AMQPMethod::Ack(ack) => self.settle(id, ack.delivery_tag, ack.multiple, Outcome::Ack).await,
+            basic::AMQPMethod::Nack(nack) => {
+                let outcome = if nack.requeue { Outcome::Requeue } else { Outcome::Reject };
+                self.settle(id, nack.delivery_tag, nack.multiple, outcome).await
+            }
+            basic::AMQPMethod::Reject(reject) => {
+                let outcome = if reject.requeue { Outcome::Requeue } else { Outcome::Reject };
+                self.settle(id, reject.delivery_tag, false, outcome).await
+            }
+            basic::AMQPMethod::Recover(_) | basic::AMQPMethod::RecoverAsync(_) => {
+                let tags: Vec<u64> = self.channel(id).unacked.keys().copied().collect();
+                if let Some(last) = tags.last() {
+                    self.settle(id, *last, true, Outcome::Requeue).await?;
+                }
+                if matches!(m, basic::AMQPMethod::Recover(_)) {
+                    self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::RecoverOk(basic::RecoverOk {}))));
+                }
+                Ok(())
+            }
+            _ => Err(AmqpError::new(mapping::COMMAND_INVALID, "server-to-client basic method")),
+        }
+    }
+
+    /// basic.ack/nack/reject: `tag` 0 with `multiple` means every outstanding delivery.
+    async fn settle(&mut self, id: u16, tag: u64, multiple: bool, outcome: Outcome) -> Result<(), AmqpError> {
+        let channel = self.channel(id);
+        let taken: Vec<(u64, (ConsumerId, Position))> = if multiple {
+            let keep = channel.unacked.split_off(&(tag.saturating_add(1)));
+            let taken = std::mem::replace(&mut channel.unacked, keep);
+            if tag != 0 && taken.is_empty() {
+                return Err(AmqpError::new(mapping::PRECONDITION_FAILED, format!("unknown delivery tag {tag}")));
+            }
+            taken.into_iter().collect()
+        } else {
+            match channel.unacked.remove(&tag) {
+                Some(held) => vec![(tag, held)],
+                None => {
+                    return Err(AmqpError::new(mapping::PRECONDITION_FAILED, format!("unknown delivery tag {tag}")));
+                }
+            }
+        };
+        let mut by_holder: BTreeMap<ConsumerId, Vec<Position>> = BTreeMap::new();
+        for (_, (holder, position)) in taken {
+            by_holder.entry(holder).or_default().push(position);
+        }
+        if outcome == Outcome::Ack
+            && let Some(txn) = channel.txn.as_mut()
+        {
+            for (holder, positions) in &by_holder {
+                txn.ack(*holder, positions);
+            }
+            return Ok(());
+        }
+        for (holder, positions) in by_holder {
+            self.broker.core.settle(holder, &positions, outcome).await.map_err(|e| mapping::core_error(&e))?;
+        }
+        Ok(())
+    }
+
+    async fn on_content_header(
+        &mut self,
+        id: u16,
+        body_size: u64,
+        class_id: u16,
+        properties: AMQPProperties,
+    ) -> Result<(), (AmqpError, (u16, u16))> {
+        let size_max = self.broker.core.config().limits.message_size_max_bytes;
+        let Some(channel) = self.channels.get_mut(&id) else {
+            return Err((AmqpError::new(mapping::CHANNEL_ERROR, "expected 'channel.open'"), (0, 0)));
+        };
+        if channel.closing {
+            return Ok(());
+        }
+        let Some(pending) = channel.pending.as_mut() else {
+            return Err((AmqpError::new(mapping::COMMAND_INVALID, "unexpected content header"), (0, 0)));
+        };
+        if pending.header.is_some() {
+            return Err((
+                AmqpError::new(mapping::UNEXPECTED_FRAME, "expected content body, got non content body frame instead"),
+                (60, 40),
+            ));
+        }
+        if class_id != 60 {
+            return Err((
+                AmqpError::new(mapping::FRAME_ERROR, format!("content header for class {class_id}, expected 60")),
+                (60, 40),
+            ));
+        }
+        if body_size > size_max {
+            // Refused before any body is buffered; the channel ignores the rest until close-ok.
+            let error = AmqpError::new(
+                mapping::PRECONDITION_FAILED,
+                format!("message size {body_size} is larger than configured max size {size_max}"),
+            );
+            channel.pending = None;
+            self.close_channel(id, &error, (60, 40)).await;
+            return Ok(());
+        }
+        pending.header = Some((body_size, properties));
+        if body_size == 0 {
+            self.publish(id).await;
+        }
+        Ok(())
+    }
+
+    async fn on_content_body(&mut self, id: u16, body: Vec<u8>) -> Result<(), (AmqpError, (u16, u16))> {
+        let Some(channel) = self.channels.get_mut(&id) else {
+            return Err((AmqpError::new(mapping::CHANNEL_ERROR, "expected 'channel.open'"), (0, 0)));
+        };
+        if channel.closing {
+            return Ok(());
+        }
+        let Some(pending) = channel.pending.as_mut() else {
+            return Err((AmqpError::new(mapping::COMMAND_INVALID, "unexpected content body"), (0, 0)));
+        };
+        let Some((body_size, _)) = &pending.header else {
+            return Err((
+                AmqpError::new(
+                    mapping::UNEXPECTED_FRAME,
+                    "expected content header for class 60, got non content header frame instead",
+                ),
+                (60, 40),
+            ));
+        };
+        if pending.body.len() as u64 + body.len() as u64 > *body_size {
+            return Err((AmqpError::new(mapping::FRAME_ERROR, "content body exceeds the announced size"), (60, 40)));
+        }
+        pending.body.extend_from_slice(&body);
+        if pending.body.len() as u64 == *body_size {
+            self.publish(id).await;
+        }
+        Ok(())
+    }
+
+    /// The content of a basic.publish is complete: publish it.
+    async fn publish(&mut self, id: u16) {
+        let user = self.user.clone();
+        let vhost = self.vhost.clone();
+        let Some(channel) = self.channels.get_mut(&id) else { return };
+        let Some(pending) = channel.pending.take() else { return };
+        let Some((_, properties)) = pending.header else { return };
+        let publish = pending.publish;
+        let seq = match channel.confirm.as_mut() {
+            Some(next) => {
+                *next += 1;
+                *next - 1
+            }
+            None => 0,
+        };
+        let generation = channel.generation;
+        let message = match mapping::message_from_publish(
+            publish.exchange.as_str(),
+            publish.routing_key.as_str(),
+            &properties,
+            pending.body,
+            &user,
+        ) {
+            Ok(message) => message,
+            Err(error) => {
+                self.close_channel(id, &error, (60, 40)).await;
+                return;
+            }
+        };
+        if let Some(txn) = channel.txn.as_mut() {
+            txn.publish(&vhost, message);
+            return;
+        }
+        let returnable = publish.mandatory.then(|| Box::new(message.clone()));
+        match self.broker.core.publish(&vhost, message).await {
+            Ok(pending) => {
+                let _ = self.confirm_tx.send((id, generation, PublishJob { seq, returnable }, pending));
+            }
+            Err(error) => {
+                let error = mapping::core_error(&error);
+                if error.code.hard {
+                    self.close_connection(&error, (60, 40));
+                } else {
+                    self.close_channel(id, &error, (60, 40)).await;
+                }
+            }
+        }
+    }
+
+    async fn on_event(&mut self, event: Event) -> Result<(), Stop> {
+        match event {
+            Event::Delivery { channel: id, generation, tag, delivery } => {
+                let Some(channel) = self.channels.get_mut(&id) else { return Ok(()) };
+                if channel.generation != generation || channel.closing {
+                    return Ok(());
+                }
+                let Some(handle) = channel.consumers.get(&tag) else { return Ok(()) };
+                let delivery_tag = channel.next_delivery_tag;
+                channel.next_delivery_tag += 1;
+                if !handle.no_ack {
+                    channel.unacked.insert(delivery_tag, (handle.id, delivery.position));
+                }
+                let deliver = basic::Deliver {
+                    consumer_tag: short(&tag),
+                    delivery_tag,
+                    redelivered: delivery.redelivered,
+                    exchange: short(&delivery.message.exchange),
+                    routing_key: short(&delivery.message.routing_key),
+                };
+                self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))));
+                self.send_content(id, &delivery.message);
+            }
+            Event::ConsumerGone { channel: id, generation, tag } => {
+                let Some(channel) = self.channels.get_mut(&id) else { return Ok(()) };
+                if channel.generation != generation || channel.closing || channel.consumers.remove(&tag).is_none() {
+                    return Ok(());
+                }
+                let cancel = basic::Cancel { consumer_tag: short(&tag), nowait: true };
+                self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel))));
+            }
+            Event::Confirmed { channel: id, generation, job, result } => {
+                let Some(channel) = self.channels.get(&id) else { return Ok(()) };
+                if channel.generation != generation || channel.closing {
+                    return Ok(());
+                }
+                let confirm = channel.confirm.is_some();
+                let taken = match &result {
+                    Ok(published) => {
+                        if let Some(message) = &job.returnable
+                            && published.unroutable()
+                        {
+                            let ret = basic::Return {
+                                reply_code: mapping::NO_ROUTE.code,
+                                reply_text: short(mapping::NO_ROUTE.name),
+                                exchange: short(&message.exchange),
+                                routing_key: short(&message.routing_key),
+                            };
+                            self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Return(ret))));
+                            self.send_content(id, message);
+                        }
+                        published.confirmed()
+                    }
+                    Err(error) => {
+                        tracing::debug!(%error, "publish not committed");
+                        false
+                    }
+                };
+                if confirm {
+                    let class = if taken {
+                        basic::AMQPMethod::Ack(basic::Ack { delivery_tag: job.seq, multiple: false })
+                    } else {
+                        basic::AMQPMethod::Nack(basic::Nack { delivery_tag: job.seq, multiple: false, requeue: false })
+                    };
+                    self.send(&method(id, AMQPClass::Basic(class)));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Why connection-method handling stopped.
+#[derive(Debug)]
+enum ConnectionOutcome {
+    /// Close the socket now.
+    Stop(Stop),
+    /// Send connection.close with this error.
+    Error(AmqpError),
+}
+
+/// Read what is available into `buf` (cancel-safe: bytes are appended only when a read
+/// completes).
+async fn read_some<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> std::io::Result<usize> {
+    buf.reserve(READ_CHUNK_BYTES);
+    reader.read_buf(buf).await
+}
+
+/// Await confirmations in publish order and report them.
+async fn confirmer(
+    mut jobs: mpsc::UnboundedReceiver<(u16, u64, PublishJob, PendingPublish)>,
+    events: mpsc::UnboundedSender<Event>,
+) {
+    while let Some((channel, generation, job, pending)) = jobs.recv().await {
+        let result = pending.confirm().await;
+        if events.send(Event::Confirmed { channel, generation, job, result }).is_err() {
+            break;
+        }
+    }
+}
+
+/// Forward a consumer's events to its connection until it is cancelled (by the client, or by
+/// the connection going away: its handle drops).
+async fn forward_consumer(
+    mut consumer: wharf_core::node::Consumer,
+    mut cancel: oneshot::Receiver<()>,
+    events: mpsc::UnboundedSender<Event>,
+    channel: u16,
+    generation: u64,
+    tag: String,
+) {
+    loop {
+        tokio::select! {
+            _ = &mut cancel => {
+                if let Err(error) = consumer.cancel().await {
+                    tracing::debug!(%error, "consumer cancel failed");
+                }
+                return;
+            }
+            event = consumer.recv() => match event {
+                Some(ConsumerEvent::Delivery(delivery)) => {
+                    let event = Event::Delivery { channel, generation, tag: tag.clone(), delivery };
+                    if events.send(event).is_err() {
+                        let _ = consumer.cancel().await;
+                        return;
+                    }
+                }
+                Some(ConsumerEvent::Cancelled) | None => {
+                    let _ = events.send(Event::ConsumerGone { channel, generation, tag });
+                    return;
+                }
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tune_negotiation_is_rabbitmq_s() {
+        assert_eq!(negotiate(131_072u32, 0), 131_072);
+        assert_eq!(negotiate(0u32, 4096), 4096);
+        assert_eq!(negotiate(131_072u32, 65_536), 65_536);
+        assert_eq!(negotiate(60u16, 120), 60);
+        assert_eq!(negotiate(60u16, 0), 60);
+        assert_eq!(negotiate(0u16, 0), 0);
+    }
+
+    #[test]
+    fn plain_and_amqplain_authentication() {
+        assert_eq!(authenticate("PLAIN", b"\0guest\0guest", "guest", "guest"), Ok("guest".to_owned()));
+        assert_eq!(authenticate("PLAIN", b"\0guest\0nope", "guest", "guest").map_err(|e| e.code.code), Err(403));
+        let mut amqplain = Vec::new();
+        for (name, value) in [("LOGIN", "guest"), ("PASSWORD", "guest")] {
+            amqplain.push(name.len() as u8);
+            amqplain.extend_from_slice(name.as_bytes());
+            amqplain.push(b'S');
+            amqplain.extend_from_slice(&(value.len() as u32).to_be_bytes());
+            amqplain.extend_from_slice(value.as_bytes());
+        }
+        assert_eq!(authenticate("AMQPLAIN", &amqplain, "guest", "guest"), Ok("guest".to_owned()));
+        assert_eq!(authenticate("EXTERNAL", b"", "guest", "guest").map_err(|e| e.code.code), Err(503));
+    }
+}
