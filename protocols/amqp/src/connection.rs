@@ -769,25 +769,25 @@ impl Connection {
                     Ok(())
                 }
                 exchange::AMQPMethod::Bind(b) => {
-                    let spec = BindingSpec {
+                    let spec = binding(
                         vhost,
-                        source: b.source.as_str().to_owned(),
-                        destination: Destination::Exchange(b.destination.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: mapping::headers_from_table(&b.arguments),
-                    };
+                        b.source.as_str(),
+                        Destination::Exchange(b.destination.as_str().to_owned()),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    );
                     core.bind(spec, connection).await.map_err(core_err)?;
                     self.reply(id, b.nowait, AMQPClass::Exchange(exchange::AMQPMethod::BindOk(exchange::BindOk {})));
                     Ok(())
                 }
                 exchange::AMQPMethod::Unbind(b) => {
-                    let spec = BindingSpec {
+                    let spec = binding(
                         vhost,
-                        source: b.source.as_str().to_owned(),
-                        destination: Destination::Exchange(b.destination.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: mapping::headers_from_table(&b.arguments),
-                    };
+                        b.source.as_str(),
+                        Destination::Exchange(b.destination.as_str().to_owned()),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    );
                     core.unbind(spec, connection).await.map_err(core_err)?;
                     self.reply(
                         id,
@@ -820,25 +820,25 @@ impl Connection {
                     Ok(())
                 }
                 queue::AMQPMethod::Bind(b) => {
-                    let spec = BindingSpec {
+                    let spec = binding(
                         vhost,
-                        source: b.exchange.as_str().to_owned(),
-                        destination: Destination::Queue(b.queue.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: mapping::headers_from_table(&b.arguments),
-                    };
+                        b.exchange.as_str(),
+                        Destination::Queue(b.queue.as_str().to_owned()),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    );
                     core.bind(spec, connection).await.map_err(core_err)?;
                     self.reply(id, b.nowait, AMQPClass::Queue(queue::AMQPMethod::BindOk(queue::BindOk {})));
                     Ok(())
                 }
                 queue::AMQPMethod::Unbind(b) => {
-                    let spec = BindingSpec {
+                    let spec = binding(
                         vhost,
-                        source: b.exchange.as_str().to_owned(),
-                        destination: Destination::Queue(b.queue.as_str().to_owned()),
-                        routing_key: b.routing_key.as_str().to_owned(),
-                        arguments: mapping::headers_from_table(&b.arguments),
-                    };
+                        b.exchange.as_str(),
+                        Destination::Queue(b.queue.as_str().to_owned()),
+                        b.routing_key.as_str(),
+                        &b.arguments,
+                    );
                     core.unbind(spec, connection).await.map_err(core_err)?;
                     self.reply(id, false, AMQPClass::Queue(queue::AMQPMethod::UnbindOk(queue::UnbindOk {})));
                     Ok(())
@@ -1335,6 +1335,23 @@ async fn forward_consumer(
                 }
             },
         }
+    }
+}
+
+/// A binding as `exchange.bind`/`unbind` and `queue.bind`/`unbind` name it.
+fn binding(
+    vhost: String,
+    source: &str,
+    destination: Destination,
+    routing_key: &str,
+    arguments: &FieldTable,
+) -> BindingSpec {
+    BindingSpec {
+        vhost,
+        source: source.to_owned(),
+        destination,
+        routing_key: routing_key.to_owned(),
+        arguments: mapping::headers_from_table(arguments),
     }
 }
 
