@@ -14,6 +14,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
 VENV=target/conformance-venv
 PAHO_REQUIREMENT='paho-mqtt>=2.1,<2.2'
+PIKA_REQUIREMENT='pika>=1.3,<1.4'
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then
@@ -40,6 +41,7 @@ venv_ready() {
     [ -x "$VENV/bin/python" ] && "$VENV/bin/python" - <<'EOF' 2>/dev/null
 import sys
 import cryptography  # noqa: F401
+import pika  # noqa: F401
 import paho.mqtt
 sys.exit(0 if paho.mqtt.__version__.startswith("2.1.") else 1)
 EOF
@@ -71,7 +73,7 @@ else
             "$python" -m virtualenv "$VENV"
         fi
     fi
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$PAHO_REQUIREMENT" cryptography
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$PAHO_REQUIREMENT" "$PIKA_REQUIREMENT" cryptography
     if ! venv_ready; then
         echo "conformance/setup.sh: $VENV still lacks paho-mqtt 2.1 or cryptography" >&2
         exit 1

@@ -96,12 +96,13 @@ struct Ports {
     admin: u16,
     mqtt: u16,
     ws: u16,
+    amqp: u16,
     tls: Option<u16>,
 }
 
 impl Ports {
     fn pick(tls: bool) -> Self {
-        Self { admin: free_port(), mqtt: free_port(), ws: free_port(), tls: tls.then(free_port) }
+        Self { admin: free_port(), mqtt: free_port(), ws: free_port(), amqp: free_port(), tls: tls.then(free_port) }
     }
 }
 
@@ -200,6 +201,11 @@ impl Broker {
         self.ports.ws
     }
 
+    /// The AMQP 0-9-1 port.
+    pub fn amqp_port(&self) -> u16 {
+        self.ports.amqp
+    }
+
     /// The MQTT-over-TLS listener and its certificate, when started with [`BrokerBuilder::tls`].
     pub fn tls(&self) -> Option<(u16, &TlsFiles)> {
         Some((self.ports.tls?, self.tls.as_ref()?))
@@ -225,8 +231,7 @@ impl Broker {
             .env("RUST_LOG", RUST_LOG)
             .env("WHARF__LISTENERS__MQTT", loopback(self.ports.mqtt).to_string())
             .env("WHARF__LISTENERS__MQTT_WS", loopback(self.ports.ws).to_string())
-            // AMQP is not under test here: an ephemeral port, so parallel brokers never collide.
-            .env("WHARF__LISTENERS__AMQP", "127.0.0.1:0")
+            .env("WHARF__LISTENERS__AMQP", loopback(self.ports.amqp).to_string())
             .env("WHARF__LISTENERS__AMQP_TLS", "127.0.0.1:0")
             // $SYS publications are off unless a test turns them on (it may override below).
             .env("WHARF__MQTT__SYS_INTERVAL_SECS", "0");

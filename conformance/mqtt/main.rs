@@ -11,6 +11,7 @@
 #[macro_use]
 mod rumqttc_client;
 
+#[allow(dead_code, reason = "shared with the AMQP suite; each suite uses part of it")]
 mod harness;
 mod metrics;
 mod mosquitto;

@@ -1,0 +1,8 @@
+//! Black-box AMQP 0-9-1 tests of the real `wharf` binary with real clients: Python's pika
+//! (installed by `conformance/setup.sh`). Shares the broker harness of the MQTT suite.
+
+#[path = "../mqtt/harness.rs"]
+#[allow(dead_code, reason = "shared with the MQTT suite; each suite uses part of it")]
+mod harness;
+
+mod pika;
