@@ -3,7 +3,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
@@ -112,7 +111,7 @@ async fn message_size_limit_is_enforced() {
     let storage = MemStorage::new();
     let mut config = config();
     config.limits.message_size_max_bytes = 1_000;
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let core = common::open_on(config, &storage).await;
     queue(&core, "q", Headers::new()).await;
     let error = core.publish("/", Message::new("", "q", vec![0u8; 1_001])).await.expect_err("too large");
     assert!(
@@ -411,7 +410,7 @@ async fn overload_is_a_retryable_error() {
     config.shard_count = 1;
     config.limits.pending_requests_max = 4;
     config.limits.pipeline_entries_max = 1;
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let core = common::open_on(config, &storage).await;
     queue(&core, "q", Headers::new()).await;
     let mut pending = Vec::new();
     let mut overloaded = None;
@@ -497,7 +496,7 @@ async fn no_ack_consumer_credit_is_renewed_and_prefetch_can_change() {
     let mut config = config();
     // A credit window of 4: the stream must renew credit many times to receive 50 messages.
     config.limits.consumer_inflight_max = 4;
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let core = common::open_on(config, &storage).await;
     queue(&core, "stream", Headers::new()).await;
     queue(&core, "acked", Headers::new()).await;
     for i in 0..50 {
@@ -801,7 +800,7 @@ async fn a_transaction_past_its_timeout_aborts() {
     let storage = MemStorage::new();
     let mut config = config();
     config.limits.txn_timeout_ms = 1;
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let core = common::open_on(config, &storage).await;
     let (a, b) = queues_on_two_shards(&core, "slow").await;
     let mut txn = core.begin_txn();
     txn.publish("/", Message::new("", &a, "x"));
@@ -841,7 +840,7 @@ async fn a_silent_producer_is_checked_back_and_its_answer_applied() {
     let storage = MemStorage::new();
     let mut config = config();
     config.limits.half_message_check_interval_ms = 50;
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let core = common::open_on(config, &storage).await;
     queue(&core, "orders", Headers::new()).await;
     let mut checks = core.register_check_back("shop");
     let txn = core.prepare_half("/", Message::new("", "orders", "paid"), "shop").await.expect("prepare");
@@ -869,7 +868,7 @@ async fn an_undecided_half_message_is_rolled_back_at_its_age_limit() {
     let storage = MemStorage::new();
     let mut config = config();
     config.limits.half_message_age_max_ms = 150;
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let core = common::open_on(config, &storage).await;
     queue(&core, "orders", Headers::new()).await;
     let txn = core.prepare_half("/", Message::new("", "orders", "late"), "nobody").await.expect("prepare");
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -939,7 +938,7 @@ async fn deliveries_carry_their_enqueued_time_across_a_restart() {
     let storage = MemStorage::new();
     let mut config = config();
     config.snapshot_logs_since_last = 5;
-    let core = Core::open_on(config.clone(), Arc::new(storage.clone())).await.expect("open");
+    let core = common::open_on(config.clone(), &storage).await;
     queue(&core, "q", Headers::new()).await;
     let before_ms = now_ms();
     core.publish_confirmed("/", Message::new("", "q", "first")).await.expect("publish");
@@ -956,7 +955,7 @@ async fn deliveries_carry_their_enqueued_time_across_a_restart() {
     core.shutdown().await.expect("shutdown");
     drop(core);
 
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("reopen");
+    let core = common::open_on(config, &storage).await;
     let holder = consumer_id(&core, 1);
     let again = core.get("/", "q", holder, true).await.expect("get").expect("the message again");
     assert_eq!(body(&again), "first");

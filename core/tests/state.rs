@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -98,7 +97,7 @@ async fn a_write_breaking_a_limit_or_naming_a_missing_owner_writes_nothing() {
     config.limits.state_value_size_max_bytes = 100;
     config.limits.batch_bytes_max = 1_000;
     config.limits.state_records_max = 3;
-    let core = Core::open_on(config, Arc::new(storage)).await.expect("open");
+    let core = common::open_on(config, &storage).await;
     queue(&core, "/", "owner", true).await;
     core.state_write("/", vec![StateWrite::put("a", "1"), StateWrite::put("b", "1")]).await.expect("write");
     let before = records(&core, "/");

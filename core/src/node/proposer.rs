@@ -13,7 +13,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::Limits;
 use crate::error::{CoreError, CoreResult};
-use crate::raft::{Proposal, ReplicatedState, Replies};
+use crate::raft::{GroupConfig, Proposal, ReplicatedState, Replies};
 
 /// Receives one command's reply.
 pub(crate) type ReplyReceiver<R> = oneshot::Receiver<CoreResult<R>>;
@@ -51,13 +51,7 @@ impl<S: ReplicatedState> Proposer<S> {
     /// Start the group-commit task for `raft`. It ends when every `Proposer` clone is dropped.
     pub(crate) fn spawn<C>(name: &str, raft: Raft<C>, limits: &Limits) -> (Self, tokio::task::JoinHandle<()>)
     where
-        C: RaftTypeConfig<
-                D = Proposal<S::Command>,
-                R = Replies<S::Reply>,
-                NodeId = u64,
-                Responder = OneshotResponder<C>,
-                AsyncRuntime = TokioRuntime,
-            >,
+        C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = TokioRuntime>,
     {
         let (tx, rx) = mpsc::channel(limits.pending_requests_max as usize);
         let name: Arc<str> = Arc::from(name);
@@ -97,13 +91,7 @@ pub(crate) async fn wait<R>(rx: ReplyReceiver<R>) -> CoreResult<R> {
 async fn run<C, S>(name: Arc<str>, raft: Raft<C>, mut rx: mpsc::Receiver<Pending<S>>, limits: Limits)
 where
     S: ReplicatedState,
-    C: RaftTypeConfig<
-            D = Proposal<S::Command>,
-            R = Replies<S::Reply>,
-            NodeId = u64,
-            Responder = OneshotResponder<C>,
-            AsyncRuntime = TokioRuntime,
-        >,
+    C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = TokioRuntime>,
 {
     let in_flight = Arc::new(Semaphore::new(limits.pipeline_entries_max as usize));
     let commands_max = limits.batch_commands_max as usize;

@@ -331,7 +331,7 @@ impl Broker {
             .state_get(&self.config.vhost, &session::session_key(client_id))
             .and_then(|value| SessionRecord::decode(&value))
             .map(|record| {
-                record.subscriptions.into_keys().filter(|f| crate::topic::split_shared(f).is_some()).collect()
+                record.subscriptions.into_keys().filter(|f| crate::codec::topic::parse_shared(f).is_some()).collect()
             })
             .unwrap_or_default();
         match self.core.delete_queue(&self.config.vhost, &queue, false, false, None).await {
@@ -356,7 +356,7 @@ impl Broker {
     /// more and no member consumes from it, the group's queue is deleted, so messages stop piling
     /// up for a group that is gone.
     pub(crate) async fn release_shared(&self, filter: &str) {
-        let Some((group, inner)) = crate::topic::split_shared(filter) else { return };
+        let Some((group, inner)) = crate::codec::topic::parse_shared(filter) else { return };
         let still_held = self
             .core
             .state_scan(&self.config.vhost, session::SESSION_KEY_PREFIX)

@@ -181,10 +181,13 @@ fn peek_connect_version(buf: &[u8]) -> Option<ProtocolVersion> {
     }
 }
 
-fn send_raw<S>(io: &mut Io<S>, packet: &Packet, version: ProtocolVersion) {
+/// Encode `packet` into the output buffer and count it; the bytes written.
+fn send_raw<S>(io: &mut Io<S>, packet: &Packet, version: ProtocolVersion) -> usize {
     let before = io.out.len();
     codec::encode(packet, version, &mut io.out);
-    count_out(packet.name(), io.out.len() - before);
+    let written = io.out.len() - before;
+    count_out(packet.name(), written);
+    written
 }
 
 fn count_in(kind: &'static str, bytes: usize) {
@@ -409,22 +412,13 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         drop(guard);
         let vhost = &config.vhost;
         let core = broker.core();
-        let mut epochs = HashMap::new();
-        for (key, value) in core.state_scan(vhost, &session::inbound_qos2_prefix(&client_id)) {
-            if let (Some(id), Some(epoch)) =
-                (key.rsplit('\0').next().and_then(|id| id.parse().ok()), session::decode_epoch(&value))
-            {
-                epochs.insert(id, epoch);
-            }
-        }
-        let mut released = HashMap::new();
-        for (key, value) in core.state_scan(vhost, &session::released_prefix(&client_id)) {
-            if let (Some(id), Some(position)) =
-                (key.rsplit('\0').next().and_then(|id| id.parse().ok()), session::decode_position(&value))
-            {
-                released.insert(id, position);
-            }
-        }
+        let epochs =
+            session::by_packet_id(core.state_scan(vhost, &session::inbound_qos2_prefix(&client_id)), |value| {
+                session::decode_epoch(value)
+            });
+        let released = session::by_packet_id(core.state_scan(vhost, &session::released_prefix(&client_id)), |value| {
+            session::decode_position(value)
+        });
 
         let (events_tx, events) = mpsc::unbounded_channel();
         let confirms = spawn_confirmer(events_tx.clone());
@@ -504,7 +498,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     async fn start_consumers(&mut self) -> CoreResult<()> {
         self.consume(Source::Session, session::session_queue(&self.client_id)).await?;
         let shared: Vec<String> =
-            self.subscriptions.keys().filter(|f| topic::split_shared(f).is_some()).cloned().collect();
+            self.subscriptions.keys().filter(|f| codec::topic::parse_shared(f).is_some()).cloned().collect();
         for filter in shared {
             let queue = self.ensure_shared_queue(&filter).await?;
             self.consume(Source::Shared(filter), queue).await?;
@@ -943,7 +937,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         let mut granted = None::<QoS>;
         let mut identifiers = Vec::new();
         let mut retain = false;
-        let mut consider = |filter: &str, subscription: &StoredSubscription, retained_on_subscribe: bool| {
+        let mut consider = |subscription: &StoredSubscription, retained_on_subscribe: bool| {
             granted = Some(granted.map_or(subscription.qos(), |q| q.max(subscription.qos())));
             if let Some(id) = subscription.identifier {
                 identifiers.push(id);
@@ -951,28 +945,29 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             // RETAIN is 1 for retained messages sent on subscribe [MQTT-3.3.1-8], else the
             // published flag if Retain As Published is set [MQTT-3.3.1-12], else 0.
             retain |= retained_on_subscribe || (subscription.retain_as_published && outgoing.retain);
-            let _ = filter;
         };
         match source {
             Some(Source::Shared(filter)) => {
                 let subscription = self.subscriptions.get(&filter)?;
-                consider(&filter, subscription, false);
+                consider(subscription, false);
             }
             Some(Source::Session) => {
                 if let Some(filter) = &outgoing.retained_for {
                     let subscription = self.subscriptions.get(filter)?;
-                    consider(filter, subscription, true);
+                    consider(subscription, true);
                 } else {
                     let own = outgoing.publisher.as_deref() == Some(self.client_id.as_str());
                     for (filter, subscription) in &self.subscriptions {
-                        if topic::split_shared(filter).is_some() || !topic::filter_matches(filter, &outgoing.topic) {
+                        if codec::topic::parse_shared(filter).is_some()
+                            || !topic::filter_matches(filter, &outgoing.topic)
+                        {
                             continue;
                         }
                         // No Local [MQTT-3.8.3-3].
                         if own && subscription.no_local {
                             continue;
                         }
-                        consider(filter, subscription, false);
+                        consider(subscription, false);
                     }
                 }
             }
@@ -1137,7 +1132,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 continue;
             }
             let stored = StoredSubscription::new(options, subscribe.subscription_identifier);
-            let result = match topic::split_shared(filter) {
+            let result = match codec::topic::parse_shared(filter) {
                 Some(_) => self.subscribe_shared(filter, existed).await,
                 None => self.bind(filter, true).await,
             };
@@ -1151,7 +1146,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                         1 => !existed,
                         _ => false,
                     };
-                    if send && topic::split_shared(filter).is_none() {
+                    if send && codec::topic::parse_shared(filter).is_none() {
                         retained_for.push(filter.clone());
                     }
                 }
@@ -1172,7 +1167,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     fn binding(&self, filter: &str, queue: String) -> BindingSpec {
-        let pattern_filter = topic::split_shared(filter).map_or(filter, |(_, f)| f);
+        let pattern_filter = codec::topic::parse_shared(filter).map_or(filter, |(_, f)| f);
         let mut arguments = Headers::new();
         arguments.push(BINDING_DOLLAR, FieldValue::Bool(true));
         arguments.push(BINDING_FILTER, pattern_filter);
@@ -1192,7 +1187,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
 
     /// Declare (idempotently) and bind the queue of a shared subscription; its name.
     async fn ensure_shared_queue(&self, filter: &str) -> CoreResult<String> {
-        let (group, inner) = topic::split_shared(filter).unwrap_or(("", filter));
+        let (group, inner) = codec::topic::parse_shared(filter).unwrap_or(("", filter));
         let name_len_max = self.broker.core().config().limits.name_len_max_bytes as usize;
         let queue = session::shared_queue(group, inner, name_len_max);
         self.broker.core().declare_queue(queue_spec(&self.broker, &queue)).await?;
@@ -1239,7 +1234,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 reason_codes.push(ReasonCode::NO_SUBSCRIPTION_EXISTED);
                 continue;
             }
-            let result = if topic::split_shared(filter).is_some() {
+            let result = if codec::topic::parse_shared(filter).is_some() {
                 let seq = self.consumers.iter().find_map(|(seq, (source, _))| match source {
                     Source::Shared(f) if f == filter => Some(*seq),
                     _ => None,
@@ -1266,7 +1261,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             return Some(Close::Server(ReasonCode::UNSPECIFIED_ERROR, format!("saving the session failed: {error}")));
         }
         for filter in &unsubscribe.filters {
-            if topic::split_shared(filter).is_some() && !self.subscriptions.contains_key(filter) {
+            if codec::topic::parse_shared(filter).is_some() && !self.subscriptions.contains_key(filter) {
                 self.broker.release_shared(filter).await;
             }
         }
@@ -1389,11 +1384,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 _ => {}
             }
         }
-        let before = self.io.out.len();
-        codec::encode(&packet, self.version, &mut self.io.out);
-        let written = self.io.out.len() - before;
+        let written = send_raw(&mut self.io, &packet, self.version);
         self.broker.stats.bytes_sent.fetch_add(written as u64, Ordering::Relaxed);
-        count_out(packet.name(), written);
     }
 }
 

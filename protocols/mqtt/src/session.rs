@@ -71,6 +71,18 @@ pub fn released_key(client_id: &str, packet_id: u16) -> String {
     format!("{}{packet_id}", released_prefix(client_id))
 }
 
+/// The records of a per-packet-id scan (`inbound_qos2_prefix`, `released_prefix`) by packet id,
+/// decoded; unreadable ones are left out.
+pub fn by_packet_id<T>(
+    records: Vec<(String, bytes::Bytes)>,
+    decode: impl Fn(&[u8]) -> Option<T>,
+) -> std::collections::HashMap<u16, T> {
+    records
+        .into_iter()
+        .filter_map(|(key, value)| Some((key.rsplit('\0').next()?.parse().ok()?, decode(&value)?)))
+        .collect()
+}
+
 /// Prefix of retained messages; the topic name follows.
 pub const RETAINED_KEY_PREFIX: &str = "mqtt\0retained\0";
 

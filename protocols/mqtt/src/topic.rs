@@ -7,9 +7,6 @@
 //! front-end re-checks every delivery against the MQTT filter (`filter_matches`), so such a
 //! subscription receives exactly what MQTT says it should.
 
-/// The prefix of a shared subscription filter.
-pub const SHARE_PREFIX: &str = "$share/";
-
 /// The AMQP routing key of an MQTT topic name.
 pub fn topic_to_routing_key(topic: &str) -> String {
     swap_separators(topic)
@@ -69,12 +66,6 @@ pub fn filter_matches(filter: &str, topic: &str) -> bool {
     topic_levels.next().is_none()
 }
 
-/// A shared subscription `$share/{group}/{filter}` split into its group and filter; `None` for an
-/// ordinary filter. (The codec has checked the form.)
-pub fn split_shared(filter: &str) -> Option<(&str, &str)> {
-    filter.strip_prefix(SHARE_PREFIX)?.split_once('/')
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -116,11 +107,5 @@ mod tests {
         assert!(filter_matches("$SYS/monitor/+", "$SYS/monitor/Clients"));
         assert!(filter_matches("a/*", "a/*"));
         assert!(!filter_matches("a/*", "a/b"));
-    }
-
-    #[test]
-    fn shared_filters_split() {
-        assert_eq!(split_shared("$share/g/a/b"), Some(("g", "a/b")));
-        assert_eq!(split_shared("a/b"), None);
     }
 }
