@@ -617,6 +617,15 @@ pub fn default_file() -> String {
         toml_string(&amqp.default_user),
     );
     entry(&mut out, "Its password.", "default_pass", toml_string(&amqp.default_pass));
+    entry(
+        &mut out,
+        "Where a publish's idempotency key comes from: \"header\" (x-idempotency-key),\n\
+         \"message-id\", \"header-or-message-id\" or \"none\". Per vhost, add a table:\n\
+         [amqp.idempotency_key_by_vhost]\n\
+         \"/payments\" = \"message-id\"",
+        "idempotency_key",
+        toml_string(amqp.idempotency_key.as_str()),
+    );
 
     section(&mut out, "log");
     entry(

@@ -197,6 +197,17 @@ pub enum ShardCommand {
         /// Its operations.
         ops: TxnOps,
     },
+    /// Stop a consumer without detaching it (AMQP `basic.cancel`): it receives nothing more and
+    /// keeps the deliveries in `keep` (those its client has) until they are settled; whatever else
+    /// it holds returns to the queue. Appended last: older logs decode unchanged.
+    Stop {
+        /// Consumer.
+        consumer: ConsumerId,
+        /// Partition.
+        target: PartitionKey,
+        /// Offsets it keeps.
+        keep: Vec<u64>,
+    },
 }
 
 impl ShardCommand {
@@ -204,7 +215,9 @@ impl ShardCommand {
     pub fn size_bytes(&self) -> u64 {
         match self {
             Self::Publish { message, targets } => message.size_bytes() + 12 * targets.len() as u64,
-            Self::Settle { offsets, .. } | Self::DeadLettered { offsets, .. } => 8 * offsets.len() as u64 + 32,
+            Self::Settle { offsets, .. } | Self::DeadLettered { offsets, .. } | Self::Stop { keep: offsets, .. } => {
+                8 * offsets.len() as u64 + 32
+            }
             Self::TxnPrepare { ops, .. } | Self::TxnAtomic { ops, .. } => ops.size_bytes() + 64,
             _ => 64,
         }
@@ -486,6 +499,13 @@ impl ReplicatedState for ShardState {
                     ShardReply::Detached { existed, consumers_left: p.consumer_count() }
                 }
                 // Detaching from a deleted queue is not an error: the consumer is gone either way.
+                None => ShardReply::Detached { existed: false, consumers_left: 0 },
+            },
+            ShardCommand::Stop { consumer, target, keep } => match self.partitions.get_mut(&target) {
+                Some(p) => {
+                    let existed = p.stop(now_ms, consumer, &keep, effects);
+                    ShardReply::Detached { existed, consumers_left: p.consumer_count() }
+                }
                 None => ShardReply::Detached { existed: false, consumers_left: 0 },
             },
             ShardCommand::SetPrefetch { consumer, target, prefetch } => {

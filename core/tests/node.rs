@@ -174,6 +174,99 @@ async fn delayed_delivery_and_ttl_follow_committed_time() {
 }
 
 #[tokio::test]
+async fn delayed_message_exchange_delays_by_the_x_delay_header_in_publishes_and_transactions() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    let delayed_type = args(&[("x-delayed-type", FieldValue::LongString("topic".into()))]);
+    let kind = ExchangeKind::from_declare("x-delayed-message", &delayed_type).expect("delayed kind");
+    assert_eq!((kind.routing(), kind.as_str()), (ExchangeKind::Topic, "x-delayed-message"));
+    let spec = ExchangeSpec {
+        vhost: "/".into(),
+        name: "later".into(),
+        kind,
+        passive: false,
+        durable: true,
+        auto_delete: false,
+        internal: false,
+        arguments: delayed_type,
+    };
+    core.declare_exchange(spec).await.expect("declare delayed exchange");
+    queue(&core, "due", Headers::new()).await;
+    let binding = BindingSpec {
+        vhost: "/".into(),
+        source: "later".into(),
+        destination: Destination::Queue("due".into()),
+        routing_key: "jobs.#".into(),
+        arguments: Headers::new(),
+    };
+    core.bind(binding, None).await.expect("bind");
+    let with_delay = |body: &str, delay: FieldValue| {
+        let mut message = Message::new("later", "jobs.mail", body.to_owned());
+        message.headers.push("x-delay", delay);
+        message
+    };
+    // Routed as a topic exchange; published last but not delayed (a negative x-delay is none).
+    core.publish_confirmed("/", with_delay("slow", FieldValue::I32(400))).await.expect("publish");
+    let mut txn = core.begin_txn();
+    txn.publish("/", with_delay("staged", FieldValue::I64(200)));
+    core.commit_txn(txn).await.expect("commit");
+    core.publish_confirmed("/", with_delay("now", FieldValue::I32(-5))).await.expect("publish");
+    let unroutable = core.publish_confirmed("/", Message::new("later", "mail", "x")).await.expect("publish");
+    assert!(unroutable.unroutable(), "the delay does not change routing");
+
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", "due", id, ConsumeOptions::default()).await.expect("consume");
+    assert_eq!(body(&next(&mut consumer).await), "now");
+    nothing(&mut consumer, 100).await;
+    assert_eq!(body(&next(&mut consumer).await), "staged");
+    assert_eq!(body(&next(&mut consumer).await), "slow");
+
+    let too_long = with_delay("never", FieldValue::I64(i64::MAX));
+    let error = core.publish("/", too_long).await.expect_err("over limits.delay_max_ms");
+    assert!(matches!(error, CoreError::LimitExceeded { limit: "limits.delay_max_ms", .. }), "{error:?}");
+    let missing = ExchangeKind::from_declare("x-delayed-message", &Headers::new()).expect_err("no x-delayed-type");
+    assert!(missing.to_string().contains("'x-delayed-type' must be an existing exchange type"), "{missing}");
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn a_stopped_consumer_keeps_what_its_client_has_and_returns_the_rest() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "work", args(&[("x-single-active-consumer", FieldValue::Bool(true))])).await;
+    for n in 0..4 {
+        core.publish_confirmed("/", Message::new("", "work", format!("m{n}"))).await.expect("publish");
+    }
+    let first = consumer_id(&core, 1);
+    let mut consumer =
+        core.consume("/", "work", first, ConsumeOptions { prefetch: 3, no_ack: false }).await.expect("consume");
+    let kept = [next(&mut consumer).await, next(&mut consumer).await];
+    let in_flight = next(&mut consumer).await; // delivered by the core, never shown to the client
+    let standby = consumer_id(&core, 2);
+    let mut other =
+        core.consume("/", "work", standby, ConsumeOptions { prefetch: 10, no_ack: false }).await.expect("consume");
+    nothing(&mut other, 100).await; // single active consumer: the first one serves
+    let left = consumer.stop(&[kept[0].position, kept[1].position]).await.expect("stop");
+    assert_eq!(left, 1, "the stopped consumer no longer counts");
+    // The standby becomes active and gets what the stopped one did not keep, in order.
+    let returned = next(&mut other).await;
+    assert_eq!((body(&returned), returned.redelivered), (body(&in_flight), true));
+    assert_eq!(body(&next(&mut other).await), "m3");
+    // The kept deliveries are still the stopped consumer's to settle.
+    let unknown = core.settle(first, &[kept[0].position], Outcome::Ack).await.expect("ack");
+    assert!(unknown.is_empty(), "a kept delivery can be acked after the stop");
+    let unknown = core.settle(first, &[in_flight.position], Outcome::Ack).await.expect("ack");
+    assert_eq!(unknown, vec![in_flight.position], "what was returned is no longer held");
+    // Closing the connection returns what is still kept.
+    core.close_connection(first.connection).await.expect("close");
+    let back = next(&mut other).await;
+    assert_eq!((body(&back), back.redelivered), (body(&kept[1]), true));
+    other.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn queue_expires_when_unused() {
     let storage = MemStorage::new();
     let core = open(&storage).await;

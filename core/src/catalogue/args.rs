@@ -66,15 +66,16 @@ pub fn parse_queue_args(vhost: &str, queue: &str, arguments: &Headers, limits: &
         None | Some("drop-head") => Overflow::DropHead,
         Some("reject-publish") => Overflow::RejectPublish,
         Some("reject-publish-dlx") => Overflow::RejectPublishDlx,
-        Some(other) => return Err(invalid("x-overflow", format!("{{unknown_overflow_value,\"{other}\"}}"))),
+        Some(_) => return Err(invalid("x-overflow", "invalid_overflow".to_owned())),
     };
     let dead_letter_exchange = string("x-dead-letter-exchange")?.map(str::to_owned);
     let dead_letter_routing_key = string("x-dead-letter-routing-key")?.map(str::to_owned);
     if dead_letter_routing_key.is_some() && dead_letter_exchange.is_none() {
         return Err(invalid("x-dead-letter-routing-key", "routing_key_but_no_dlx_defined".to_owned()));
     }
-    let priority_max = match integer("x-max-priority", 1)? {
-        None => None,
+    // 0 is allowed, as in RabbitMQ: a queue without priorities.
+    let priority_max = match integer("x-max-priority", 0)? {
+        None | Some(0) => None,
         Some(value) => match u8::try_from(value) {
             Ok(value) => Some(value),
             Err(_) => return Err(invalid("x-max-priority", format!("{{max_value_exceeded,{value}}}"))),
@@ -98,7 +99,7 @@ pub fn parse_queue_args(vhost: &str, queue: &str, arguments: &Headers, limits: &
     // ask for are accepted so that it works unchanged; others (streams) are refused, not faked.
     match string("x-queue-type")? {
         None | Some("classic" | "quorum") => {}
-        Some(other) => return Err(invalid("x-queue-type", format!("{{unsupported_queue_type,\"{other}\"}}"))),
+        Some(other) => return Err(invalid("x-queue-type", format!("unsupported queue type '{other}'"))),
     }
     let partitions = match integer("x-partitions", 1)? {
         None => 1,
@@ -274,7 +275,9 @@ mod tests {
         assert!(refused(vec![("x-overflow", text("drop-tail"))]).contains("'x-overflow'"));
         assert!(refused(vec![("x-dead-letter-routing-key", text("k"))]).contains("routing_key_but_no_dlx_defined"));
         assert!(refused(vec![("x-max-priority", FieldValue::I32(256))]).contains("max_value_exceeded"));
-        assert!(refused(vec![("x-max-priority", FieldValue::I32(0))]).contains("value_zero"));
+        assert!(refused(vec![("x-max-priority", FieldValue::I32(-1))]).contains("value_negative"));
+        assert!(refused(vec![("x-overflow", "drop-tail".into())]).ends_with(": invalid_overflow"));
+        assert!(refused(vec![("x-queue-type", "stream".into())]).ends_with(": unsupported queue type 'stream'"));
         assert!(
             refused(vec![("x-single-active-consumer", FieldValue::I32(1))]).contains("unacceptable_type,signedint")
         );

@@ -67,11 +67,27 @@ pub enum ExchangeKind {
     Topic,
     /// Message headers match the binding's arguments ([`headers`]).
     Headers,
+    /// `x-delayed-message` with `x-delayed-type: direct` (RabbitMQ's delayed-message exchange):
+    /// routes as direct, and a message passing through it is delayed by its `x-delay` header.
+    DelayedDirect,
+    /// `x-delayed-message` routing as fanout.
+    DelayedFanout,
+    /// `x-delayed-message` routing as topic.
+    DelayedTopic,
+    /// `x-delayed-message` routing as headers.
+    DelayedHeaders,
 }
 
+/// The exchange type of RabbitMQ's delayed-message exchanges.
+pub const DELAYED_MESSAGE_TYPE: &str = "x-delayed-message";
+/// The argument naming how a delayed-message exchange routes.
+pub const DELAYED_TYPE_ARGUMENT: &str = "x-delayed-type";
+/// The header giving a message's delay in milliseconds on a delayed-message exchange.
+pub const DELAY_HEADER: &str = "x-delay";
+
 impl ExchangeKind {
-    /// The kind named by an AMQP `exchange.declare` type. Unknown types (plugins such as
-    /// `x-delayed-message`) are refused.
+    /// The kind named by an AMQP `exchange.declare` type. Unknown types are refused; so is
+    /// `x-delayed-message`, which needs its arguments ([`ExchangeKind::from_declare`]).
     pub fn parse(name: &str) -> CoreResult<Self> {
         match name {
             "direct" => Ok(Self::Direct),
@@ -82,6 +98,40 @@ impl ExchangeKind {
         }
     }
 
+    /// The kind an `exchange.declare` of type `name` with `arguments` asks for: the four AMQP
+    /// kinds, and `x-delayed-message`, whose routing comes from its `x-delayed-type` argument
+    /// (refused with the plugin's text when that is missing or not one of the four).
+    pub fn from_declare(name: &str, arguments: &Headers) -> CoreResult<Self> {
+        if name != DELAYED_MESSAGE_TYPE {
+            return Self::parse(name);
+        }
+        let routing = arguments.get(DELAYED_TYPE_ARGUMENT).and_then(FieldValue::as_str).map(Self::parse);
+        match routing {
+            Some(Ok(Self::Direct)) => Ok(Self::DelayedDirect),
+            Some(Ok(Self::Fanout)) => Ok(Self::DelayedFanout),
+            Some(Ok(Self::Topic)) => Ok(Self::DelayedTopic),
+            Some(Ok(Self::Headers)) => Ok(Self::DelayedHeaders),
+            _ => Err(CoreError::PreconditionFailed(format!(
+                "Invalid argument, '{DELAYED_TYPE_ARGUMENT}' must be an existing exchange type"
+            ))),
+        }
+    }
+
+    /// How bindings are matched: a delayed-message exchange routes as its `x-delayed-type`.
+    pub fn routing(self) -> Self {
+        match self {
+            Self::Direct | Self::DelayedDirect => Self::Direct,
+            Self::Fanout | Self::DelayedFanout => Self::Fanout,
+            Self::Topic | Self::DelayedTopic => Self::Topic,
+            Self::Headers | Self::DelayedHeaders => Self::Headers,
+        }
+    }
+
+    /// Whether messages passing through are delayed by their `x-delay` header.
+    pub fn is_delayed(self) -> bool {
+        self != self.routing()
+    }
+
     /// The AMQP type name.
     pub fn as_str(self) -> &'static str {
         match self {
@@ -89,6 +139,9 @@ impl ExchangeKind {
             Self::Fanout => "fanout",
             Self::Topic => "topic",
             Self::Headers => "headers",
+            Self::DelayedDirect | Self::DelayedFanout | Self::DelayedTopic | Self::DelayedHeaders => {
+                DELAYED_MESSAGE_TYPE
+            }
         }
     }
 }
@@ -556,7 +609,7 @@ impl ExchangeDef {
     }
 
     fn index(&self) -> &RoutingIndex {
-        self.index.get_or_init(|| RoutingIndex::build(self.kind, &self.bindings))
+        self.index.get_or_init(|| RoutingIndex::build(self.kind.routing(), &self.bindings))
     }
 
     /// Add a binding; false if it was there.
@@ -610,7 +663,7 @@ impl ExchangeDef {
         headers: &Headers,
         found: &mut impl FnMut(&'a Destination),
     ) {
-        match self.kind {
+        match self.kind.routing() {
             ExchangeKind::Fanout => {
                 // Bindings are ordered by destination: report each destination once.
                 let mut last = None;
@@ -641,7 +694,7 @@ impl ExchangeDef {
                 RoutingIndex::Scan => {
                     // Not built for these kinds; kept correct rather than unreachable.
                     for (key, arguments) in &self.bindings {
-                        let hit = match self.kind {
+                        let hit = match self.kind.routing() {
                             ExchangeKind::Topic if excludes_dollar_topics(arguments) => {
                                 topic::matches_excluding_dollar(&key.routing_key, routing_key)
                             }
@@ -654,6 +707,10 @@ impl ExchangeDef {
                     }
                 }
             },
+            ExchangeKind::DelayedDirect
+            | ExchangeKind::DelayedFanout
+            | ExchangeKind::DelayedTopic
+            | ExchangeKind::DelayedHeaders => unreachable!("routing() is one of the four AMQP kinds"),
         }
     }
 }
@@ -676,6 +733,7 @@ impl RoutingIndex {
             ExchangeKind::Direct => Self::Direct(BTreeMap::new()),
             ExchangeKind::Topic => Self::Topic(TopicTrie::new()),
             ExchangeKind::Fanout | ExchangeKind::Headers => return Self::Scan,
+            delayed => unreachable!("routing index built for the routing kind, not {delayed:?}"),
         };
         for (key, arguments) in bindings {
             index.insert(key, arguments);
@@ -832,6 +890,8 @@ impl Vhost {
 pub struct Route {
     /// Each queue once, ordered by name.
     pub queues: Vec<RoutedQueue>,
+    /// The message passed through a delayed-message exchange: its `x-delay` header applies.
+    pub delayed: bool,
 }
 
 /// One queue a publish reaches.
@@ -1006,7 +1066,9 @@ impl Catalogue {
         let mut queues: BTreeSet<&str> = BTreeSet::new();
         let mut seen: BTreeSet<&str> = BTreeSet::from([start.name.as_str()]);
         let mut pending = vec![start];
+        let mut delayed = false;
         while let Some(current) = pending.pop() {
+            delayed |= current.kind.is_delayed();
             let mut matched = false;
             if current.name.is_empty() {
                 // The default exchange: every queue is bound under its own name.
@@ -1044,7 +1106,7 @@ impl Catalogue {
             .filter_map(|name| host.queues.get(name))
             .map(|queue| RoutedQueue { id: queue.id, name: queue.name.clone(), partitions: queue.args.partitions })
             .collect();
-        Ok(Route { queues })
+        Ok(Route { queues, delayed })
     }
 
     fn check_name_len(&self, what: &str, name: &str) -> CoreResult<()> {
@@ -1119,6 +1181,13 @@ impl Catalogue {
                     "inequivalent arg '{arg}' for exchange '{name}' in vhost '{vhost}': received {received} but current is {current}"
                 )))
             };
+            if existing.kind.routing() != kind.routing() && existing.kind.is_delayed() && kind.is_delayed() {
+                return inequivalent(
+                    DELAYED_TYPE_ARGUMENT,
+                    quoted(kind.routing()),
+                    quoted(existing.kind.routing()),
+                );
+            }
             if existing.kind != kind {
                 return inequivalent("type", quoted(kind), quoted(existing.kind));
             }
@@ -1334,10 +1403,10 @@ impl Catalogue {
                 host.exchanges.get(name).ok_or_else(|| no_exchange(vhost, name))?;
             }
         }
-        if source.kind == ExchangeKind::Headers {
+        if source.kind.routing() == ExchangeKind::Headers {
             headers::validate_binding(&binding.arguments).map_err(CoreError::PreconditionFailed)?;
         }
-        if source.kind == ExchangeKind::Topic
+        if source.kind.routing() == ExchangeKind::Topic
             && let Some(value) = binding.arguments.get(topic::EXCLUDE_DOLLAR_TOPICS)
             && !matches!(value, FieldValue::Bool(_))
         {
@@ -1632,7 +1701,7 @@ mod tests {
                 assert_eq!(name, &exchange.name);
                 bindings += exchange.bindings.len() as u64;
                 if let Some(index) = exchange.index.get() {
-                    assert_eq!(index, &RoutingIndex::build(exchange.kind, &exchange.bindings), "index of {name}");
+                    assert_eq!(index, &RoutingIndex::build(exchange.kind.routing(), &exchange.bindings), "index of {name}");
                 }
                 for key in exchange.bindings.keys() {
                     match &key.destination {
@@ -1674,6 +1743,41 @@ mod tests {
         assert!(catalogue.exchanges_in(V).all(|exchange| exchange.durable));
         assert_eq!(catalogue.exchange_count(), 6);
         assert!(catalogue.has_vhost(V));
+    }
+
+    #[test]
+    fn delayed_message_exchanges_route_as_their_delayed_type_and_mark_the_route() {
+        let mut catalogue = catalogue();
+        let mut arguments = Headers::new();
+        arguments.push(DELAYED_TYPE_ARGUMENT, "fanout");
+        let kind = ExchangeKind::from_declare(DELAYED_MESSAGE_TYPE, &arguments).expect("kind");
+        assert_eq!((kind, kind.routing(), kind.is_delayed()), (ExchangeKind::DelayedFanout, ExchangeKind::Fanout, true));
+        let mut declare = exchange("later", kind);
+        declare.arguments = arguments;
+        ok(&mut catalogue, MetaCommand::DeclareExchange(declare.clone()));
+        ok(&mut catalogue, MetaCommand::DeclareExchange(declare.clone()));
+        declare_queue(&mut catalogue, queue("a"));
+        declare_queue(&mut catalogue, queue("b"));
+        bind(&mut catalogue, "later", q("a"), "x");
+        bind(&mut catalogue, "amq.direct", x("later"), "via");
+        bind(&mut catalogue, "amq.direct", q("b"), "plain");
+        assert_eq!(routed(&catalogue, "later", "anything"), ["a"], "fanout routing");
+        assert!(catalogue.route(V, "later", "k", &Headers::new()).expect("route").delayed);
+        // Passing through the delayed exchange after another marks the route too.
+        assert!(catalogue.route(V, "amq.direct", "via", &Headers::new()).expect("route").delayed);
+        assert!(!catalogue.route(V, "amq.direct", "plain", &Headers::new()).expect("route").delayed);
+        // Redeclaring with another x-delayed-type, or as a plain fanout, is inequivalent.
+        let mut other = declare.clone();
+        other.kind = ExchangeKind::DelayedTopic;
+        let error = refused(&mut catalogue, MetaCommand::DeclareExchange(other));
+        assert!(error.to_string().contains("inequivalent arg 'x-delayed-type'"), "{error}");
+        let error = refused(&mut catalogue, MetaCommand::DeclareExchange(exchange("later", ExchangeKind::Fanout)));
+        assert!(error.to_string().contains("received 'fanout' but current is 'x-delayed-message'"), "{error}");
+        let mut bad = Headers::new();
+        bad.push(DELAYED_TYPE_ARGUMENT, "x-delayed-message");
+        assert!(ExchangeKind::from_declare(DELAYED_MESSAGE_TYPE, &bad).is_err());
+        assert!(ExchangeKind::from_declare("x-consistent-hash", &Headers::new()).is_err());
+        check_invariants(&catalogue);
     }
 
     #[test]

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use tokio::sync::mpsc;
 
 use crate::error::CoreResult;
-use crate::model::QueueName;
+use crate::model::{Position, QueueName};
 use crate::queue::{ConsumerId, Delivery};
 use crate::shard::{PartitionKey, ShardCommand, ShardReply};
 
@@ -132,6 +132,35 @@ impl Consumer {
         self.core.inner.registry.unregister(self.id);
         let left = detach_all(&self.core, self.id, &self.targets).await?;
         self.core.after_cancel(&self.queue, left).await;
+        Ok(left)
+    }
+}
+
+impl Consumer {
+    /// Stop receiving without giving back what the client has (AMQP `basic.cancel`): the
+    /// deliveries at `keep` stay held by this consumer's id, to be settled with [`Core::settle`]
+    /// as before (or returned when the connection closes); every other delivery it holds returns
+    /// to the queue. Returns the number of consumers left on the queue.
+    pub async fn stop(mut self, keep: &[Position]) -> CoreResult<u32> {
+        self.detached = true;
+        self.core.inner.registry.unregister(self.id);
+        let core = self.core.clone();
+        let commands = self.targets.iter().map(|&target| {
+            let kept = keep
+                .iter()
+                .filter(|position| (position.queue, position.partition) == target)
+                .map(|position| position.offset)
+                .collect();
+            (core.shard_index(target), ShardCommand::Stop { consumer: self.id, target, keep: kept })
+        });
+        let replies = core.on_shards(commands).await?;
+        // Held deliveries are released with the connection, like basic.get ones.
+        core.hold_for_connection(self.id, &self.targets);
+        let left = replies
+            .iter()
+            .map(|reply| if let ShardReply::Detached { consumers_left, .. } = reply { *consumers_left } else { 0 })
+            .sum();
+        core.after_cancel(&self.queue, left).await;
         Ok(left)
     }
 }

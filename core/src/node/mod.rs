@@ -28,11 +28,12 @@ use self::proposer::{Proposer, ReplyReceiver, wait};
 pub use self::txn::{CheckBack, Txn, TxnCommitted, TxnStop};
 pub use crate::catalogue::state::StateWrite;
 use crate::catalogue::{
-    BindingSpec, Catalogue, ExchangeDeclare, ExchangeKind, MetaCommand, MetaReply, QueueDeclare, QueueDef, RoutedQueue,
+    BindingSpec, Catalogue, ExchangeDeclare, ExchangeKind, MetaCommand, MetaReply, QueueDeclare, QueueDef, Route,
+    RoutedQueue,
 };
 use crate::config::{CoreConfig, StorageKind};
 use crate::error::{CoreError, CoreResult};
-use crate::model::{ConnectionId, Headers, Message, Position, QueueId, QueueName};
+use crate::model::{ConnectionId, FieldValue, Headers, Message, Position, QueueId, QueueName};
 use crate::placement::{partition_for, shard_for};
 use crate::queue::{ConsumerId, DeadLetter, Delivery, Effect, Outcome, PartitionCaps};
 use crate::raft::group::{raft_config, start_group, wait_for_leader};
@@ -735,12 +736,8 @@ impl Core {
         keep: impl Fn(&RoutedQueue) -> bool,
     ) -> CoreResult<PendingPublish> {
         self.check_open()?;
-        self.check_message(&message)?;
-        let mut route = self
-            .inner
-            .meta
-            .reader
-            .read(|c| c.route(vhost, &message.exchange, &message.routing_key, &message.headers))?;
+        let mut message = message;
+        let mut route = self.route_message(vhost, &mut message)?;
         route.queues.retain(|queue| keep(queue));
         let key = message.partition_key.as_deref().unwrap_or(&message.routing_key);
         // One command per shard, naming every partition there: a message routed to many queues is
@@ -760,6 +757,28 @@ impl Core {
         }
         metrics::counter!("wharf_core_published_messages_total").increment(1);
         Ok(PendingPublish { routed: route.queues, waits })
+    }
+
+    /// Route a message about to be published or staged: a delayed-message exchange on its way
+    /// gives it the delay of its `x-delay` header (milliseconds; absent, not an integer, or not
+    /// positive: no delay, as RabbitMQ's plugin does), then its limits are checked.
+    pub(crate) fn route_message(&self, vhost: &str, message: &mut Message) -> CoreResult<Route> {
+        self.check_message(message)?;
+        let route = self
+            .inner
+            .meta
+            .reader
+            .read(|c| c.route(vhost, &message.exchange, &message.routing_key, &message.headers))?;
+        if route.delayed && message.delay_ms.is_none() {
+            message.delay_ms = message
+                .headers
+                .get(crate::catalogue::DELAY_HEADER)
+                .and_then(FieldValue::as_i64)
+                .and_then(|delay| u64::try_from(delay).ok())
+                .filter(|&delay| delay > 0);
+            self.check_message(message)?;
+        }
+        Ok(route)
     }
 
     /// Refuse a message breaking a limit (size, key length, delay).
@@ -929,13 +948,7 @@ impl Core {
             match reply {
                 ShardReply::Got(Some(delivery)) => {
                     if !no_ack {
-                        self.inner
-                            .getters
-                            .lock()
-                            .unwrap_or_else(std::sync::PoisonError::into_inner)
-                            .entry(holder.connection)
-                            .or_default()
-                            .push((holder, target));
+                        self.hold_for_connection(holder, &[target]);
                     }
                     return Ok(Some(delivery));
                 }
@@ -945,6 +958,18 @@ impl Core {
             }
         }
         Ok(None)
+    }
+
+    /// Remember that `holder` may hold deliveries on `targets` until its connection closes
+    /// ([`Core::close_connection`] detaches it there).
+    pub(crate) fn hold_for_connection(&self, holder: ConsumerId, targets: &[PartitionKey]) {
+        let mut getters = self.inner.getters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        let held = getters.entry(holder.connection).or_default();
+        for &target in targets {
+            if !held.contains(&(holder, target)) {
+                held.push((holder, target));
+            }
+        }
     }
 
     /// "Was a message with idempotency key `key` committed to `queue`, where, when?" The answer

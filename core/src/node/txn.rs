@@ -357,10 +357,8 @@ impl Core {
     ) -> CoreResult<(BTreeMap<usize, TxnOps>, Vec<RoutedPublish>)> {
         let mut per_shard: BTreeMap<usize, TxnOps> = BTreeMap::new();
         let mut routed = Vec::with_capacity(publishes.len());
-        for (vhost, message) in publishes {
-            self.check_message(&message)?;
-            let route =
-                self.with_catalogue(|c| c.route(&vhost, &message.exchange, &message.routing_key, &message.headers))?;
+        for (vhost, mut message) in publishes {
+            let route = self.route_message(&vhost, &mut message)?;
             let key = message.partition_key.as_deref().unwrap_or(&message.routing_key);
             let mut by_shard: BTreeMap<usize, Vec<(usize, PartitionKey)>> = BTreeMap::new();
             for (index, queue) in route.queues.iter().enumerate() {

@@ -665,6 +665,28 @@ impl Partition {
         true
     }
 
+    /// Stop a consumer without detaching it (AMQP `basic.cancel`): it gets nothing more (it becomes
+    /// a holder, like a `basic.get` one) and keeps the deliveries at `keep`, which its client has
+    /// and may still settle; every other delivery it holds (sent but never handed to the client)
+    /// returns to the queue now. Returns whether it was attached.
+    pub fn stop(&mut self, now_ms: u64, consumer: ConsumerId, keep: &[u64], effects: &mut Vec<Effect>) -> bool {
+        let Some(state) = self.consumers.get_mut(&consumer) else { return false };
+        let keep: BTreeSet<u64> = keep.iter().copied().collect();
+        let returned: Vec<u64> = state.checked_out.difference(&keep).copied().collect();
+        state.checked_out.retain(|offset| keep.contains(offset));
+        state.passive = true;
+        if state.checked_out.is_empty() {
+            self.consumers.remove(&consumer);
+        }
+        self.order.retain(|c| *c != consumer);
+        for offset in returned {
+            self.return_message(offset, now_ms, effects);
+        }
+        self.last_used_ms = now_ms;
+        self.dispatch(now_ms, effects);
+        true
+    }
+
     /// Change a consumer's prefetch (AMQP `basic.qos` applied to an existing consumer).
     pub fn set_prefetch(
         &mut self,

@@ -1,6 +1,8 @@
 //! Settings and limits of the AMQP 0-9-1 front-end, with their defaults and why. Plain data; the
 //! `wharf` binary fills it from its configuration layers.
 
+use std::collections::BTreeMap;
+
 use serde::Deserialize;
 
 /// Smallest frame_max AMQP 0-9-1 allows (`frame-min-size`).
@@ -25,6 +27,42 @@ pub struct AmqpConfig {
     pub default_user: String,
     /// Its password.
     pub default_pass: String,
+    /// Where a publish's idempotency key comes from, in vhosts not named in
+    /// `idempotency_key_by_vhost`.
+    pub idempotency_key: IdempotencyKeySource,
+    /// The same choice for named vhosts.
+    pub idempotency_key_by_vhost: BTreeMap<String, IdempotencyKeySource>,
+}
+
+/// Which part of a published message is the core's idempotency key (a repeat of a key within the
+/// destination queue's window is confirmed, not stored again).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum IdempotencyKeySource {
+    /// The header `x-idempotency-key` (a string). The default: a publisher asks for deduplication
+    /// explicitly, so applications that reuse `message-id` values for distinct messages (an order
+    /// id on every event of an order, say) never lose a message to deduplication.
+    #[default]
+    Header,
+    /// The `message-id` property, for applications that set a unique id per logical message (as
+    /// many RabbitMQ clients and frameworks do): their retries become idempotent unchanged.
+    MessageId,
+    /// The header when present, else `message-id`.
+    HeaderOrMessageId,
+    /// No deduplication.
+    None,
+}
+
+impl IdempotencyKeySource {
+    /// The setting's name in the configuration.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Header => "header",
+            Self::MessageId => "message-id",
+            Self::HeaderOrMessageId => "header-or-message-id",
+            Self::None => "none",
+        }
+    }
 }
 
 impl Default for AmqpConfig {
@@ -37,6 +75,8 @@ impl Default for AmqpConfig {
             connect_timeout_secs: 10,
             default_user: "guest".to_owned(),
             default_pass: "guest".to_owned(),
+            idempotency_key: IdempotencyKeySource::Header,
+            idempotency_key_by_vhost: BTreeMap::new(),
         }
     }
 }
@@ -58,6 +98,11 @@ impl AmqpConfig {
         }
         Ok(())
     }
+
+    /// Where the idempotency key of a publish in `vhost` comes from.
+    pub fn idempotency_key_in(&self, vhost: &str) -> IdempotencyKeySource {
+        self.idempotency_key_by_vhost.get(vhost).copied().unwrap_or(self.idempotency_key)
+    }
 }
 
 #[cfg(test)]
@@ -70,6 +115,15 @@ mod tests {
         assert_eq!(config.validate(), Ok(()));
         assert_eq!(config.frame_max_bytes, 131_072);
         assert_eq!(config.channel_max, 2047);
+    }
+
+    #[test]
+    fn idempotency_key_source_is_per_vhost_with_a_default() {
+        let mut config = AmqpConfig::default();
+        assert_eq!(config.idempotency_key_in("/"), IdempotencyKeySource::Header);
+        config.idempotency_key_by_vhost.insert("payments".into(), IdempotencyKeySource::MessageId);
+        assert_eq!(config.idempotency_key_in("payments"), IdempotencyKeySource::MessageId);
+        assert_eq!(config.idempotency_key_in("/"), IdempotencyKeySource::Header);
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! publisher confirms and transactions, translated into calls on `wharf_core::Core`. Owns the
 //! byte stream it is given; reaches the core only through its public API.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, connection, exchange, queue, tx};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
 use wharf_core::model::{ConnectionId, Message, Position};
 use wharf_core::node::{ConsumeOptions, ConsumerEvent, ExchangeSpec, PendingPublish, Published, QueueSpec, Txn};
@@ -81,10 +81,31 @@ struct PublishJob {
 /// A consumer as its channel sees it.
 #[derive(Debug)]
 struct ConsumerHandle {
-    /// Dropping or firing it cancels the consumer.
-    cancel: oneshot::Sender<()>,
+    /// Orders for its task; dropping it cancels the consumer, returning everything it holds.
+    control: mpsc::UnboundedSender<Control>,
     id: ConsumerId,
     no_ack: bool,
+    /// The channel's per-consumer prefetch when it started (0: none).
+    prefetch: u16,
+}
+
+/// What a connection tells a consumer's task.
+#[derive(Debug)]
+enum Control {
+    /// basic.cancel: stop, keeping these deliveries (the client has them, still to settle).
+    Stop(Vec<Position>),
+    /// The prefetch the core applies changed (a global basic.qos).
+    Prefetch(u32),
+}
+
+/// The prefetch the core applies to a consumer: its own, capped by the channel's global one (a
+/// consumer never needs more than the channel may have unacked).
+fn core_prefetch(consumer: u16, global: u16) -> u32 {
+    match (consumer, global) {
+        (0, global) => global.into(),
+        (consumer, 0) => consumer.into(),
+        (consumer, global) => consumer.min(global).into(),
+    }
 }
 
 /// A basic.publish waiting for its content.
@@ -106,14 +127,48 @@ struct Channel {
     pending: Option<PendingContent>,
     next_delivery_tag: u64,
     /// Delivery tag → who holds it and where the message is.
-    unacked: BTreeMap<u64, (ConsumerId, Position)>,
+    unacked: BTreeMap<u64, Unacked>,
     consumers: HashMap<String, ConsumerHandle>,
+    /// basic.qos with global=false: the prefetch of consumers started afterwards.
     prefetch: u16,
+    /// basic.qos with global=true: most unacked deliveries on the channel, all consumers together
+    /// (0: no limit).
+    prefetch_global: u16,
+    /// Deliveries of ack-mode consumers waiting for the channel's window (global prefetch) to
+    /// open, in arrival order.
+    held: VecDeque<(String, Delivery)>,
     /// Publisher confirms on; the next sequence number.
     confirm: Option<u64>,
     txn: Option<Txn>,
+    /// The mandatory publishes staged in `txn`, by their index among its publishes: returned
+    /// (basic.return) at tx.commit when unroutable.
+    txn_mandatory: Vec<(usize, Box<Message>)>,
+    /// Publishes staged in `txn`.
+    txn_publishes: usize,
+    /// Deliveries acked in `txn`: settled at tx.commit, back among the unacked at tx.rollback
+    /// (the spec's "abandon acknowledgements"), requeued if the channel closes first.
+    txn_acked: Vec<(u64, Unacked)>,
     /// The holder of this channel's basic.get deliveries.
     getter: ConsumerId,
+}
+
+/// A delivery the client has not settled yet.
+#[derive(Debug, Clone, Copy)]
+struct Unacked {
+    holder: ConsumerId,
+    position: Position,
+}
+
+impl Channel {
+    /// Whether another delivery may go to the client now under the channel-wide prefetch.
+    fn window_open(&self) -> bool {
+        self.prefetch_global == 0 || self.unacked.len() < usize::from(self.prefetch_global)
+    }
+
+    /// Record a delivery the client must settle.
+    fn track(&mut self, tag: u64, holder: ConsumerId, delivery: &Delivery) {
+        self.unacked.insert(tag, Unacked { holder, position: delivery.position });
+    }
 }
 
 /// A connection's state.
@@ -642,8 +697,13 @@ impl Connection {
                 unacked: BTreeMap::new(),
                 consumers: HashMap::new(),
                 prefetch: 0,
+                prefetch_global: 0,
+                held: VecDeque::new(),
                 confirm: None,
                 txn: None,
+                txn_mandatory: Vec::new(),
+                txn_publishes: 0,
+                txn_acked: Vec::new(),
                 getter,
             },
         );
@@ -667,12 +727,16 @@ impl Connection {
         let Some(channel) = self.channels.get_mut(&id) else { return };
         channel.pending = None;
         channel.txn = None;
-        let unacked = std::mem::take(&mut channel.unacked);
-        // Dropping the handles cancels the consumers (their tasks detach them).
+        channel.txn_mandatory.clear();
+        channel.held.clear();
+        let mut unacked = std::mem::take(&mut channel.unacked);
+        unacked.extend(channel.txn_acked.drain(..));
+        // Dropping the handles cancels the consumers (their tasks detach them, returning what
+        // they hold, held deliveries included).
         channel.consumers.clear();
         let mut by_holder: BTreeMap<ConsumerId, Vec<Position>> = BTreeMap::new();
-        for (_, (holder, position)) in unacked {
-            by_holder.entry(holder).or_default().push(position);
+        for (_, unacked) in unacked {
+            by_holder.entry(unacked.holder).or_default().push(unacked.position);
         }
         for (holder, positions) in by_holder {
             if let Err(error) = self.broker.core.settle(holder, &positions, Outcome::Requeue).await {
@@ -730,12 +794,18 @@ impl Connection {
             },
             AMQPClass::Exchange(m) => match m {
                 exchange::AMQPMethod::Declare(d) => {
-                    let kind = if d.passive {
-                        ExchangeKind::parse(d.kind.as_str()).unwrap_or(ExchangeKind::Direct)
-                    } else {
-                        ExchangeKind::parse(d.kind.as_str()).map_err(|_| {
-                            AmqpError::new(mapping::COMMAND_INVALID, format!("invalid exchange type '{}'", d.kind))
-                        })?
+                    let arguments = mapping::headers_from_table(&d.arguments);
+                    let kind = match ExchangeKind::from_declare(d.kind.as_str(), &arguments) {
+                        Ok(kind) => kind,
+                        // A passive declare names no type worth checking.
+                        Err(_) if d.passive => ExchangeKind::Direct,
+                        Err(CoreError::InvalidArgument(_)) => {
+                            return Err(AmqpError::new(
+                                mapping::COMMAND_INVALID,
+                                format!("invalid exchange type '{}'", d.kind),
+                            ));
+                        }
+                        Err(error) => return Err(core_err(error)),
                     };
                     let spec = ExchangeSpec {
                         vhost,
@@ -745,7 +815,7 @@ impl Connection {
                         durable: d.durable,
                         auto_delete: d.auto_delete,
                         internal: d.internal,
-                        arguments: mapping::headers_from_table(&d.arguments),
+                        arguments,
                     };
                     core.declare_exchange(spec).await.map_err(core_err)?;
                     self.reply(
@@ -902,8 +972,20 @@ impl Connection {
                 let Some(txn) = channel.txn.replace(core.begin_txn()) else {
                     return Err(AmqpError::new(mapping::PRECONDITION_FAILED, "channel is not transactional"));
                 };
+                let mandatory = std::mem::take(&mut channel.txn_mandatory);
+                channel.txn_publishes = 0;
+                // Once the commit is tried its acks are its own: committed, or (on failure) the
+                // channel closes and the core returns what it still holds.
+                channel.txn_acked.clear();
                 if !txn.is_empty() {
-                    core.commit_txn(txn).await.map_err(|e| mapping::core_error(&e))?;
+                    let committed = core.commit_txn(txn).await.map_err(|e| mapping::core_error(&e))?;
+                    // Routing happens at commit: unroutable mandatory publishes come back now,
+                    // before commit-ok, as RabbitMQ does.
+                    for (index, message) in mandatory {
+                        if committed.published.get(index).is_some_and(Published::unroutable) {
+                            self.send_return(id, &message);
+                        }
+                    }
                 }
                 self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}))));
                 Ok(())
@@ -913,6 +995,10 @@ impl Connection {
                     return Err(AmqpError::new(mapping::PRECONDITION_FAILED, "channel is not transactional"));
                 };
                 txn.rollback();
+                channel.txn_mandatory.clear();
+                channel.txn_publishes = 0;
+                let acked = std::mem::take(&mut channel.txn_acked);
+                channel.unacked.extend(acked);
                 self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {}))));
                 Ok(())
             }
@@ -925,9 +1011,23 @@ impl Connection {
         let vhost = self.vhost.clone();
         match m {
             basic::AMQPMethod::Qos(qos) => {
-                // Applies to consumers started afterwards (RabbitMQ's per-consumer QoS).
-                self.channel(id).prefetch = qos.prefetch_count;
+                let channel = self.channel(id);
+                if qos.global {
+                    // Channel-wide, for running consumers too: the core's per-consumer prefetch
+                    // follows, and the channel's window gates what reaches the client.
+                    channel.prefetch_global = qos.prefetch_count;
+                    for handle in channel.consumers.values().filter(|handle| !handle.no_ack) {
+                        let prefetch = core_prefetch(handle.prefetch, qos.prefetch_count);
+                        let _ = handle.control.send(Control::Prefetch(prefetch));
+                    }
+                } else {
+                    // Applies to consumers started afterwards (RabbitMQ's per-consumer QoS).
+                    channel.prefetch = qos.prefetch_count;
+                }
+                // prefetch-size is not read: amq-protocol's codec drops it, as RabbitMQ ignores
+                // it (its clients send 0).
                 self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::QosOk(basic::QosOk {}))));
+                self.release_held(id);
                 Ok(())
             }
             basic::AMQPMethod::Publish(publish) => {
@@ -960,30 +1060,44 @@ impl Connection {
                 }
                 let consumer_id = ConsumerId { connection: self.id, seq: self.next_consumer_seq };
                 self.next_consumer_seq += 1;
-                let options = ConsumeOptions { prefetch: self.channel(id).prefetch.into(), no_ack: consume.no_ack };
+                let channel = self.channel(id);
+                let own_prefetch = channel.prefetch;
+                let prefetch = if consume.no_ack { 0 } else { core_prefetch(own_prefetch, channel.prefetch_global) };
+                let options = ConsumeOptions { prefetch, no_ack: consume.no_ack };
                 let consumer = core
                     .consume(&vhost, consume.queue.as_str(), consumer_id, options)
                     .await
                     .map_err(|e| mapping::core_error(&e))?;
-                let (cancel, cancel_rx) = oneshot::channel();
+                let (control, control_rx) = mpsc::unbounded_channel();
                 let generation = self.channel(id).generation;
                 tokio::spawn(forward_consumer(
+                    core.clone(),
                     consumer,
-                    cancel_rx,
+                    control_rx,
                     self.events_tx.clone(),
                     id,
                     generation,
                     tag.clone(),
                 ));
-                let handle = ConsumerHandle { cancel, id: consumer_id, no_ack: consume.no_ack };
+                let handle = ConsumerHandle { control, id: consumer_id, no_ack: consume.no_ack, prefetch: own_prefetch };
                 self.channel(id).consumers.insert(tag.clone(), handle);
                 let ok = basic::ConsumeOk { consumer_tag: short(&tag) };
                 self.reply(id, consume.nowait, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)));
                 Ok(())
             }
             basic::AMQPMethod::Cancel(cancel) => {
-                if let Some(handle) = self.channel(id).consumers.remove(cancel.consumer_tag.as_str()) {
-                    let _ = handle.cancel.send(());
+                let channel = self.channel(id);
+                if let Some(handle) = channel.consumers.remove(cancel.consumer_tag.as_str()) {
+                    // What the client has stays unacked on the channel, as in RabbitMQ; what is
+                    // held back for the window goes back to the queue.
+                    channel.held.retain(|(tag, _)| tag != cancel.consumer_tag.as_str());
+                    let keep = channel
+                        .unacked
+                        .values()
+                        .filter(|unacked| unacked.holder == handle.id)
+                        .map(|unacked| unacked.position)
+                        .collect();
+                    let _ = handle.control.send(Control::Stop(keep));
                 }
                 let ok = basic::CancelOk { consumer_tag: cancel.consumer_tag };
                 self.reply(id, cancel.nowait, AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)));
@@ -1004,7 +1118,7 @@ impl Connection {
                         let tag = channel.next_delivery_tag;
                         channel.next_delivery_tag += 1;
                         if !get.no_ack {
-                            channel.unacked.insert(tag, (holder, delivery.position));
+                            channel.track(tag, holder, &delivery);
                         }
                         let ok = basic::GetOk {
                             delivery_tag: tag,
@@ -1045,7 +1159,7 @@ impl Connection {
     /// basic.ack/nack/reject: `tag` 0 with `multiple` means every outstanding delivery.
     async fn settle(&mut self, id: u16, tag: u64, multiple: bool, outcome: Outcome) -> Result<(), AmqpError> {
         let channel = self.channel(id);
-        let taken: Vec<(u64, (ConsumerId, Position))> = if multiple {
+        let taken: Vec<(u64, Unacked)> = if multiple {
             let keep = channel.unacked.split_off(&(tag.saturating_add(1)));
             let taken = std::mem::replace(&mut channel.unacked, keep);
             if tag != 0 && taken.is_empty() {
@@ -1061,8 +1175,8 @@ impl Connection {
             }
         };
         let mut by_holder: BTreeMap<ConsumerId, Vec<Position>> = BTreeMap::new();
-        for (_, (holder, position)) in taken {
-            by_holder.entry(holder).or_default().push(position);
+        for (_, unacked) in &taken {
+            by_holder.entry(unacked.holder).or_default().push(unacked.position);
         }
         if outcome == Outcome::Ack
             && let Some(txn) = channel.txn.as_mut()
@@ -1070,12 +1184,61 @@ impl Connection {
             for (holder, positions) in &by_holder {
                 txn.ack(*holder, positions);
             }
+            channel.txn_acked.extend(taken);
+            self.release_held(id);
             return Ok(());
         }
         for (holder, positions) in by_holder {
             self.broker.core.settle(holder, &positions, outcome).await.map_err(|e| mapping::core_error(&e))?;
         }
+        self.release_held(id);
         Ok(())
+    }
+
+    /// Send held deliveries while the channel's window lets them through.
+    fn release_held(&mut self, id: u16) {
+        loop {
+            let Some(channel) = self.channels.get_mut(&id) else { return };
+            if channel.held.is_empty() || !channel.window_open() {
+                return;
+            }
+            let Some((tag, delivery)) = channel.held.pop_front() else { return };
+            self.deliver(id, &tag, delivery);
+        }
+    }
+
+    /// Send a consumer's delivery to the client (basic.deliver and the content), tracking it
+    /// for settlement unless the consumer is no-ack.
+    fn deliver(&mut self, id: u16, tag: &str, delivery: Delivery) {
+        let Some(channel) = self.channels.get_mut(&id) else { return };
+        let Some(handle) = channel.consumers.get(tag) else { return };
+        let (holder, no_ack) = (handle.id, handle.no_ack);
+        let delivery_tag = channel.next_delivery_tag;
+        channel.next_delivery_tag += 1;
+        if !no_ack {
+            channel.track(delivery_tag, holder, &delivery);
+        }
+        let deliver = basic::Deliver {
+            consumer_tag: short(tag),
+            delivery_tag,
+            redelivered: delivery.redelivered,
+            exchange: short(&delivery.message.exchange),
+            routing_key: short(&delivery.message.routing_key),
+        };
+        self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))));
+        self.send_content(id, &delivery.message);
+    }
+
+    /// basic.return 312 NO_ROUTE with the message.
+    fn send_return(&mut self, id: u16, message: &Message) {
+        let ret = basic::Return {
+            reply_code: mapping::NO_ROUTE.code,
+            reply_text: short(mapping::NO_ROUTE.name),
+            exchange: short(&message.exchange),
+            routing_key: short(&message.routing_key),
+        };
+        self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Return(ret))));
+        self.send_content(id, message);
     }
 
     async fn on_content_header(
@@ -1169,12 +1332,14 @@ impl Connection {
             None => 0,
         };
         let generation = channel.generation;
+        let key_source = self.broker.config.idempotency_key_in(&vhost);
         let message = match mapping::message_from_publish(
             publish.exchange.as_str(),
             publish.routing_key.as_str(),
             &properties,
             pending.body,
             &user,
+            key_source,
         ) {
             Ok(message) => message,
             Err(error) => {
@@ -1183,6 +1348,10 @@ impl Connection {
             }
         };
         if let Some(txn) = channel.txn.as_mut() {
+            if publish.mandatory {
+                channel.txn_mandatory.push((channel.txn_publishes, Box::new(message.clone())));
+            }
+            channel.txn_publishes += 1;
             txn.publish(&vhost, message);
             return;
         }
@@ -1210,20 +1379,13 @@ impl Connection {
                     return Ok(());
                 }
                 let Some(handle) = channel.consumers.get(&tag) else { return Ok(()) };
-                let delivery_tag = channel.next_delivery_tag;
-                channel.next_delivery_tag += 1;
-                if !handle.no_ack {
-                    channel.unacked.insert(delivery_tag, (handle.id, delivery.position));
+                if !handle.no_ack
+                    && (!channel.held.is_empty() || !channel.window_open())
+                {
+                    channel.held.push_back((tag, delivery));
+                    return Ok(());
                 }
-                let deliver = basic::Deliver {
-                    consumer_tag: short(&tag),
-                    delivery_tag,
-                    redelivered: delivery.redelivered,
-                    exchange: short(&delivery.message.exchange),
-                    routing_key: short(&delivery.message.routing_key),
-                };
-                self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))));
-                self.send_content(id, &delivery.message);
+                self.deliver(id, &tag, delivery);
             }
             Event::ConsumerGone { channel: id, generation, tag } => {
                 let Some(channel) = self.channels.get_mut(&id) else { return Ok(()) };
@@ -1244,14 +1406,7 @@ impl Connection {
                         if let Some(message) = &job.returnable
                             && published.unroutable()
                         {
-                            let ret = basic::Return {
-                                reply_code: mapping::NO_ROUTE.code,
-                                reply_text: short(mapping::NO_ROUTE.name),
-                                exchange: short(&message.exchange),
-                                routing_key: short(&message.routing_key),
-                            };
-                            self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Return(ret))));
-                            self.send_content(id, message);
+                            self.send_return(id, message);
                         }
                         published.confirmed()
                     }
@@ -1303,11 +1458,12 @@ async fn confirmer(
     }
 }
 
-/// Forward a consumer's events to its connection until it is cancelled (by the client, or by
-/// the connection going away: its handle drops).
+/// Forward a consumer's events to its connection until it is stopped (basic.cancel) or cancelled
+/// (its handle dropped with its channel or connection).
 async fn forward_consumer(
+    core: wharf_core::Core,
     mut consumer: wharf_core::node::Consumer,
-    mut cancel: oneshot::Receiver<()>,
+    mut control: mpsc::UnboundedReceiver<Control>,
     events: mpsc::UnboundedSender<Event>,
     channel: u16,
     generation: u64,
@@ -1315,12 +1471,25 @@ async fn forward_consumer(
 ) {
     loop {
         tokio::select! {
-            _ = &mut cancel => {
-                if let Err(error) = consumer.cancel().await {
-                    tracing::debug!(%error, "consumer cancel failed");
+            order = control.recv() => match order {
+                Some(Control::Prefetch(prefetch)) => {
+                    if let Err(error) = core.set_prefetch(&consumer, prefetch).await {
+                        tracing::debug!(%error, "consumer prefetch change failed");
+                    }
                 }
-                return;
-            }
+                Some(Control::Stop(keep)) => {
+                    if let Err(error) = consumer.stop(&keep).await {
+                        tracing::debug!(%error, "consumer stop failed");
+                    }
+                    return;
+                }
+                None => {
+                    if let Err(error) = consumer.cancel().await {
+                        tracing::debug!(%error, "consumer cancel failed");
+                    }
+                    return;
+                }
+            },
             event = consumer.recv() => match event {
                 Some(ConsumerEvent::Delivery(delivery)) => {
                     let event = Event::Delivery { channel, generation, tag: tag.clone(), delivery };

@@ -9,6 +9,15 @@ use bytes::Bytes;
 use wharf_core::CoreError;
 use wharf_core::model::{DeliveryMode, FieldValue, Headers, Message, Properties};
 
+use crate::config::IdempotencyKeySource;
+
+/// Header whose string value is the core's idempotency key (when the vhost's
+/// `amqp.idempotency_key` says so). Kept in the headers too, so consumers see it.
+pub const HEADER_IDEMPOTENCY_KEY: &str = "x-idempotency-key";
+/// Header whose string value is the core's partition key (a partitioned queue's partition is its
+/// hash, else the routing key's). Kept in the headers too.
+pub const HEADER_PARTITION_KEY: &str = "x-partition-key";
+
 /// A reply code and its RabbitMQ name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ReplyCode {
@@ -162,13 +171,15 @@ fn field_to_amqp(value: &FieldValue) -> AMQPValue {
 }
 
 /// A published message from basic.publish and its content. `user` is the authenticated user: a
-/// `user-id` property naming someone else is refused, as RabbitMQ does.
+/// `user-id` property naming someone else is refused, as RabbitMQ does. `key_source` says where
+/// the idempotency key comes from; the partition key is the `x-partition-key` header.
 pub fn message_from_publish(
     exchange: &str,
     routing_key: &str,
     properties: &AMQPProperties,
     body: Vec<u8>,
     user: &str,
+    key_source: IdempotencyKeySource,
 ) -> Result<Message, AmqpError> {
     let text = |value: &Option<ShortString>| value.as_ref().map(|v| v.as_str().to_owned());
     let expiration_ms =
@@ -206,10 +217,30 @@ pub fn message_from_publish(
         payload_utf8: None,
     };
     let headers = properties.headers().as_ref().map(headers_from_table).unwrap_or_default();
+    let header_key = header_string(&headers, HEADER_IDEMPOTENCY_KEY)?;
+    let idempotency_key = match key_source {
+        IdempotencyKeySource::Header => header_key,
+        IdempotencyKeySource::MessageId => props.message_id.clone(),
+        IdempotencyKeySource::HeaderOrMessageId => header_key.or_else(|| props.message_id.clone()),
+        IdempotencyKeySource::None => None,
+    };
+    let partition_key = header_string(&headers, HEADER_PARTITION_KEY)?;
     let mut message = Message::new(exchange, routing_key, body);
     message.properties = props;
     message.headers = headers;
+    message.idempotency_key = idempotency_key.filter(|key| !key.is_empty());
+    message.partition_key = partition_key;
     Ok(message)
+}
+
+/// A header that must be a string when present (406 otherwise: a key of another type is a
+/// mistake the publisher must hear about, not a silently ignored header).
+fn header_string(headers: &Headers, name: &str) -> Result<Option<String>, AmqpError> {
+    match headers.get(name) {
+        None => Ok(None),
+        Some(FieldValue::LongString(value)) => Ok(Some(value.clone())),
+        Some(_) => Err(AmqpError::new(PRECONDITION_FAILED, format!("header '{name}' must be a string"))),
+    }
 }
 
 /// The basic properties of a message being delivered.
@@ -304,7 +335,7 @@ mod tests {
             .with_message_id("id".into())
             .with_timestamp(99)
             .with_type("t".into());
-        let message = message_from_publish("x", "k", &properties, b"hi".to_vec(), "guest").expect("map");
+        let message = message_from_publish("x", "k", &properties, b"hi".to_vec(), "guest", IdempotencyKeySource::Header).expect("map");
         assert_eq!(message.properties.expiration_ms, Some(1000));
         assert_eq!(properties_of(&message), properties);
     }
@@ -312,9 +343,36 @@ mod tests {
     #[test]
     fn bad_expiration_and_foreign_user_id_are_refused() {
         let bad = AMQPProperties::default().with_expiration("soon".into());
-        assert_eq!(message_from_publish("", "q", &bad, vec![], "guest").map_err(|e| e.code.code), Err(406));
+        assert_eq!(message_from_publish("", "q", &bad, vec![], "guest", IdempotencyKeySource::Header).map_err(|e| e.code.code), Err(406));
         let other = AMQPProperties::default().with_user_id("bob".into());
-        assert_eq!(message_from_publish("", "q", &other, vec![], "guest").map_err(|e| e.code.code), Err(406));
+        assert_eq!(message_from_publish("", "q", &other, vec![], "guest", IdempotencyKeySource::Header).map_err(|e| e.code.code), Err(406));
+    }
+
+    #[test]
+    fn idempotency_and_partition_keys_follow_the_configured_source() {
+        let mut headers = FieldTable::default();
+        headers.insert(HEADER_IDEMPOTENCY_KEY.into(), AMQPValue::LongString("k-header".into()));
+        headers.insert(HEADER_PARTITION_KEY.into(), AMQPValue::LongString("customer-7".into()));
+        let both = AMQPProperties::default().with_message_id("k-id".into()).with_headers(headers);
+        let only_id = AMQPProperties::default().with_message_id("k-id".into());
+        let key = |properties: &AMQPProperties, source| {
+            message_from_publish("", "q", properties, vec![], "guest", source).expect("map").idempotency_key
+        };
+        assert_eq!(key(&both, IdempotencyKeySource::Header).as_deref(), Some("k-header"));
+        assert_eq!(key(&only_id, IdempotencyKeySource::Header), None);
+        assert_eq!(key(&both, IdempotencyKeySource::MessageId).as_deref(), Some("k-id"));
+        assert_eq!(key(&both, IdempotencyKeySource::HeaderOrMessageId).as_deref(), Some("k-header"));
+        assert_eq!(key(&only_id, IdempotencyKeySource::HeaderOrMessageId).as_deref(), Some("k-id"));
+        assert_eq!(key(&both, IdempotencyKeySource::None), None);
+        let message = message_from_publish("", "q", &both, vec![], "guest", IdempotencyKeySource::None).expect("map");
+        assert_eq!(message.partition_key.as_deref(), Some("customer-7"));
+        // Both headers stay in the message, so a consumer sees what was published.
+        assert!(message.headers.get(HEADER_IDEMPOTENCY_KEY).is_some());
+        let mut bad = FieldTable::default();
+        bad.insert(HEADER_PARTITION_KEY.into(), AMQPValue::LongInt(7));
+        let bad = AMQPProperties::default().with_headers(bad);
+        let refused = message_from_publish("", "q", &bad, vec![], "guest", IdempotencyKeySource::Header);
+        assert_eq!(refused.map_err(|e| e.code.code), Err(406));
     }
 
     #[test]

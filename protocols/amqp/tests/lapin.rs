@@ -682,3 +682,266 @@ async fn another_connections_exclusive_queue_is_locked_405() {
     assert!(error.to_string().contains("RESOURCE_LOCKED"), "{error}");
     assert!(intruder.status().connected());
 }
+
+/// A message with these headers (string values).
+fn with_headers(pairs: &[(&str, &str)]) -> BasicProperties {
+    let mut headers = FieldTable::default();
+    for (name, value) in pairs {
+        headers.insert((*name).into(), AMQPValue::LongString((*value).into()));
+    }
+    BasicProperties::default().with_headers(headers)
+}
+
+/// Publish with confirms on and expect an ack.
+async fn publish_acked(channel: &lapin::Channel, exchange: &str, key: &str, body: &[u8], properties: BasicProperties) {
+    let confirm = channel
+        .basic_publish(exchange.into(), key.into(), BasicPublishOptions::default(), body, properties)
+        .await
+        .expect("publish")
+        .await
+        .expect("confirm");
+    assert!(confirm.is_ack(), "{confirm:?}");
+}
+
+async fn message_count(channel: &lapin::Channel, queue: &str) -> u32 {
+    let passive = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
+    channel.queue_declare(queue.into(), passive, FieldTable::default()).await.expect("passive").message_count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idempotency_key_header_stores_once_and_confirms_the_repeat() {
+    let (_broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.queue_declare("once".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    let keyed = with_headers(&[("x-idempotency-key", "order-42")]);
+    publish_acked(&channel, "", "once", b"first", keyed.clone()).await;
+    publish_acked(&channel, "", "once", b"retry", keyed).await;
+    // By default message-id is not a key: two publishes with one message-id are two messages.
+    let with_id = BasicProperties::default().with_message_id("m-1".into());
+    publish_acked(&channel, "", "once", b"a", with_id.clone()).await;
+    publish_acked(&channel, "", "once", b"b", with_id).await;
+    assert_eq!(message_count(&channel, "once").await, 3);
+    let got = channel.basic_get("once".into(), BasicGetOptions { no_ack: true }).await.expect("get").expect("one");
+    assert_eq!(got.delivery.data, b"first");
+    let headers = got.delivery.properties.headers().clone().expect("headers kept");
+    assert_eq!(headers.inner().get("x-idempotency-key"), Some(&AMQPValue::LongString("order-42".into())));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn message_id_is_the_idempotency_key_in_vhosts_configured_so() {
+    let mut config = AmqpConfig::default();
+    config.idempotency_key_by_vhost.insert("/".into(), wharf_amqp::config::IdempotencyKeySource::MessageId);
+    let (_broker, uri) = start_with(config).await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.queue_declare("ids".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    let with_id = BasicProperties::default().with_message_id("m-1".into());
+    publish_acked(&channel, "", "ids", b"a", with_id.clone()).await;
+    publish_acked(&channel, "", "ids", b"a again", with_id).await;
+    publish_acked(&channel, "", "ids", b"b", BasicProperties::default().with_message_id("m-2".into())).await;
+    assert_eq!(message_count(&channel, "ids").await, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn partition_key_header_chooses_the_partition() {
+    let (broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-partitions".into(), AMQPValue::LongInt(8));
+    channel.queue_declare("parts".into(), QueueDeclareOptions::default(), arguments).await.expect("declare");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    for customer in ["alice", "bob", "carol", "dave"] {
+        let key = format!("k-{customer}");
+        let properties = with_headers(&[("x-partition-key", customer), ("x-idempotency-key", &key)]);
+        publish_acked(&channel, "", "parts", customer.as_bytes(), properties).await;
+        let found = broker.core().idempotency_lookup("/", "parts", &key).await.expect("lookup").expect("stored");
+        assert_eq!(found.position.partition, wharf_core::placement::partition_for(customer, 8), "{customer}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delayed_message_exchange_holds_messages_for_their_x_delay() {
+    let (_broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    let mut arguments = FieldTable::default();
+    arguments.insert("x-delayed-type".into(), AMQPValue::LongString("direct".into()));
+    channel
+        .exchange_declare(
+            "later".into(),
+            ExchangeKind::Custom("x-delayed-message".into()),
+            ExchangeDeclareOptions::default(),
+            arguments,
+        )
+        .await
+        .expect("declare x-delayed-message");
+    channel.queue_declare("due".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare");
+    channel
+        .queue_bind("due".into(), "later".into(), "jobs".into(), QueueBindOptions::default(), FieldTable::default())
+        .await
+        .expect("bind");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    let mut delayed = FieldTable::default();
+    delayed.insert("x-delay".into(), AMQPValue::LongInt(400));
+    let published = std::time::Instant::now();
+    publish_acked(&channel, "later", "jobs", b"late", BasicProperties::default().with_headers(delayed)).await;
+    publish_acked(&channel, "later", "jobs", b"now", BasicProperties::default()).await;
+    let mut consumer = channel
+        .basic_consume("due".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    let first = tokio::time::timeout(PATIENCE, consumer.next()).await.expect("in time").expect("open").expect("ok");
+    assert_eq!(first.data, b"now", "the undelayed message overtakes the delayed one");
+    let second = tokio::time::timeout(PATIENCE, consumer.next()).await.expect("in time").expect("open").expect("ok");
+    assert_eq!(second.data, b"late");
+    assert!(published.elapsed() >= Duration::from_millis(400), "delivered after {:?}", published.elapsed());
+    // Without x-delayed-type the exchange is refused with the plugin's text.
+    let error = channel
+        .exchange_declare(
+            "bad".into(),
+            ExchangeKind::Custom("x-delayed-message".into()),
+            ExchangeDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect_err("refused");
+    assert!(error.to_string().contains("'x-delayed-type' must be an existing exchange type"), "{error}");
+}
+
+/// The next delivery of `consumer`, or `None` if none comes within `millis`.
+async fn next_within(consumer: &mut lapin::Consumer, millis: u64) -> Option<lapin::message::Delivery> {
+    match tokio::time::timeout(Duration::from_millis(millis), consumer.next()).await {
+        Ok(Some(Ok(delivery))) => Some(delivery),
+        Ok(other) => panic!("consumer ended: {other:?}"),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn global_qos_limits_the_whole_channel_and_can_change_live() {
+    let (_broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    for queue in ["g1", "g2"] {
+        channel.queue_declare(queue.into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("q");
+        for n in 0..4u8 {
+            publish_acked(&channel, "", queue, &[n], BasicProperties::default()).await;
+        }
+    }
+    let consuming = connection.create_channel().await.expect("channel");
+    consuming.basic_qos(3, BasicQosOptions { global: true }).await.expect("qos global");
+    let mut consumers = Vec::new();
+    for queue in ["g1", "g2"] {
+        let consumer = consuming
+            .basic_consume(queue.into(), queue.into(), BasicConsumeOptions::default(), FieldTable::default())
+            .await
+            .expect("consume");
+        consumers.push(consumer);
+    }
+    // Three unacked on the channel in all, whichever consumers they went to.
+    let mut held = Vec::new();
+    for _ in 0..2 {
+        for consumer in &mut consumers {
+            while let Some(delivery) = next_within(consumer, 200).await {
+                held.push(delivery);
+            }
+        }
+    }
+    assert_eq!(held.len(), 3, "global prefetch 3");
+    held.pop().expect("one").ack(BasicAckOptions::default()).await.expect("ack");
+    let mut more = 0;
+    for consumer in &mut consumers {
+        while let Some(delivery) = next_within(consumer, 300).await {
+            held.push(delivery);
+            more += 1;
+        }
+    }
+    assert_eq!(more, 1, "an ack opens the window by one");
+    // A live change applies to the running consumers.
+    consuming.basic_qos(6, BasicQosOptions { global: true }).await.expect("qos global 6");
+    for _ in 0..2 {
+        for consumer in &mut consumers {
+            while let Some(delivery) = next_within(consumer, 200).await {
+                held.push(delivery);
+            }
+        }
+    }
+    assert_eq!(held.len(), 6, "global prefetch raised to 6");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_leaves_unacked_deliveries_with_the_channel_to_ack() {
+    let (_broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.queue_declare("c".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    for n in 0..3u8 {
+        publish_acked(&channel, "", "c", &[n], BasicProperties::default()).await;
+    }
+    let consuming = connection.create_channel().await.expect("channel");
+    consuming.basic_qos(2, BasicQosOptions::default()).await.expect("qos");
+    let mut consumer = consuming
+        .basic_consume("c".into(), "first".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    let first = next_within(&mut consumer, 5000).await.expect("first");
+    let second = next_within(&mut consumer, 5000).await.expect("second");
+    consuming.basic_cancel("first".into(), Default::default()).await.expect("cancel");
+    // After the cancel the two deliveries are still the channel's: acking them works, and
+    // another consumer gets only the third message, never these two again.
+    first.ack(BasicAckOptions::default()).await.expect("ack");
+    second.ack(BasicAckOptions::default()).await.expect("ack");
+    let mut other = channel
+        .basic_consume("c".into(), "second".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    let third = next_within(&mut other, 5000).await.expect("third");
+    assert_eq!((third.data.as_slice(), third.redelivered), (&[2u8][..], false));
+    third.ack(BasicAckOptions::default()).await.expect("ack");
+    assert!(next_within(&mut other, 300).await.is_none(), "the acked ones are not redelivered");
+    assert!(consuming.status().connected(), "the acks after the cancel were known delivery tags");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unroutable_mandatory_publish_in_a_tx_is_returned_at_commit() {
+    let (_broker, uri) = start().await;
+    let mut raw = Raw::open(&uri, 0, 0).await;
+    raw.send(AMQPFrame::Method(1, AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::Select(
+        amq_protocol::protocol::tx::Select {},
+    ))))
+    .await;
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Method(1, AMQPClass::Tx(_)))));
+    let publish =
+        basic::Publish { exchange: "".into(), routing_key: "nowhere".into(), mandatory: true, immediate: false };
+    raw.send(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(publish)))).await;
+    let header = amq_protocol::frame::AMQPContentHeader {
+        class_id: 60,
+        body_size: 4,
+        properties: BasicProperties::default(),
+    };
+    raw.send(AMQPFrame::Header(1, header)).await;
+    raw.send(AMQPFrame::Body(1, b"lost".to_vec())).await;
+    raw.send(AMQPFrame::Method(1, AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::Commit(
+        amq_protocol::protocol::tx::Commit {},
+    ))))
+    .await;
+    // basic.return with the content, then commit-ok.
+    match raw.next().await {
+        Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Return(ret)))) => {
+            assert_eq!((ret.reply_code, ret.reply_text.as_str(), ret.routing_key.as_str()), (312, "NO_ROUTE", "nowhere"));
+        }
+        other => panic!("expected basic.return, got {other:?}"),
+    }
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Header(1, _))));
+    assert_eq!(raw.next().await, Some(AMQPFrame::Body(1, b"lost".to_vec())));
+    assert!(matches!(
+        raw.next().await,
+        Some(AMQPFrame::Method(1, AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::CommitOk(_))))
+    ));
+}
