@@ -14,6 +14,7 @@ use std::path::{Path, PathBuf};
 use config::{Config, Environment, File, FileFormat};
 use serde::Deserialize;
 use wharf_amqp::AmqpConfig;
+use wharf_core::alarms::AlarmConfig;
 use wharf_core::{CoreConfig, Limits, StorageKind};
 use wharf_mqtt::MqttConfig;
 
@@ -70,6 +71,8 @@ pub struct Settings {
     pub mqtt: MqttConfig,
     /// `[amqp]`: the AMQP 0-9-1 front-end's behaviour and limits.
     pub amqp: AmqpConfig,
+    /// `[alarms]`: memory and disk alarms (publishers are held back while one is raised).
+    pub alarms: AlarmConfig,
     /// `[log]`: logging.
     pub log: LogSettings,
 }
@@ -379,6 +382,7 @@ impl Settings {
             raft_election_timeout_min_ms: self.core.raft_election_timeout_min_ms,
             tick_interval_ms: self.core.tick_interval_ms,
             limits: self.limits.clone().into(),
+            alarms: self.alarms.clone(),
         }
     }
 }
@@ -403,7 +407,7 @@ fn settings_key(core_key: &str) -> String {
         "node_id" => "node.id".into(),
         "data_dir" => "node.data_dir".into(),
         "storage" => "node.storage".into(),
-        key if key.starts_with("limits.") => key.into(),
+        key if key.starts_with("limits.") || key.starts_with("alarms.") => key.into(),
         key => format!("core.{key}"),
     }
 }
@@ -626,6 +630,24 @@ pub fn default_file() -> String {
         "idempotency_key",
         toml_string(amqp.idempotency_key.as_str()),
     );
+
+    section(&mut out, "alarms");
+    let alarms = &settings.alarms;
+    entry(
+        &mut out,
+        "Resident memory at which the memory alarm is raised, bytes\n\
+         (0: 40% of physical memory, as RabbitMQ; 18446744073709551615: never).",
+        "memory_high_watermark_bytes",
+        alarms.memory_high_watermark_bytes,
+    );
+    entry(
+        &mut out,
+        "Free space of the data directory's file system below which the disk alarm is raised,\n\
+         bytes (0: never).",
+        "disk_free_min_bytes",
+        alarms.disk_free_min_bytes,
+    );
+    entry(&mut out, "How often both are measured, milliseconds.", "check_interval_ms", alarms.check_interval_ms);
 
     section(&mut out, "log");
     entry(

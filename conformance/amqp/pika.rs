@@ -24,6 +24,8 @@ fn run(broker: &Broker, scenario: &str) {
         &broker.amqp_port().to_string(),
         "--mqtt-port",
         &broker.mqtt_port().to_string(),
+        "--admin-port",
+        &broker.admin_port().to_string(),
     ]);
     let (status, stdout, stderr) = run_with_timeout(&mut command, RUN_TIMEOUT);
     assert!(status.success(), "pika scenario {scenario} failed: {status}\n{stdout}{stderr}\n{}", broker.log());
@@ -33,6 +35,22 @@ fn run(broker: &Broker, scenario: &str) {
 fn run_alone(scenario: &str) {
     let broker = Broker::start();
     run(&broker, scenario);
+}
+
+#[test]
+fn pika_readme_delayed_idempotent_publish_arrives_once_after_its_delay() {
+    run_alone("readme-delayed");
+}
+
+#[test]
+fn pika_metrics_count_connections_channels_consumers_and_traffic_by_vhost() {
+    run_alone("metrics-by-vhost");
+}
+
+#[test]
+fn pika_disk_alarm_sends_connection_blocked_and_holds_publishers() {
+    let broker = Broker::builder().env("WHARF__ALARMS__DISK_FREE_MIN_BYTES", u64::MAX - 1).start();
+    run(&broker, "disk-alarm-blocks-publishers");
 }
 
 #[test]

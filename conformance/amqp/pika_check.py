@@ -1279,8 +1279,123 @@ def max_priority_zero(args):
     connection.close()
 
 
+def readme_delayed(args):
+    # The README's delayed, idempotent publish, as written there, sent twice (a retry).
+    connection = connect(args)
+    channel = connection.channel()
+    channel.queue_declare(queue="orders", durable=True)
+    published = time.monotonic()
+    for _attempt in range(2):
+        channel.exchange_declare("later", exchange_type="x-delayed-message", arguments={"x-delayed-type": "direct"})
+        channel.queue_bind("orders", "later", routing_key="orders")
+        channel.basic_publish("later", "orders", b"remind me",
+                              properties=pika.BasicProperties(headers={"x-delay": 1000, "x-idempotency-key": "reminder-42"}))
+    body = take(channel, "orders", 1, timeout=WAIT_SECS)[0][2]
+    expect(time.monotonic() - published >= 1.0, "delivered before its delay")
+    expect(body == b"remind me", f"body {body!r}")
+    time.sleep(0.3)
+    method, _, _ = channel.basic_get("orders", auto_ack=True)
+    expect(method is None, "the retried publish was stored twice")
+    connection.close()
+
+
+def metric(args, name):
+    """The value of the sample `name` (labels included) on the broker's /metrics, or 0."""
+    import urllib.request
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{args.admin_port}/metrics", timeout=WAIT_SECS) as answer:
+        for line in answer.read().decode().splitlines():
+            if line.startswith(name + " "):
+                return float(line.rsplit(" ", 1)[1])
+    return 0.0
+
+
+def wait_metric(args, name, want):
+    deadline = time.monotonic() + WAIT_SECS
+    while (got := metric(args, name)) != want:
+        expect(time.monotonic() < deadline, f"{name}: want {want}, got {got}")
+        time.sleep(0.05)
+
+
+def metrics_by_vhost(args):
+    # Every AMQP metric carries the vhost and follows the traffic it counts.
+    connection = connect(args)
+    channel = confirmed_channel(connection)
+    wait_metric(args, 'wharf_amqp_connections{vhost="/"}', 1)
+    wait_metric(args, 'wharf_amqp_channels{vhost="/"}', 1)
+    channel.queue_declare(queue="counted")
+    for n in range(3):
+        publish(channel, "", "counted", f"m{n}")
+    try:
+        publish(channel, "", "nowhere", "returned", mandatory=True)
+    except UnroutableError:
+        pass
+    consumer = connection.channel()
+    consumer.basic_qos(prefetch_count=10)
+    tag = consumer.basic_consume("counted", lambda ch, method, properties, body: ch.basic_ack(method.delivery_tag))
+    wait_metric(args, 'wharf_amqp_consumers{vhost="/"}', 1)
+    wait_metric(args, 'wharf_amqp_channels{vhost="/"}', 2)
+    deadline = time.monotonic() + WAIT_SECS
+    while metric(args, 'wharf_amqp_acks_total{vhost="/"}') < 3:
+        expect(time.monotonic() < deadline, "the three deliveries were not acked")
+        connection.process_data_events(time_limit=0.05)
+    consumer.basic_cancel(tag)
+    method, _, _ = channel.basic_get("counted", auto_ack=False)
+    expect(method is None, "the queue should be empty")
+    for name, want in [
+        ("wharf_amqp_published_total", 4),
+        ("wharf_amqp_confirms_total", 4),
+        ("wharf_amqp_returns_total", 1),
+        ("wharf_amqp_deliveries_total", 3),
+        ("wharf_amqp_acks_total", 3),
+    ]:
+        got = metric(args, f'{name}{{vhost="/"}}')
+        expect(got == want, f"{name}: want {want}, got {got}")
+    wait_metric(args, 'wharf_amqp_consumers{vhost="/"}', 0)
+    consumer.close()
+    wait_metric(args, 'wharf_amqp_channels{vhost="/"}', 1)
+    connection.close()
+    wait_metric(args, 'wharf_amqp_connections{vhost="/"}', 0)
+    wait_metric(args, 'wharf_amqp_channels{vhost="/"}', 0)
+
+
+def disk_alarm_blocks_publishers(args):
+    # The broker runs with a disk alarm raised from the start (a free-space minimum no disk has).
+    # Wharf sends connection.blocked right after connection.open-ok, before pika's
+    # BlockingConnection lets a callback be added, so the proof that it came (and no unblocked
+    # after it) is pika's own ConnectionBlockedTimeout. The first publish is taken; nothing after
+    # it is read while the alarm lasts, so the second is not.
+    parameters = pika.ConnectionParameters(
+        host="127.0.0.1",
+        port=args.port,
+        connection_attempts=1,
+        socket_timeout=CONNECT_TIMEOUT_SECS,
+        blocked_connection_timeout=2,
+    )
+    connection = pika.BlockingConnection(parameters)
+    channel = connection.channel()
+    channel.queue_declare(queue="held")
+    channel.basic_publish(exchange="", routing_key="held", body=b"first")
+    channel.basic_publish(exchange="", routing_key="held", body=b"second")
+    deadline = time.monotonic() + WAIT_SECS
+    try:
+        while True:
+            expect(time.monotonic() < deadline, "pika saw no connection.blocked")
+            connection.process_data_events(time_limit=0.1)
+    except pika.exceptions.ConnectionBlockedTimeout:
+        pass
+    # A connection that does not publish is still served.
+    observer = connect(args)
+    method = observer.channel().queue_declare(queue="held", passive=True).method
+    expect(method.message_count == 1, f"{method.message_count} messages taken from the blocked publisher")
+    observer.close()
+
+
 SCENARIOS = {
     "readme": readme,
+    "readme-delayed": readme_delayed,
+    "metrics-by-vhost": metrics_by_vhost,
+    "disk-alarm-blocks-publishers": disk_alarm_blocks_publishers,
     "from-mqtt": from_mqtt,
     # Exchanges.
     "exchange-direct": exchange_direct,
@@ -1339,6 +1454,7 @@ def main():
     parser.add_argument("scenario", choices=sorted(SCENARIOS))
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--mqtt-port", type=int, default=1883)
+    parser.add_argument("--admin-port", type=int, default=15672)
     args = parser.parse_args()
     # Every client call is bounded by the connection's timeouts; this bounds the whole scenario.
     signal.signal(signal.SIGALRM, on_alarm)

@@ -98,11 +98,20 @@ struct Ports {
     ws: u16,
     amqp: u16,
     tls: Option<u16>,
+    /// The AMQP-over-TLS listener, picked with `tls` (without a certificate it is not started).
+    amqp_tls: Option<u16>,
 }
 
 impl Ports {
     fn pick(tls: bool) -> Self {
-        Self { admin: free_port(), mqtt: free_port(), ws: free_port(), amqp: free_port(), tls: tls.then(free_port) }
+        Self {
+            admin: free_port(),
+            mqtt: free_port(),
+            ws: free_port(),
+            amqp: free_port(),
+            tls: tls.then(free_port),
+            amqp_tls: tls.then(free_port),
+        }
     }
 }
 
@@ -130,7 +139,8 @@ impl BrokerBuilder {
         self
     }
 
-    /// Open the MQTT-over-TLS listener with a freshly generated self-signed certificate.
+    /// Open the MQTT-over-TLS and AMQP-over-TLS listeners with a freshly generated self-signed
+    /// certificate.
     pub fn tls(mut self) -> Self {
         self.tls = true;
         self
@@ -206,9 +216,20 @@ impl Broker {
         self.ports.amqp
     }
 
+    /// The admin HTTP port (`/metrics`, `/readyz`).
+    pub fn admin_port(&self) -> u16 {
+        self.ports.admin
+    }
+
     /// The MQTT-over-TLS listener and its certificate, when started with [`BrokerBuilder::tls`].
     pub fn tls(&self) -> Option<(u16, &TlsFiles)> {
         Some((self.ports.tls?, self.tls.as_ref()?))
+    }
+
+    /// The AMQP-over-TLS listener (same certificate as [`Broker::tls`]), when started with
+    /// [`BrokerBuilder::tls`].
+    pub fn amqp_tls_port(&self) -> Option<u16> {
+        self.ports.amqp_tls
     }
 
     fn log_path(&self) -> PathBuf {
@@ -232,6 +253,7 @@ impl Broker {
             .env("WHARF__LISTENERS__MQTT", loopback(self.ports.mqtt).to_string())
             .env("WHARF__LISTENERS__MQTT_WS", loopback(self.ports.ws).to_string())
             .env("WHARF__LISTENERS__AMQP", loopback(self.ports.amqp).to_string())
+            // Replaced by a picked port below when the broker has a certificate.
             .env("WHARF__LISTENERS__AMQP_TLS", "127.0.0.1:0")
             // $SYS publications are off unless a test turns them on (it may override below).
             .env("WHARF__MQTT__SYS_INTERVAL_SECS", "0");
@@ -241,6 +263,9 @@ impl Broker {
                 .env("WHARF__LISTENERS__MQTT_TLS", loopback(port).to_string())
                 .env("WHARF__LISTENERS__TLS_CERT_FILE", &files.cert)
                 .env("WHARF__LISTENERS__TLS_KEY_FILE", &files.key);
+        }
+        if let (Some(port), Some(_)) = (self.ports.amqp_tls, &self.tls) {
+            command.env("WHARF__LISTENERS__AMQP_TLS", loopback(port).to_string());
         }
         for (key, value) in &self.env {
             command.env(key, value);

@@ -39,6 +39,8 @@ pub struct CoreConfig {
     pub tick_interval_ms: u64,
     /// Limits.
     pub limits: Limits,
+    /// Memory and disk alarms.
+    pub alarms: crate::alarms::AlarmConfig,
 }
 
 impl CoreConfig {
@@ -54,6 +56,7 @@ impl CoreConfig {
             raft_election_timeout_min_ms: 300,
             tick_interval_ms: 100,
             limits: Limits::default(),
+            alarms: crate::alarms::AlarmConfig::default(),
         }
     }
 
@@ -62,6 +65,9 @@ impl CoreConfig {
         let fail = |key: &'static str, reason: String| Err(ConfigError { key, reason });
         if self.shard_count == 0 || self.shard_count > SHARD_COUNT_MAX {
             return fail("shard_count", format!("must be between 1 and {SHARD_COUNT_MAX}"));
+        }
+        if self.alarms.check_interval_ms == 0 {
+            return fail("alarms.check_interval_ms", "must be at least 1".into());
         }
         if self.snapshot_logs_since_last == 0 {
             return fail("snapshot_logs_since_last", "must be at least 1".into());

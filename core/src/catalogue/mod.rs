@@ -1182,11 +1182,7 @@ impl Catalogue {
                 )))
             };
             if existing.kind.routing() != kind.routing() && existing.kind.is_delayed() && kind.is_delayed() {
-                return inequivalent(
-                    DELAYED_TYPE_ARGUMENT,
-                    quoted(kind.routing()),
-                    quoted(existing.kind.routing()),
-                );
+                return inequivalent(DELAYED_TYPE_ARGUMENT, quoted(kind.routing()), quoted(existing.kind.routing()));
             }
             if existing.kind != kind {
                 return inequivalent("type", quoted(kind), quoted(existing.kind));
@@ -1701,7 +1697,11 @@ mod tests {
                 assert_eq!(name, &exchange.name);
                 bindings += exchange.bindings.len() as u64;
                 if let Some(index) = exchange.index.get() {
-                    assert_eq!(index, &RoutingIndex::build(exchange.kind.routing(), &exchange.bindings), "index of {name}");
+                    assert_eq!(
+                        index,
+                        &RoutingIndex::build(exchange.kind.routing(), &exchange.bindings),
+                        "index of {name}"
+                    );
                 }
                 for key in exchange.bindings.keys() {
                     match &key.destination {
@@ -1751,7 +1751,10 @@ mod tests {
         let mut arguments = Headers::new();
         arguments.push(DELAYED_TYPE_ARGUMENT, "fanout");
         let kind = ExchangeKind::from_declare(DELAYED_MESSAGE_TYPE, &arguments).expect("kind");
-        assert_eq!((kind, kind.routing(), kind.is_delayed()), (ExchangeKind::DelayedFanout, ExchangeKind::Fanout, true));
+        assert_eq!(
+            (kind, kind.routing(), kind.is_delayed()),
+            (ExchangeKind::DelayedFanout, ExchangeKind::Fanout, true)
+        );
         let mut declare = exchange("later", kind);
         declare.arguments = arguments;
         ok(&mut catalogue, MetaCommand::DeclareExchange(declare.clone()));

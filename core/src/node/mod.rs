@@ -26,6 +26,7 @@ use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent};
 use self::proposer::{Proposer, ReplyReceiver, wait};
 pub use self::txn::{CheckBack, Txn, TxnCommitted, TxnStop};
+use crate::alarms::AlarmMonitor;
 pub use crate::catalogue::state::StateWrite;
 use crate::catalogue::{
     BindingSpec, Catalogue, ExchangeDeclare, ExchangeKind, MetaCommand, MetaReply, QueueDeclare, QueueDef, Route,
@@ -96,6 +97,7 @@ struct Inner {
     getters: Mutex<BTreeMap<ConnectionId, Vec<(ConsumerId, PartitionKey)>>>,
     tasks: Mutex<Vec<JoinHandle<()>>>,
     stop: tokio::sync::watch::Sender<bool>,
+    alarms: Arc<AlarmMonitor>,
 }
 
 /// What a published message became.
@@ -309,6 +311,8 @@ impl Core {
         }
 
         let (stop, _) = tokio::sync::watch::channel(false);
+        let disk = (config.storage == StorageKind::Fjall).then(|| config.data_dir.clone());
+        let alarms = Arc::new(AlarmMonitor::new(config.alarms.clone(), disk));
         let core = Self {
             inner: Arc::new(Inner {
                 config,
@@ -325,10 +329,14 @@ impl Core {
                 check_backs: Mutex::new(BTreeMap::new()),
                 tasks: Mutex::new(tasks),
                 stop,
+                alarms,
             }),
         };
         core.recover().await?;
-        let background = background::spawn(&core, dead_letter_rx);
+        let mut background = background::spawn(&core, dead_letter_rx);
+        let monitor = Arc::clone(&core.inner.alarms);
+        let stopped = core.inner.stop.subscribe();
+        background.push(tokio::spawn(async move { monitor.run(stopped).await }));
         core.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner).extend(background);
         core.inner.ready.store(true, Ordering::Release);
         tracing::info!(node = core.inner.config.node_id, incarnation, shards = core.inner.shards.len(), "core ready");
@@ -402,6 +410,11 @@ impl Core {
     /// Whether every Raft group has a leader and the node serves requests.
     pub fn is_ready(&self) -> bool {
         self.inner.ready.load(Ordering::Acquire) && !self.inner.closing.load(Ordering::Acquire)
+    }
+
+    /// The node's memory and disk alarms: front-ends watch them to hold back publishers.
+    pub fn alarms(&self) -> &AlarmMonitor {
+        &self.inner.alarms
     }
 
     /// The configuration the node runs with.

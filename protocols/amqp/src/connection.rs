@@ -13,6 +13,7 @@ use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, connection, exc
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
+use wharf_core::alarms::Alarms;
 use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
 use wharf_core::model::{ConnectionId, Message, Position};
 use wharf_core::node::{ConsumeOptions, ConsumerEvent, ExchangeSpec, PendingPublish, Published, QueueSpec, Txn};
@@ -25,6 +26,9 @@ use crate::mapping::{self, AmqpError, short};
 
 /// How long a closing connection waits for the peer's close-ok.
 const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// RabbitMQ's text for content frames that no basic.publish announced (505).
+const EXPECTED_METHOD_FRAME: &str = "expected method frame, got non method frame instead";
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -87,6 +91,34 @@ struct ConsumerHandle {
     no_ack: bool,
     /// The channel's per-consumer prefetch when it started (0: none).
     prefetch: u16,
+    _gauge: GaugeGuard,
+}
+
+/// One unit of a per-vhost gauge (`wharf_amqp_connections`, `_channels`, `_consumers`) for as
+/// long as it lives: counting by guards keeps the gauges right on every path that ends a
+/// channel or consumer.
+#[derive(Debug)]
+struct GaugeGuard {
+    name: &'static str,
+    vhost: String,
+}
+
+impl GaugeGuard {
+    fn new(name: &'static str, vhost: &str) -> Self {
+        metrics::gauge!(name, "vhost" => vhost.to_owned()).increment(1.0);
+        Self { name, vhost: vhost.to_owned() }
+    }
+}
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        metrics::gauge!(self.name, "vhost" => self.vhost.clone()).decrement(1.0);
+    }
+}
+
+/// Count `n` events of a per-vhost counter.
+fn count(name: &'static str, vhost: &str, n: u64) {
+    metrics::counter!(name, "vhost" => vhost.to_owned()).increment(n);
 }
 
 /// What a connection tells a consumer's task.
@@ -134,8 +166,11 @@ struct Channel {
     /// basic.qos with global=true: most unacked deliveries on the channel, all consumers together
     /// (0: no limit).
     prefetch_global: u16,
-    /// Deliveries of ack-mode consumers waiting for the channel's window (global prefetch) to
-    /// open, in arrival order.
+    /// channel.flow active=false from the client: deliveries wait in `held` until it is true
+    /// again (what the specification asks; RabbitMQ refuses it with 540).
+    flow_paused: bool,
+    /// Deliveries waiting for the channel's window (global prefetch) to open or for
+    /// channel.flow to resume, in arrival order.
     held: VecDeque<(String, Delivery)>,
     /// Publisher confirms on; the next sequence number.
     confirm: Option<u64>,
@@ -145,11 +180,13 @@ struct Channel {
     txn_mandatory: Vec<(usize, Box<Message>)>,
     /// Publishes staged in `txn`.
     txn_publishes: usize,
-    /// Deliveries acked in `txn`: settled at tx.commit, back among the unacked at tx.rollback
-    /// (the spec's "abandon acknowledgements"), requeued if the channel closes first.
-    txn_acked: Vec<(u64, Unacked)>,
+    /// Deliveries settled in `txn`: acks are staged in it, nacks and rejects applied after its
+    /// commit; at tx.rollback all are back among the unacked (the spec's "abandon
+    /// acknowledgements"); they are requeued if the channel closes first.
+    txn_settled: Vec<(u64, Unacked, Outcome)>,
     /// The holder of this channel's basic.get deliveries.
     getter: ConsumerId,
+    _gauge: GaugeGuard,
 }
 
 /// A delivery the client has not settled yet.
@@ -160,9 +197,11 @@ struct Unacked {
 }
 
 impl Channel {
-    /// Whether another delivery may go to the client now under the channel-wide prefetch.
-    fn window_open(&self) -> bool {
-        self.prefetch_global == 0 || self.unacked.len() < usize::from(self.prefetch_global)
+    /// Whether another delivery may go to the client now under the channel-wide prefetch
+    /// (`no_ack` deliveries only wait for channel.flow).
+    fn window_open(&self, no_ack: bool) -> bool {
+        !self.flow_paused
+            && (no_ack || self.prefetch_global == 0 || self.unacked.len() < usize::from(self.prefetch_global))
     }
 
     /// Record a delivery the client must settle.
@@ -196,6 +235,17 @@ struct Connection {
     last_write: Instant,
     /// Bytes to write at the end of this turn.
     out: Vec<u8>,
+    /// Counts this connection in `wharf_amqp_connections` once open.
+    open_gauge: Option<GaugeGuard>,
+    /// The core's alarms as last seen.
+    alarms: Alarms,
+    /// The client understands connection.blocked (its capabilities say so).
+    blocked_capability: bool,
+    /// connection.blocked was sent and not yet followed by connection.unblocked.
+    blocked_sent: bool,
+    /// The client published while an alarm was raised: its socket is not read until the alarm
+    /// clears (RabbitMQ's "blocked" state; a connection that only consumes goes on).
+    publisher_held: bool,
 }
 
 impl std::fmt::Debug for Connection {
@@ -350,6 +400,11 @@ impl Connection {
             last_read: now,
             last_write: now,
             out: Vec::new(),
+            open_gauge: None,
+            alarms: Alarms::default(),
+            blocked_capability: false,
+            blocked_sent: false,
+            publisher_held: false,
         }
     }
 
@@ -360,6 +415,8 @@ impl Connection {
     {
         let mut shutdown = self.broker.shutdown.subscribe();
         let mut shutdown_seen = false;
+        let mut alarms = self.broker.core.alarms().subscribe();
+        self.alarms = *alarms.borrow_and_update();
         let mut inbuf: Vec<u8> = Vec::with_capacity(READ_CHUNK_BYTES);
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -370,8 +427,9 @@ impl Connection {
                     break Err(stop);
                 }
             }
+            let held = self.publisher_held;
             let turn: Result<(), Stop> = tokio::select! {
-                read = read_some(&mut reader, &mut inbuf) => match read {
+                read = read_some(&mut reader, &mut inbuf), if !held => match read {
                     Ok(0) => Err(Stop::Close("peer closed the socket".into())),
                     Ok(_) => {
                         self.last_read = Instant::now();
@@ -381,6 +439,14 @@ impl Connection {
                 },
                 Some(event) = self.events_rx.recv() => self.on_event(event).await,
                 _ = shutdown.changed(), if !shutdown_seen => Ok(()),
+                changed = alarms.changed() => {
+                    if changed.is_ok() {
+                        let now = *alarms.borrow_and_update();
+                        self.on_alarms(now);
+                    }
+                    // Frames that arrived behind the publish that held the connection.
+                    if !self.publisher_held && !inbuf.is_empty() { self.on_bytes(&mut inbuf).await } else { Ok(()) }
+                }
                 _ = tick.tick() => self.on_tick(),
             };
             if !self.out.is_empty() {
@@ -426,7 +492,9 @@ impl Connection {
         }
         if self.heartbeat_secs > 0 {
             let interval = Duration::from_secs(self.heartbeat_secs.into());
-            if now.duration_since(self.last_read) > interval * 2 {
+            // A held publisher's socket is not read, so its heartbeats are not seen: RabbitMQ does
+            // not time out blocked connections either.
+            if !self.publisher_held && now.duration_since(self.last_read) > interval * 2 {
                 return Err(Stop::Close("missed heartbeats".into()));
             }
             if now.duration_since(self.last_write) >= interval / 2 {
@@ -483,6 +551,10 @@ impl Connection {
                     at += used;
                     if let Err(stop) = self.on_frame(frame).await {
                         break Err(stop);
+                    }
+                    if self.publisher_held {
+                        // Held by an alarm: the rest waits, unread, until it clears.
+                        break Ok(());
                     }
                 }
                 Err(FrameError::Incomplete) => break Ok(()),
@@ -578,6 +650,7 @@ impl Connection {
                 Err(ConnectionOutcome::Stop(Stop::Close("closed by peer".into())))
             }
             (Phase::StartOk, M::StartOk(start_ok)) => {
+                self.blocked_capability = client_capability(&start_ok.client_properties, "connection.blocked");
                 let config = &self.broker.config;
                 match authenticate(
                     start_ok.mechanism.as_str(),
@@ -603,12 +676,16 @@ impl Connection {
                 if frame_max < crate::config::FRAME_MIN_SIZE_BYTES {
                     return Err(ConnectionOutcome::Error(AmqpError::new(
                         mapping::NOT_ALLOWED,
-                        format!("frame_max={frame_max} < {} min size", crate::config::FRAME_MIN_SIZE_BYTES),
+                        format!(
+                            "negotiated frame_max = {frame_max} is lower than the minimum allowed value ({})",
+                            crate::config::FRAME_MIN_SIZE_BYTES
+                        ),
                     )));
                 }
                 self.frame_max = frame_max;
                 self.channel_max = negotiate(config.channel_max, tune_ok.channel_max);
-                self.heartbeat_secs = negotiate(config.heartbeat_secs, tune_ok.heartbeat);
+                // The client's tune-ok has the last word, 0 (no heartbeats) included, as in RabbitMQ.
+                self.heartbeat_secs = tune_ok.heartbeat;
                 self.phase = Phase::Open;
                 Ok(())
             }
@@ -620,9 +697,12 @@ impl Connection {
                         format!("vhost {vhost} not found"),
                     )));
                 }
+                self.open_gauge = Some(GaugeGuard::new("wharf_amqp_connections", &vhost));
                 self.vhost = vhost;
                 self.send(&method(0, AMQPClass::Connection(M::OpenOk(connection::OpenOk {}))));
                 self.phase = Phase::Active;
+                // An alarm already raised is announced at once.
+                self.on_alarms(self.alarms);
                 Ok(())
             }
             (Phase::Active, M::UpdateSecret(_)) => {
@@ -665,14 +745,13 @@ impl Connection {
             return Ok(());
         }
         if let Some(pending) = &channel.pending {
-            return hard(
-                mapping::UNEXPECTED_FRAME,
-                if pending.header.is_some() {
-                    "expected content body, got non content body frame instead"
-                } else {
-                    "expected content header for class 60, got non content header frame instead"
-                },
-            );
+            // The failing method is the basic.publish whose content was due, as RabbitMQ names it.
+            let text = if pending.header.is_some() {
+                "expected content body, got non content body frame instead"
+            } else {
+                "expected content header for class 60, got non content header frame instead"
+            };
+            return Err((AmqpError::new(mapping::UNEXPECTED_FRAME, text), (60, 40)));
         }
         match self.dispatch(id, class).await {
             Ok(()) => Ok(()),
@@ -698,13 +777,15 @@ impl Connection {
                 consumers: HashMap::new(),
                 prefetch: 0,
                 prefetch_global: 0,
+                flow_paused: false,
                 held: VecDeque::new(),
                 confirm: None,
                 txn: None,
                 txn_mandatory: Vec::new(),
                 txn_publishes: 0,
-                txn_acked: Vec::new(),
+                txn_settled: Vec::new(),
                 getter,
+                _gauge: GaugeGuard::new("wharf_amqp_channels", &self.vhost),
             },
         );
         self.send(&method(id, AMQPClass::Channel(channel::AMQPMethod::OpenOk(channel::OpenOk {}))));
@@ -730,7 +811,7 @@ impl Connection {
         channel.txn_mandatory.clear();
         channel.held.clear();
         let mut unacked = std::mem::take(&mut channel.unacked);
-        unacked.extend(channel.txn_acked.drain(..));
+        unacked.extend(channel.txn_settled.drain(..).map(|(tag, held, _)| (tag, held)));
         // Dropping the handles cancels the consumers (their tasks detach them, returning what
         // they hold, held deliveries included).
         channel.consumers.clear();
@@ -779,8 +860,10 @@ impl Connection {
                     Err(AmqpError::new(mapping::CHANNEL_ERROR, "second 'channel.open' seen"))
                 }
                 channel::AMQPMethod::Flow(flow) => {
+                    self.channel(id).flow_paused = !flow.active;
                     let ok = channel::FlowOk { active: flow.active };
                     self.send(&method(id, AMQPClass::Channel(channel::AMQPMethod::FlowOk(ok))));
+                    self.release_held(id);
                     Ok(())
                 }
                 channel::AMQPMethod::FlowOk(_) | channel::AMQPMethod::OpenOk(_) => Ok(()),
@@ -974,9 +1057,9 @@ impl Connection {
                 };
                 let mandatory = std::mem::take(&mut channel.txn_mandatory);
                 channel.txn_publishes = 0;
-                // Once the commit is tried its acks are its own: committed, or (on failure) the
-                // channel closes and the core returns what it still holds.
-                channel.txn_acked.clear();
+                // Once the commit is tried its settlements are its own: committed, or (on
+                // failure) the channel closes and the core returns what it still holds.
+                let settled = std::mem::take(&mut channel.txn_settled);
                 if !txn.is_empty() {
                     let committed = core.commit_txn(txn).await.map_err(|e| mapping::core_error(&e))?;
                     // Routing happens at commit: unroutable mandatory publishes come back now,
@@ -986,6 +1069,11 @@ impl Connection {
                             self.send_return(id, &message);
                         }
                     }
+                }
+                // Nacks and rejects follow the committed transaction (the core's transactions
+                // carry acks only), still before commit-ok.
+                for (_, held, outcome) in settled.into_iter().filter(|(_, _, outcome)| *outcome != Outcome::Ack) {
+                    core.settle(held.holder, &[held.position], outcome).await.map_err(|e| mapping::core_error(&e))?;
                 }
                 self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::CommitOk(tx::CommitOk {}))));
                 Ok(())
@@ -997,8 +1085,8 @@ impl Connection {
                 txn.rollback();
                 channel.txn_mandatory.clear();
                 channel.txn_publishes = 0;
-                let acked = std::mem::take(&mut channel.txn_acked);
-                channel.unacked.extend(acked);
+                let settled = std::mem::take(&mut channel.txn_settled);
+                channel.unacked.extend(settled.into_iter().map(|(tag, held, _)| (tag, held)));
                 self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {}))));
                 Ok(())
             }
@@ -1079,18 +1167,35 @@ impl Connection {
                     generation,
                     tag.clone(),
                 ));
-                let handle = ConsumerHandle { control, id: consumer_id, no_ack: consume.no_ack, prefetch: own_prefetch };
+                let handle = ConsumerHandle {
+                    control,
+                    id: consumer_id,
+                    no_ack: consume.no_ack,
+                    prefetch: own_prefetch,
+                    _gauge: GaugeGuard::new("wharf_amqp_consumers", &vhost),
+                };
                 self.channel(id).consumers.insert(tag.clone(), handle);
                 let ok = basic::ConsumeOk { consumer_tag: short(&tag) };
                 self.reply(id, consume.nowait, AMQPClass::Basic(basic::AMQPMethod::ConsumeOk(ok)));
                 Ok(())
             }
             basic::AMQPMethod::Cancel(cancel) => {
+                let tag = cancel.consumer_tag.as_str();
                 let channel = self.channel(id);
-                if let Some(handle) = channel.consumers.remove(cancel.consumer_tag.as_str()) {
-                    // What the client has stays unacked on the channel, as in RabbitMQ; what is
-                    // held back for the window goes back to the queue.
-                    channel.held.retain(|(tag, _)| tag != cancel.consumer_tag.as_str());
+                let (held, others): (VecDeque<_>, VecDeque<_>) =
+                    std::mem::take(&mut channel.held).into_iter().partition(|(held_tag, _)| held_tag == tag);
+                channel.held = others;
+                if channel.consumers.get(tag).is_some_and(|handle| handle.no_ack) {
+                    // A no-ack consumer's held deliveries are already settled in the core: they go
+                    // to the client before cancel-ok rather than being lost.
+                    for (held_tag, delivery) in held {
+                        self.deliver(id, &held_tag, delivery);
+                    }
+                }
+                let channel = self.channel(id);
+                if let Some(handle) = channel.consumers.remove(tag) {
+                    // What the client has stays unacked on the channel, as in RabbitMQ; what was
+                    // held back (window, flow) goes back to the queue.
                     let keep = channel
                         .unacked
                         .values()
@@ -1120,6 +1225,7 @@ impl Connection {
                         if !get.no_ack {
                             channel.track(tag, holder, &delivery);
                         }
+                        count("wharf_amqp_deliveries_total", &vhost, 1);
                         let ok = basic::GetOk {
                             delivery_tag: tag,
                             redelivered: delivery.redelivered,
@@ -1174,17 +1280,23 @@ impl Connection {
                 }
             }
         };
+        let settled_name = match outcome {
+            Outcome::Ack => "wharf_amqp_acks_total",
+            Outcome::Requeue | Outcome::Reject => "wharf_amqp_rejects_total",
+        };
+        count(settled_name, &self.vhost, taken.len() as u64);
+        let channel = self.channel(id);
         let mut by_holder: BTreeMap<ConsumerId, Vec<Position>> = BTreeMap::new();
         for (_, unacked) in &taken {
             by_holder.entry(unacked.holder).or_default().push(unacked.position);
         }
-        if outcome == Outcome::Ack
-            && let Some(txn) = channel.txn.as_mut()
-        {
-            for (holder, positions) in &by_holder {
-                txn.ack(*holder, positions);
+        if let Some(txn) = channel.txn.as_mut() {
+            if outcome == Outcome::Ack {
+                for (holder, positions) in &by_holder {
+                    txn.ack(*holder, positions);
+                }
             }
-            channel.txn_acked.extend(taken);
+            channel.txn_settled.extend(taken.into_iter().map(|(tag, held)| (tag, held, outcome)));
             self.release_held(id);
             return Ok(());
         }
@@ -1199,7 +1311,9 @@ impl Connection {
     fn release_held(&mut self, id: u16) {
         loop {
             let Some(channel) = self.channels.get_mut(&id) else { return };
-            if channel.held.is_empty() || !channel.window_open() {
+            let Some((tag, _)) = channel.held.front() else { return };
+            let no_ack = channel.consumers.get(tag).is_some_and(|handle| handle.no_ack);
+            if !channel.window_open(no_ack) {
                 return;
             }
             let Some((tag, delivery)) = channel.held.pop_front() else { return };
@@ -1218,6 +1332,7 @@ impl Connection {
         if !no_ack {
             channel.track(delivery_tag, holder, &delivery);
         }
+        count("wharf_amqp_deliveries_total", &self.vhost, 1);
         let deliver = basic::Deliver {
             consumer_tag: short(tag),
             delivery_tag,
@@ -1231,6 +1346,7 @@ impl Connection {
 
     /// basic.return 312 NO_ROUTE with the message.
     fn send_return(&mut self, id: u16, message: &Message) {
+        count("wharf_amqp_returns_total", &self.vhost, 1);
         let ret = basic::Return {
             reply_code: mapping::NO_ROUTE.code,
             reply_text: short(mapping::NO_ROUTE.name),
@@ -1256,7 +1372,7 @@ impl Connection {
             return Ok(());
         }
         let Some(pending) = channel.pending.as_mut() else {
-            return Err((AmqpError::new(mapping::COMMAND_INVALID, "unexpected content header"), (0, 0)));
+            return Err((AmqpError::new(mapping::UNEXPECTED_FRAME, EXPECTED_METHOD_FRAME), (0, 0)));
         };
         if pending.header.is_some() {
             return Err((
@@ -1295,7 +1411,7 @@ impl Connection {
             return Ok(());
         }
         let Some(pending) = channel.pending.as_mut() else {
-            return Err((AmqpError::new(mapping::COMMAND_INVALID, "unexpected content body"), (0, 0)));
+            return Err((AmqpError::new(mapping::UNEXPECTED_FRAME, EXPECTED_METHOD_FRAME), (0, 0)));
         };
         let Some((body_size, _)) = &pending.header else {
             return Err((
@@ -1316,8 +1432,33 @@ impl Connection {
         Ok(())
     }
 
+    /// The core's alarms changed (or the connection just opened): tell a client that understands
+    /// it (connection.blocked / unblocked), and let a held publisher go when they clear.
+    fn on_alarms(&mut self, alarms: Alarms) {
+        self.alarms = alarms;
+        if alarms.any() {
+            if self.phase == Phase::Active && self.blocked_capability && !self.blocked_sent {
+                let blocked = connection::Blocked { reason: short(alarms.reason()) };
+                self.send(&method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(blocked))));
+                self.blocked_sent = true;
+            }
+        } else {
+            self.publisher_held = false;
+            if self.blocked_sent {
+                let unblocked = connection::Unblocked {};
+                self.send(&method(0, AMQPClass::Connection(connection::AMQPMethod::Unblocked(unblocked))));
+                self.blocked_sent = false;
+            }
+        }
+    }
+
     /// The content of a basic.publish is complete: publish it.
     async fn publish(&mut self, id: u16) {
+        if self.alarms.any() {
+            // Taken (it was sent before the client could know), but nothing more is read from
+            // this connection until the alarm clears.
+            self.publisher_held = true;
+        }
         let user = self.user.clone();
         let vhost = self.vhost.clone();
         let Some(channel) = self.channels.get_mut(&id) else { return };
@@ -1347,6 +1488,7 @@ impl Connection {
                 return;
             }
         };
+        count("wharf_amqp_published_total", &vhost, 1);
         if let Some(txn) = channel.txn.as_mut() {
             if publish.mandatory {
                 channel.txn_mandatory.push((channel.txn_publishes, Box::new(message.clone())));
@@ -1379,9 +1521,7 @@ impl Connection {
                     return Ok(());
                 }
                 let Some(handle) = channel.consumers.get(&tag) else { return Ok(()) };
-                if !handle.no_ack
-                    && (!channel.held.is_empty() || !channel.window_open())
-                {
+                if !channel.held.is_empty() || !channel.window_open(handle.no_ack) {
                     channel.held.push_back((tag, delivery));
                     return Ok(());
                 }
@@ -1416,6 +1556,8 @@ impl Connection {
                     }
                 };
                 if confirm {
+                    let name = if taken { "wharf_amqp_confirms_total" } else { "wharf_amqp_nacks_sent_total" };
+                    count(name, &self.vhost, 1);
                     let class = if taken {
                         basic::AMQPMethod::Ack(basic::Ack { delivery_tag: job.seq, multiple: false })
                     } else {
@@ -1504,6 +1646,16 @@ async fn forward_consumer(
                 }
             },
         }
+    }
+}
+
+/// Whether a client's `capabilities` table (in its client-properties) sets `name` to true.
+fn client_capability(client_properties: &FieldTable, name: &str) -> bool {
+    match client_properties.inner().get("capabilities") {
+        Some(AMQPValue::FieldTable(capabilities)) => {
+            matches!(capabilities.inner().get(name), Some(AMQPValue::Boolean(true)))
+        }
+        _ => false,
     }
 }
 

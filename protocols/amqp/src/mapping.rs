@@ -335,7 +335,9 @@ mod tests {
             .with_message_id("id".into())
             .with_timestamp(99)
             .with_type("t".into());
-        let message = message_from_publish("x", "k", &properties, b"hi".to_vec(), "guest", IdempotencyKeySource::Header).expect("map");
+        let message =
+            message_from_publish("x", "k", &properties, b"hi".to_vec(), "guest", IdempotencyKeySource::Header)
+                .expect("map");
         assert_eq!(message.properties.expiration_ms, Some(1000));
         assert_eq!(properties_of(&message), properties);
     }
@@ -343,9 +345,16 @@ mod tests {
     #[test]
     fn bad_expiration_and_foreign_user_id_are_refused() {
         let bad = AMQPProperties::default().with_expiration("soon".into());
-        assert_eq!(message_from_publish("", "q", &bad, vec![], "guest", IdempotencyKeySource::Header).map_err(|e| e.code.code), Err(406));
+        assert_eq!(
+            message_from_publish("", "q", &bad, vec![], "guest", IdempotencyKeySource::Header).map_err(|e| e.code.code),
+            Err(406)
+        );
         let other = AMQPProperties::default().with_user_id("bob".into());
-        assert_eq!(message_from_publish("", "q", &other, vec![], "guest", IdempotencyKeySource::Header).map_err(|e| e.code.code), Err(406));
+        assert_eq!(
+            message_from_publish("", "q", &other, vec![], "guest", IdempotencyKeySource::Header)
+                .map_err(|e| e.code.code),
+            Err(406)
+        );
     }
 
     #[test]

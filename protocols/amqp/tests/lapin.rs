@@ -420,6 +420,11 @@ struct Raw {
 impl Raw {
     /// Connect and complete the handshake with these tune-ok values; channel 1 is opened.
     async fn open(uri: &str, frame_max: u32, heartbeat: u16) -> Self {
+        Self::open_with(uri, frame_max, heartbeat, Default::default()).await
+    }
+
+    /// [`Raw::open`] with these client-properties in start-ok.
+    async fn open_with(uri: &str, frame_max: u32, heartbeat: u16, client_properties: FieldTable) -> Self {
         let addr = uri.rsplit('@').next().and_then(|s| s.split('/').next()).expect("addr").to_owned();
         let mut raw = Self { stream: TcpStream::connect(addr).await.expect("tcp"), buf: Vec::new() };
         raw.stream.write_all(wharf_amqp::frame::PROTOCOL_HEADER).await.expect("write");
@@ -428,7 +433,7 @@ impl Raw {
             Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Start(_))))
         ));
         let start_ok = connection::StartOk {
-            client_properties: Default::default(),
+            client_properties,
             mechanism: "PLAIN".into(),
             response: LongString::from("\0guest\0guest"),
             locale: "en_US".into(),
@@ -504,11 +509,11 @@ fn publish_frame(channel: u16) -> AMQPFrame {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn content_body_without_a_method_is_503() {
+async fn content_body_without_a_method_is_505() {
     let (_broker, uri) = start().await;
     let mut raw = Raw::open(&uri, 0, 0).await;
     raw.send(AMQPFrame::Body(1, b"orphan".to_vec())).await;
-    assert_eq!(raw.connection_close_code().await, 503);
+    assert_eq!(raw.connection_close_code().await, 505);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -912,29 +917,31 @@ async fn cancel_leaves_unacked_deliveries_with_the_channel_to_ack() {
 async fn unroutable_mandatory_publish_in_a_tx_is_returned_at_commit() {
     let (_broker, uri) = start().await;
     let mut raw = Raw::open(&uri, 0, 0).await;
-    raw.send(AMQPFrame::Method(1, AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::Select(
-        amq_protocol::protocol::tx::Select {},
-    ))))
+    raw.send(AMQPFrame::Method(
+        1,
+        AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::Select(amq_protocol::protocol::tx::Select {})),
+    ))
     .await;
     assert!(matches!(raw.next().await, Some(AMQPFrame::Method(1, AMQPClass::Tx(_)))));
     let publish =
         basic::Publish { exchange: "".into(), routing_key: "nowhere".into(), mandatory: true, immediate: false };
     raw.send(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Publish(publish)))).await;
-    let header = amq_protocol::frame::AMQPContentHeader {
-        class_id: 60,
-        body_size: 4,
-        properties: BasicProperties::default(),
-    };
+    let header =
+        amq_protocol::frame::AMQPContentHeader { class_id: 60, body_size: 4, properties: BasicProperties::default() };
     raw.send(AMQPFrame::Header(1, header)).await;
     raw.send(AMQPFrame::Body(1, b"lost".to_vec())).await;
-    raw.send(AMQPFrame::Method(1, AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::Commit(
-        amq_protocol::protocol::tx::Commit {},
-    ))))
+    raw.send(AMQPFrame::Method(
+        1,
+        AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::Commit(amq_protocol::protocol::tx::Commit {})),
+    ))
     .await;
     // basic.return with the content, then commit-ok.
     match raw.next().await {
         Some(AMQPFrame::Method(1, AMQPClass::Basic(basic::AMQPMethod::Return(ret)))) => {
-            assert_eq!((ret.reply_code, ret.reply_text.as_str(), ret.routing_key.as_str()), (312, "NO_ROUTE", "nowhere"));
+            assert_eq!(
+                (ret.reply_code, ret.reply_text.as_str(), ret.routing_key.as_str()),
+                (312, "NO_ROUTE", "nowhere")
+            );
         }
         other => panic!("expected basic.return, got {other:?}"),
     }
@@ -944,4 +951,76 @@ async fn unroutable_mandatory_publish_in_a_tx_is_returned_at_commit() {
         raw.next().await,
         Some(AMQPFrame::Method(1, AMQPClass::Tx(amq_protocol::protocol::tx::AMQPMethod::CommitOk(_))))
     ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_alarm_blocks_publishers_and_its_end_unblocks_them() {
+    let (broker, uri) = start().await;
+    let mut capabilities = FieldTable::default();
+    capabilities.insert("connection.blocked".into(), AMQPValue::Boolean(true));
+    let mut client_properties = FieldTable::default();
+    client_properties.insert("capabilities".into(), AMQPValue::FieldTable(capabilities));
+    let mut raw = Raw::open_with(&uri, 0, 0, client_properties).await;
+    let declare = |name: &str| {
+        let declare = amq_protocol::protocol::queue::Declare {
+            queue: name.into(),
+            passive: false,
+            durable: false,
+            exclusive: false,
+            auto_delete: false,
+            nowait: false,
+            arguments: Default::default(),
+        };
+        AMQPFrame::Method(1, AMQPClass::Queue(amq_protocol::protocol::queue::AMQPMethod::Declare(declare)))
+    };
+    let alarms = broker.core().alarms();
+    let normal = alarms.thresholds();
+    // A 1-byte memory watermark: the memory alarm goes off at the next check (at once).
+    alarms.set_thresholds(wharf_core::alarms::AlarmConfig { memory_high_watermark_bytes: 1, ..normal.clone() });
+    match raw.next().await {
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Blocked(blocked)))) => {
+            assert_eq!(blocked.reason.as_str(), "low on memory");
+        }
+        other => panic!("expected connection.blocked, got {other:?}"),
+    }
+    // A connection that does not publish goes on.
+    raw.send(declare("before")).await;
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Method(1, AMQPClass::Queue(_)))));
+    // Once it publishes, nothing more is read from it while the alarm lasts.
+    raw.send(publish_frame(1)).await;
+    let header =
+        amq_protocol::frame::AMQPContentHeader { class_id: 60, body_size: 1, properties: BasicProperties::default() };
+    raw.send(AMQPFrame::Header(1, header)).await;
+    raw.send(AMQPFrame::Body(1, b"x".to_vec())).await;
+    raw.send(declare("after")).await;
+    let read = tokio::time::timeout(Duration::from_millis(500), raw.next()).await;
+    assert!(read.is_err(), "the held publisher's declare was answered: {read:?}");
+    alarms.set_thresholds(wharf_core::alarms::AlarmConfig { memory_high_watermark_bytes: u64::MAX, ..normal });
+    assert!(matches!(
+        raw.next().await,
+        Some(AMQPFrame::Method(0, AMQPClass::Connection(connection::AMQPMethod::Unblocked(_))))
+    ));
+    assert!(matches!(raw.next().await, Some(AMQPFrame::Method(1, AMQPClass::Queue(_)))), "read again");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn channel_flow_inactive_pauses_deliveries_until_resumed() {
+    let (_broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.queue_declare("f".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    publish_acked(&channel, "", "f", b"1", BasicProperties::default()).await;
+    let consuming = connection.create_channel().await.expect("channel");
+    let mut consumer = consuming
+        .basic_consume("f".into(), "c".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    assert_eq!(next_within(&mut consumer, 5000).await.expect("flowing").data, b"1");
+    let active = consuming.channel_flow(lapin::options::ChannelFlowOptions { active: false }).await.expect("flow");
+    assert!(!active, "flow-ok echoes active=false");
+    publish_acked(&channel, "", "f", b"2", BasicProperties::default()).await;
+    assert!(next_within(&mut consumer, 400).await.is_none(), "paused by channel.flow");
+    consuming.channel_flow(lapin::options::ChannelFlowOptions { active: true }).await.expect("flow");
+    assert_eq!(next_within(&mut consumer, 5000).await.expect("resumed").data, b"2");
 }

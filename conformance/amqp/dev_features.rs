@@ -4,8 +4,5 @@
 #[allow(dead_code, reason = "shared with the MQTT suite; each suite uses part of it")]
 mod harness;
 
-#[path = "lapin_client.rs"]
-mod lapin_client;
-
-#[path = "cross_protocol.rs"]
-mod cross_protocol;
+#[path = "pika_features.rs"]
+mod pika_features;
