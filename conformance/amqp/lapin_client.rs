@@ -558,7 +558,6 @@ async fn lapin_every_field_table_value_type_round_trips_exactly() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "wharf bug: a non-UTF-8 long-string header ('S') is delivered as a byte array ('x')"]
 async fn lapin_non_utf8_long_string_header_round_trips_as_long_string() {
     // AMQP long strings are octet strings; RabbitMQ hands them back as 'S' with the same bytes.
     // MAPPING.md keeps them as Bytes inside; the type seen by the consumer must not change.

@@ -38,8 +38,10 @@ fn main() {
         let stop = Arc::new(AtomicBool::new(false));
         let consumed = Arc::new(AtomicU64::new(0));
         let id = ConsumerId { connection: core.new_connection(), seq: 0 };
-        let mut consumer =
-            core.consume("/", "soak", id, ConsumeOptions { prefetch: 2_000, no_ack: false }).await.expect("consume");
+        let mut consumer = core
+            .consume("/", "soak", id, ConsumeOptions { prefetch: 2_000, no_ack: false, ..ConsumeOptions::default() })
+            .await
+            .expect("consume");
         let reader = {
             let (core, stop, consumed) = (core.clone(), stop.clone(), consumed.clone());
             tokio::spawn(async move {

@@ -49,6 +49,9 @@ pub enum FieldValue {
     Array(Vec<FieldValue>),
     /// `V`: no value.
     Void,
+    /// `S` holding bytes that are not UTF-8 (AMQP long strings are any bytes): kept apart from
+    /// `x` so that it is delivered with the type it was published with.
+    LongBytes(Bytes),
 }
 
 impl FieldValue {
@@ -160,7 +163,7 @@ impl Headers {
 fn value_size_bytes(value: &FieldValue) -> u64 {
     match value {
         FieldValue::LongString(s) => s.len() as u64 + 4,
-        FieldValue::Bytes(b) => b.len() as u64 + 4,
+        FieldValue::Bytes(b) | FieldValue::LongBytes(b) => b.len() as u64 + 4,
         FieldValue::Table(t) => t.size_bytes() + 4,
         FieldValue::Array(a) => a.iter().map(value_size_bytes).sum::<u64>() + 4,
         _ => 9,

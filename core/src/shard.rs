@@ -9,7 +9,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::CoreError;
 use crate::model::{MessageRef, QueueArgs, QueueId, QueueName, TxnId};
 use crate::queue::{
-    AttachError, ConsumerId, DeadLetter, Delivery, Effect, Enqueued, Outcome, Partition, PartitionCaps,
+    AttachError, AttachRules, ConsumerId, DeadLetter, Delivery, Effect, Enqueued, Outcome, Partition, PartitionCaps,
 };
 use crate::raft::ReplicatedState;
 
@@ -98,12 +98,8 @@ pub enum ShardCommand {
         consumer: ConsumerId,
         /// Partition.
         target: PartitionKey,
-        /// Unacked deliveries allowed (0: the configured maximum).
-        prefetch: u32,
-        /// Deliveries are settled on sending (flow-controlled by credit).
-        no_ack: bool,
-        /// Initial credit for a no-ack consumer.
-        credit: u32,
+        /// Prefetch, no-ack and credit, priority, exclusivity.
+        rules: AttachRules,
     },
     /// Detach a consumer or `basic.get` holder: its unacked deliveries return.
     Detach {
@@ -478,19 +474,27 @@ impl ReplicatedState for ShardState {
                 self.lock_acks(txn, &ops);
                 self.commit_ops(now_ms, txn, ops, effects)
             }
-            ShardCommand::Attach { consumer, target, prefetch, no_ack, credit } => self.with(
+            ShardCommand::Attach { consumer, target, rules } => self.with(
                 target,
-                |p| p.attach(now_ms, consumer, prefetch, no_ack, credit, effects).map(|()| p.is_active(consumer)),
+                |p| {
+                    let attached = p.attach_with(now_ms, consumer, rules, effects);
+                    attached.map(|()| p.is_active(consumer)).map_err(|error| (error, p.queue_name().clone()))
+                },
                 |result| match result {
                     Ok(active) => ShardReply::Attached { active },
-                    Err(AttachError::Duplicate) => ShardReply::Error(CoreError::PreconditionFailed(format!(
+                    Err((AttachError::Duplicate, _)) => ShardReply::Error(CoreError::PreconditionFailed(format!(
                         "consumer {consumer} is already attached"
                     ))),
-                    Err(AttachError::TooMany(max)) => ShardReply::Error(CoreError::LimitExceeded {
+                    Err((AttachError::TooMany(max), _)) => ShardReply::Error(CoreError::LimitExceeded {
                         limit: "limits.consumers_per_queue_max",
                         value: u64::from(max) + 1,
                         max: max.into(),
                     }),
+                    // RabbitMQ's text, naming the queue.
+                    Err((AttachError::ExclusiveInUse, name)) => ShardReply::Error(CoreError::AccessRefused(format!(
+                        "queue '{}' in vhost '{}' in exclusive use",
+                        name.name, name.vhost
+                    ))),
                 },
             ),
             ShardCommand::Detach { consumer, target } => match self.partitions.get_mut(&target) {

@@ -81,8 +81,10 @@ async fn publish_consume_ack_through_exchanges() {
     core.publish_confirmed("/", Message::new("", "orders", "c")).await.expect("default exchange");
 
     let id = consumer_id(&core, 1);
-    let mut consumer =
-        core.consume("/", "orders", id, ConsumeOptions { prefetch: 10, no_ack: false }).await.expect("consume");
+    let mut consumer = core
+        .consume("/", "orders", id, ConsumeOptions { prefetch: 10, no_ack: false, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     let first = next(&mut consumer).await;
     let second = next(&mut consumer).await;
     assert_eq!((body(&first), body(&second)), ("a".into(), "c".into()));
@@ -216,10 +218,14 @@ async fn delayed_message_exchange_delays_by_the_x_delay_header_in_publishes_and_
 
     let id = consumer_id(&core, 1);
     let mut consumer = core.consume("/", "due", id, ConsumeOptions::default()).await.expect("consume");
-    assert_eq!(body(&next(&mut consumer).await), "now");
+    let now = next(&mut consumer).await;
+    assert_eq!(body(&now), "now");
+    assert_eq!(now.message.headers.get("x-delay"), Some(&FieldValue::I32(-5)), "an undelayed message is untouched");
     nothing(&mut consumer, 100).await;
     assert_eq!(body(&next(&mut consumer).await), "staged");
-    assert_eq!(body(&next(&mut consumer).await), "slow");
+    let slow = next(&mut consumer).await;
+    assert_eq!(body(&slow), "slow");
+    assert_eq!(slow.message.headers.get("x-delay"), Some(&FieldValue::I32(-400)), "negated, as the plugin does");
 
     let too_long = with_delay("never", FieldValue::I64(i64::MAX));
     let error = core.publish("/", too_long).await.expect_err("over limits.delay_max_ms");
@@ -239,19 +245,25 @@ async fn a_stopped_consumer_keeps_what_its_client_has_and_returns_the_rest() {
         core.publish_confirmed("/", Message::new("", "work", format!("m{n}"))).await.expect("publish");
     }
     let first = consumer_id(&core, 1);
-    let mut consumer =
-        core.consume("/", "work", first, ConsumeOptions { prefetch: 3, no_ack: false }).await.expect("consume");
+    let mut consumer = core
+        .consume("/", "work", first, ConsumeOptions { prefetch: 3, no_ack: false, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     let kept = [next(&mut consumer).await, next(&mut consumer).await];
     let in_flight = next(&mut consumer).await; // delivered by the core, never shown to the client
     let standby = consumer_id(&core, 2);
-    let mut other =
-        core.consume("/", "work", standby, ConsumeOptions { prefetch: 10, no_ack: false }).await.expect("consume");
+    let mut other = core
+        .consume("/", "work", standby, ConsumeOptions { prefetch: 10, no_ack: false, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     nothing(&mut other, 100).await; // single active consumer: the first one serves
-    let left = consumer.stop(&[kept[0].position, kept[1].position]).await.expect("stop");
-    assert_eq!(left, 1, "the stopped consumer no longer counts");
-    // The standby becomes active and gets what the stopped one did not keep, in order.
+    let stopped = consumer.stop(&[kept[0].position, kept[1].position]).await.expect("stop");
+    assert_eq!(stopped.consumers_left, 1, "the stopped consumer no longer counts");
+    assert!(stopped.unread.is_empty(), "all three were read");
+    // The standby becomes active and gets what the stopped one did not keep, in order, as never
+    // delivered: its client never saw it.
     let returned = next(&mut other).await;
-    assert_eq!((body(&returned), returned.redelivered), (body(&in_flight), true));
+    assert_eq!((body(&returned), returned.redelivered, returned.delivery_count), (body(&in_flight), false, 0));
     assert_eq!(body(&next(&mut other).await), "m3");
     // The kept deliveries are still the stopped consumer's to settle.
     let unknown = core.settle(first, &[kept[0].position], Outcome::Ack).await.expect("ack");
@@ -391,8 +403,10 @@ async fn fanout_to_partitioned_queues_and_headers_exchange() {
         core.publish_confirmed("/", message).await.expect("publish");
     }
     let id = consumer_id(&core, 1);
-    let mut consumer =
-        core.consume("/", "p", id, ConsumeOptions { prefetch: 100, no_ack: true }).await.expect("consume");
+    let mut consumer = core
+        .consume("/", "p", id, ConsumeOptions { prefetch: 100, no_ack: true, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     let mut per_partition: std::collections::BTreeMap<u32, Vec<u64>> = Default::default();
     for _ in 0..40 {
         let delivery = next(&mut consumer).await;
@@ -436,8 +450,10 @@ async fn restart_returns_unacked_messages_and_forgets_transient_queues() {
         core.publish_confirmed("/", Message::new("", "durable", body)).await.expect("publish");
     }
     let id = consumer_id(&core, 1);
-    let mut consumer =
-        core.consume("/", "durable", id, ConsumeOptions { prefetch: 1, no_ack: false }).await.expect("consume");
+    let mut consumer = core
+        .consume("/", "durable", id, ConsumeOptions { prefetch: 1, no_ack: false, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     let held = next(&mut consumer).await;
     assert!(!held.redelivered);
     // The process dies with the consumer attached and its delivery unsettled: stop the groups
@@ -482,8 +498,10 @@ async fn fjall_restart_keeps_catalogue_and_messages_and_refuses_another_shard_co
     let core = Core::open(config.clone()).await.expect("reopen");
     assert_eq!(core.queue_status("/", "kept").expect("status").0, 100);
     let id = consumer_id(&core, 1);
-    let mut consumer =
-        core.consume("/", "kept", id, ConsumeOptions { prefetch: 0, no_ack: true }).await.expect("consume");
+    let mut consumer = core
+        .consume("/", "kept", id, ConsumeOptions { prefetch: 0, no_ack: true, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     for i in 0..100 {
         assert_eq!(body(&next(&mut consumer).await), format!("{i}"));
     }
@@ -597,16 +615,20 @@ async fn no_ack_consumer_credit_is_renewed_and_prefetch_can_change() {
         core.publish_confirmed("/", Message::new("", "acked", format!("{i}"))).await.expect("publish");
     }
     let id = consumer_id(&core, 1);
-    let mut stream =
-        core.consume("/", "stream", id, ConsumeOptions { prefetch: 0, no_ack: true }).await.expect("consume");
+    let mut stream = core
+        .consume("/", "stream", id, ConsumeOptions { prefetch: 0, no_ack: true, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     for i in 0..50 {
         assert_eq!(body(&next(&mut stream).await), format!("{i}"));
     }
     assert_eq!(core.queue_status("/", "stream").expect("status").0, 0);
 
     let id = consumer_id(&core, 2);
-    let mut acked =
-        core.consume("/", "acked", id, ConsumeOptions { prefetch: 1, no_ack: false }).await.expect("consume");
+    let mut acked = core
+        .consume("/", "acked", id, ConsumeOptions { prefetch: 1, no_ack: false, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     let first = next(&mut acked).await;
     nothing(&mut acked, 100).await;
     core.set_prefetch(&acked, 3).await.expect("set prefetch");
@@ -1081,5 +1103,23 @@ async fn configured_catalogue_limits_are_enforced_and_follow_restarts() {
     limited.limits.queues_max = 3;
     let core = common::open_on(limited, &storage).await;
     core.declare_queue(spec).await.expect("the raised limit is adopted after a restart");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
+async fn an_exclusive_consumer_is_alone_on_its_queue() {
+    let storage = MemStorage::new();
+    let core = open(&storage).await;
+    queue(&core, "solo", args(&[("x-partitions", FieldValue::I32(2))])).await;
+    let exclusive = ConsumeOptions { exclusive: true, ..ConsumeOptions::default() };
+    let first = core.consume("/", "solo", consumer_id(&core, 1), exclusive).await.expect("exclusive on an idle queue");
+    let error =
+        core.consume("/", "solo", consumer_id(&core, 2), ConsumeOptions::default()).await.expect_err("locked out");
+    assert_eq!(error.to_string(), "ACCESS_REFUSED - queue 'solo' in vhost '/' in exclusive use");
+    first.cancel().await.expect("cancel");
+    let second = core.consume("/", "solo", consumer_id(&core, 3), ConsumeOptions::default()).await.expect("free");
+    let error = core.consume("/", "solo", consumer_id(&core, 4), exclusive).await.expect_err("others attached");
+    assert!(matches!(error, CoreError::AccessRefused(_)), "{error:?}");
+    second.cancel().await.expect("cancel");
     core.shutdown().await.expect("shutdown");
 }

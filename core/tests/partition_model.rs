@@ -18,7 +18,7 @@ use std::sync::Arc;
 
 use proptest::prelude::*;
 use wharf_core::model::{ConnectionId, FieldValue, Message, QueueArgs, QueueId, QueueName};
-use wharf_core::queue::{ConsumerId, Effect, Outcome, PartitionCaps};
+use wharf_core::queue::{AttachRules, ConsumerId, Effect, Outcome, PartitionCaps};
 use wharf_core::raft::ReplicatedState;
 use wharf_core::shard::{PublishOutcome, ShardCommand, ShardReply, ShardState};
 
@@ -240,7 +240,8 @@ fn run(ops: Vec<Op>) -> Result<(), TestCaseError> {
                 ShardCommand::Publish { targets: vec![TARGET], message: Arc::new(m) }
             }
             Op::Attach { consumer, prefetch } => {
-                ShardCommand::Attach { consumer: cid(consumer), target: TARGET, prefetch, no_ack: false, credit: 0 }
+                let rules = AttachRules { prefetch, ..AttachRules::default() };
+                ShardCommand::Attach { consumer: cid(consumer), target: TARGET, rules }
             }
             Op::Detach { consumer } => {
                 if let Some((_, held)) = model.consumers.remove(&consumer) {

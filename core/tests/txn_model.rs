@@ -86,8 +86,10 @@ struct World {
 
 async fn attach(core: &Core) -> (Consumer, ConsumerId) {
     let id = ConsumerId { connection: core.new_connection(), seq: 0 };
-    let consumer =
-        core.consume("/", "input", id, ConsumeOptions { prefetch: 1, no_ack: false }).await.expect("consume");
+    let consumer = core
+        .consume("/", "input", id, ConsumeOptions { prefetch: 1, no_ack: false, ..ConsumeOptions::default() })
+        .await
+        .expect("consume");
     (consumer, id)
 }
 

@@ -87,7 +87,9 @@ fn confirmed(out: &mut impl Write, seq: u64, published: wharf_core::node::Publis
 
 async fn consume(core: &Core) -> Result<(), CoreError> {
     let id = ConsumerId { connection: core.new_connection(), seq: 0 };
-    let mut consumer = core.consume("/", QUEUE, id, ConsumeOptions { prefetch: 500, no_ack: false }).await?;
+    let mut consumer = core
+        .consume("/", QUEUE, id, ConsumeOptions { prefetch: 500, no_ack: false, ..ConsumeOptions::default() })
+        .await?;
     let mut out = std::io::stdout().lock();
     loop {
         match tokio::time::timeout(Duration::from_secs(2), consumer.recv()).await {

@@ -189,7 +189,7 @@ pub fn type_name(value: &FieldValue) -> &'static str {
         FieldValue::F32(_) => "float",
         FieldValue::F64(_) => "double",
         FieldValue::Decimal { .. } => "decimal",
-        FieldValue::LongString(_) => "longstr",
+        FieldValue::LongString(_) | FieldValue::LongBytes(_) => "longstr",
         FieldValue::Bytes(_) => "binary",
         FieldValue::Timestamp(_) => "timestamp",
         FieldValue::Table(_) => "table",

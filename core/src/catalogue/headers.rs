@@ -88,8 +88,11 @@ pub fn values_equal(a: &FieldValue, b: &FieldValue) -> bool {
         return x == y;
     }
     match (a, b) {
-        (FieldValue::LongString(s), FieldValue::Bytes(bytes))
-        | (FieldValue::Bytes(bytes), FieldValue::LongString(s)) => s.as_bytes() == bytes.as_ref(),
+        (FieldValue::LongString(s), FieldValue::Bytes(bytes) | FieldValue::LongBytes(bytes))
+        | (FieldValue::Bytes(bytes) | FieldValue::LongBytes(bytes), FieldValue::LongString(s)) => {
+            s.as_bytes() == bytes.as_ref()
+        }
+        (FieldValue::Bytes(x) | FieldValue::LongBytes(x), FieldValue::Bytes(y) | FieldValue::LongBytes(y)) => x == y,
         _ => a == b,
     }
 }

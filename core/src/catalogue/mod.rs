@@ -105,8 +105,13 @@ impl ExchangeKind {
         if name != DELAYED_MESSAGE_TYPE {
             return Self::parse(name);
         }
-        let routing = arguments.get(DELAYED_TYPE_ARGUMENT).and_then(FieldValue::as_str).map(Self::parse);
-        match routing {
+        let named = arguments.get(DELAYED_TYPE_ARGUMENT).and_then(FieldValue::as_str);
+        if named == Some(DELAYED_MESSAGE_TYPE) {
+            return Err(CoreError::PreconditionFailed(format!(
+                "Invalid argument, '{DELAYED_MESSAGE_TYPE}' can't be used for '{DELAYED_TYPE_ARGUMENT}'"
+            )));
+        }
+        match named.map(Self::parse) {
             Some(Ok(Self::Direct)) => Ok(Self::DelayedDirect),
             Some(Ok(Self::Fanout)) => Ok(Self::DelayedFanout),
             Some(Ok(Self::Topic)) => Ok(Self::DelayedTopic),

@@ -30,6 +30,11 @@ pub struct ConsumeOptions {
     pub prefetch: u32,
     /// Deliveries are settled when sent (AMQP `no-ack`, MQTT QoS 0).
     pub no_ack: bool,
+    /// Consumer priority (AMQP `x-priority`): higher ones are served first.
+    pub priority: i32,
+    /// No other consumer may attach to the queue while this one is (AMQP exclusive consume);
+    /// refused with `AccessRefused` when others are attached.
+    pub exclusive: bool,
 }
 
 /// Where deliveries of locally attached consumers go. Apply runs on the Raft state machine task,
@@ -140,10 +145,11 @@ impl Consumer {
     /// Stop receiving without giving back what the client has (AMQP `basic.cancel`): the
     /// deliveries at `keep` stay held by this consumer's id, to be settled with [`Core::settle`]
     /// as before (or returned when the connection closes); every other delivery it holds returns
-    /// to the queue. Returns the number of consumers left on the queue.
-    pub async fn stop(mut self, keep: &[Position]) -> CoreResult<u32> {
+    /// to the queue as never delivered. Also returns the deliveries that reached this handle but
+    /// were not read yet: for a no-ack consumer they are settled already and must still go to
+    /// the client; for an ack-mode one they are back in the queue (unless in `keep`).
+    pub async fn stop(mut self, keep: &[Position]) -> CoreResult<Stopped> {
         self.detached = true;
-        self.core.inner.registry.unregister(self.id);
         let core = self.core.clone();
         let commands = self.targets.iter().map(|&target| {
             let kept = keep
@@ -153,16 +159,34 @@ impl Consumer {
                 .collect();
             (core.shard_index(target), ShardCommand::Stop { consumer: self.id, target, keep: kept })
         });
-        let replies = core.on_shards(commands).await?;
+        let replies = core.on_shards(commands).await;
+        // Every delivery applied before the stop is in the channel now; none comes after it.
+        core.inner.registry.unregister(self.id);
+        let replies = replies?;
+        let mut unread = Vec::new();
+        while let Ok(event) = self.rx.try_recv() {
+            if let ConsumerEvent::Delivery(delivery) = event {
+                unread.push(delivery);
+            }
+        }
         // Held deliveries are released with the connection, like basic.get ones.
         core.hold_for_connection(self.id, &self.targets);
-        let left = replies
+        let consumers_left = replies
             .iter()
             .map(|reply| if let ShardReply::Detached { consumers_left, .. } = reply { *consumers_left } else { 0 })
             .sum();
-        core.after_cancel(&self.queue, left).await;
-        Ok(left)
+        core.after_cancel(&self.queue, consumers_left).await;
+        Ok(Stopped { consumers_left, unread })
     }
+}
+
+/// What [`Consumer::stop`] leaves.
+#[derive(Debug)]
+pub struct Stopped {
+    /// Pushing consumers left on the queue.
+    pub consumers_left: u32,
+    /// Deliveries that reached the consumer but were not read (see [`Consumer::stop`]).
+    pub unread: Vec<Delivery>,
 }
 
 pub(crate) async fn detach_all(core: &Core, id: ConsumerId, targets: &[PartitionKey]) -> CoreResult<u32> {

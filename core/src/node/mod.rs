@@ -23,7 +23,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 
 use self::consumers::Registry;
-pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent};
+pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent, Stopped};
 use self::proposer::{Proposer, ReplyReceiver, wait};
 pub use self::txn::{CheckBack, Txn, TxnCommitted, TxnStop};
 use crate::alarms::AlarmMonitor;
@@ -36,7 +36,7 @@ use crate::config::{CoreConfig, StorageKind};
 use crate::error::{CoreError, CoreResult};
 use crate::model::{ConnectionId, FieldValue, Headers, Message, Position, QueueId, QueueName};
 use crate::placement::{partition_for, shard_for};
-use crate::queue::{ConsumerId, DeadLetter, Delivery, Effect, Outcome, PartitionCaps};
+use crate::queue::{AttachRules, ConsumerId, DeadLetter, Delivery, Effect, Outcome, PartitionCaps};
 use crate::raft::group::{raft_config, start_group, wait_for_leader};
 use crate::raft::state_machine::{EffectSink, StateReader};
 use crate::raft::storage::{Durability, FjallStorage, MemStorage, Storage, Syncer, run_io};
@@ -773,8 +773,10 @@ impl Core {
     }
 
     /// Route a message about to be published or staged: a delayed-message exchange on its way
-    /// gives it the delay of its `x-delay` header (milliseconds; absent, not an integer, or not
-    /// positive: no delay, as RabbitMQ's plugin does), then its limits are checked.
+    /// gives it the delay of its `x-delay` header, then its limits are checked. As RabbitMQ's
+    /// plugin: milliseconds, an integer or a string holding one; absent or not positive: no
+    /// delay; a delayed message is delivered with `x-delay` negated, so that republishing it as
+    /// received does not delay it again.
     pub(crate) fn route_message(&self, vhost: &str, message: &mut Message) -> CoreResult<Route> {
         self.check_message(message)?;
         let route = self
@@ -783,13 +785,20 @@ impl Core {
             .reader
             .read(|c| c.route(vhost, &message.exchange, &message.routing_key, &message.headers))?;
         if route.delayed && message.delay_ms.is_none() {
-            message.delay_ms = message
-                .headers
-                .get(crate::catalogue::DELAY_HEADER)
-                .and_then(FieldValue::as_i64)
-                .and_then(|delay| u64::try_from(delay).ok())
-                .filter(|&delay| delay > 0);
-            self.check_message(message)?;
+            let header = crate::catalogue::DELAY_HEADER;
+            let delay = match message.headers.get(header) {
+                Some(FieldValue::LongString(text)) => text.trim().parse::<i64>().ok(),
+                Some(value) => value.as_i64(),
+                None => None,
+            };
+            if let Some(delay) = delay.filter(|&delay| delay > 0) {
+                message.delay_ms = u64::try_from(delay).ok();
+                // A signed 32-bit integer when it fits, as the plugin writes it ('I': clients
+                // decode it as signed, not all do so for 'l').
+                let negated = i32::try_from(-delay).map_or(FieldValue::I64(-delay), FieldValue::I32);
+                message.headers.set(header, negated);
+                self.check_message(message)?;
+            }
         }
         Ok(route)
     }
@@ -848,13 +857,14 @@ impl Core {
         let targets: Vec<PartitionKey> = (0..def.args.partitions).map(|p| (def.id, p)).collect();
         let mut attached = Vec::new();
         for &target in &targets {
-            let command = ShardCommand::Attach {
-                consumer: id,
-                target,
+            let rules = AttachRules {
                 prefetch: options.prefetch,
                 no_ack: options.no_ack,
                 credit: credit_window,
+                priority: options.priority,
+                exclusive: options.exclusive,
             };
+            let command = ShardCommand::Attach { consumer: id, target, rules };
             let result = match self.shard_for(target).call(command, 64).await {
                 Ok(ShardReply::Error(e)) => Err(e),
                 Ok(_) => Ok(()),

@@ -194,6 +194,11 @@ struct Consumer {
     /// A `basic.get` holder: never receives pushed deliveries.
     passive: bool,
     checked_out: BTreeSet<u64>,
+    /// AMQP `x-priority`: consumers of a higher priority are served first; lower ones only
+    /// when every higher one is at its prefetch (RabbitMQ's consumer priorities).
+    priority: i32,
+    /// AMQP `basic.consume` exclusive: no other consumer may attach while it is.
+    exclusive: bool,
 }
 
 /// One queue partition.
@@ -366,6 +371,11 @@ impl Partition {
     /// Unacked deliveries.
     pub fn unacked_len(&self) -> u64 {
         self.consumers.values().map(|c| c.checked_out.len() as u64).sum()
+    }
+
+    /// The queue this partition belongs to.
+    pub fn queue_name(&self) -> &QueueName {
+        &self.name
     }
 
     /// Pushing consumers attached (basic.get holders excluded).
@@ -622,7 +632,8 @@ impl Partition {
         }
     }
 
-    /// Attach a consumer. Fails when the partition has its most consumers.
+    /// Attach a consumer of priority 0, not exclusive. Fails when the partition has its most
+    /// consumers.
     pub fn attach(
         &mut self,
         now_ms: u64,
@@ -632,14 +643,34 @@ impl Partition {
         credit: u32,
         effects: &mut Vec<Effect>,
     ) -> Result<(), AttachError> {
+        let rules = AttachRules { prefetch, no_ack, credit, priority: 0, exclusive: false };
+        self.attach_with(now_ms, consumer, rules, effects)
+    }
+
+    /// Attach a consumer. Fails when the partition has its most consumers, and when exclusivity
+    /// is broken: an exclusive consumer asks while others are attached, or another asks while an
+    /// exclusive one is.
+    pub fn attach_with(
+        &mut self,
+        now_ms: u64,
+        consumer: ConsumerId,
+        rules: AttachRules,
+        effects: &mut Vec<Effect>,
+    ) -> Result<(), AttachError> {
         if self.consumers.contains_key(&consumer) {
             return Err(AttachError::Duplicate);
         }
         if self.order.len() as u32 >= self.caps.consumers_max {
             return Err(AttachError::TooMany(self.caps.consumers_max));
         }
-        self.consumers
-            .insert(consumer, Consumer { prefetch, credit, no_ack, passive: false, checked_out: BTreeSet::new() });
+        let exclusive_attached = self.order.iter().any(|c| self.consumers.get(c).is_some_and(|s| s.exclusive));
+        if exclusive_attached || (rules.exclusive && !self.order.is_empty()) {
+            return Err(AttachError::ExclusiveInUse);
+        }
+        let AttachRules { prefetch, no_ack, credit, priority, exclusive } = rules;
+        let state =
+            Consumer { prefetch, credit, no_ack, passive: false, checked_out: BTreeSet::new(), priority, exclusive };
+        self.consumers.insert(consumer, state);
         self.order.push_back(consumer);
         self.last_used_ms = now_ms;
         self.dispatch(now_ms, effects);
@@ -668,7 +699,8 @@ impl Partition {
     /// Stop a consumer without detaching it (AMQP `basic.cancel`): it gets nothing more (it becomes
     /// a holder, like a `basic.get` one) and keeps the deliveries at `keep`, which its client has
     /// and may still settle; every other delivery it holds (sent but never handed to the client)
-    /// returns to the queue now. Returns whether it was attached.
+    /// returns to the queue now as never delivered (not marked redelivered, not counted against
+    /// `x-delivery-limit`). Returns whether it was attached.
     pub fn stop(&mut self, now_ms: u64, consumer: ConsumerId, keep: &[u64], effects: &mut Vec<Effect>) -> bool {
         let Some(state) = self.consumers.get_mut(&consumer) else { return false };
         let keep: BTreeSet<u64> = keep.iter().copied().collect();
@@ -680,11 +712,21 @@ impl Partition {
         }
         self.order.retain(|c| *c != consumer);
         for offset in returned {
-            self.return_message(offset, now_ms, effects);
+            self.unsend(offset, now_ms, effects);
         }
         self.last_used_ms = now_ms;
         self.dispatch(now_ms, effects);
         true
+    }
+
+    /// A checked-out message its consumer's client never saw goes back as it was.
+    fn unsend(&mut self, offset: u64, now_ms: u64, effects: &mut Vec<Effect>) {
+        let Some(stored) = self.messages.get(&offset) else { return };
+        if stored.expires_at_ms.is_some_and(|at| at <= now_ms) {
+            self.dead_letter(offset, DeathReason::Expired, now_ms, effects);
+        } else {
+            self.make_ready(offset, now_ms, false);
+        }
     }
 
     /// Change a consumer's prefetch (AMQP `basic.qos` applied to an existing consumer).
@@ -788,6 +830,8 @@ impl Partition {
                 no_ack: false,
                 passive: true,
                 checked_out: BTreeSet::new(),
+                priority: 0,
+                exclusive: false,
             });
             holder_state.checked_out.insert(offset);
             self.set_state(offset, State::CheckedOut(holder));
@@ -929,6 +973,10 @@ impl Partition {
             }
             return;
         }
+        if self.order.iter().any(|c| self.consumers.get(c).is_some_and(|s| s.priority != 0)) {
+            self.dispatch_by_priority(effects);
+            return;
+        }
         // Each pass gives at most one message to every consumer in order, rotating the one served
         // to the back, until a full pass delivers nothing.
         let mut idle = 0;
@@ -939,6 +987,25 @@ impl Partition {
                 idle = 0;
             } else {
                 idle += 1;
+            }
+        }
+    }
+
+    /// Consumer priorities: each message goes to the first consumer, in round-robin order, of the
+    /// highest priority that has capacity; the one served moves to the back.
+    fn dispatch_by_priority(&mut self, effects: &mut Vec<Effect>) {
+        while !self.ready.is_empty() {
+            let able = |c: &ConsumerId| self.consumers.get(c).filter(|state| self.capacity(state));
+            let Some(top) = self.order.iter().filter_map(|c| able(c).map(|state| state.priority)).max() else {
+                return;
+            };
+            let Some(at) = self.order.iter().position(|c| able(c).is_some_and(|state| state.priority == top)) else {
+                return;
+            };
+            let Some(consumer) = self.order.remove(at) else { return };
+            self.order.push_back(consumer);
+            if !self.deliver_one(consumer, effects) {
+                return;
             }
         }
     }
@@ -1053,6 +1120,23 @@ pub enum AttachError {
     Duplicate,
     /// The partition has this many consumers already.
     TooMany(u32),
+    /// An exclusive consumer is attached, or one asked for exclusivity while others are.
+    ExclusiveInUse,
+}
+
+/// How a consumer attaches to a partition.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct AttachRules {
+    /// Unacked deliveries allowed (ack mode); 0: the partition's inflight cap.
+    pub prefetch: u32,
+    /// Deliveries are settled on sending (flow-controlled by credit).
+    pub no_ack: bool,
+    /// Initial credit for a no-ack consumer.
+    pub credit: u32,
+    /// Consumer priority (higher first).
+    pub priority: i32,
+    /// No other consumer while this one is attached.
+    pub exclusive: bool,
 }
 
 /// The message as republished to a dead-letter exchange: RabbitMQ's `x-death` history (one table

@@ -573,3 +573,44 @@ fn enqueued_time_is_the_storing_entry_time_through_delay_requeue_and_snapshot() 
     assert_eq!(got.enqueued_ms, 1_200);
     restored.check_invariants().expect("invariants");
 }
+
+fn rules(prefetch: u32, priority: i32, exclusive: bool) -> AttachRules {
+    AttachRules { prefetch, no_ack: false, credit: 0, priority, exclusive }
+}
+
+#[test]
+fn higher_priority_consumers_are_served_first_and_equals_in_turn() {
+    let mut p = partition(QueueArgs::default());
+    let mut fx = Vec::new();
+    p.attach_with(1_000, consumer(1), rules(10, 0, false), &mut fx).expect("attach");
+    p.attach_with(1_000, consumer(2), rules(2, 5, false), &mut fx).expect("attach");
+    p.attach_with(1_000, consumer(3), rules(2, 5, false), &mut fx).expect("attach");
+    for body in ["a", "b", "c", "d", "e", "f"] {
+        p.publish(1_000, message(body), &mut fx);
+    }
+    // Priority 5 in turn until both are at their prefetch, then priority 0.
+    let got = bodies(&fx);
+    assert_eq!(got[..4], [(2, "a".into()), (3, "b".into()), (2, "c".into()), (3, "d".into())]);
+    assert_eq!(got[4..], [(1, "e".into()), (1, "f".into())]);
+    // When a high one has room again it is served before the low one.
+    fx.clear();
+    p.settle(1_000, consumer(2), &[0], Outcome::Ack, &mut fx);
+    p.publish(1_000, message("g"), &mut fx);
+    assert_eq!(bodies(&fx), vec![(2, "g".into())]);
+    p.check_invariants().expect("invariants");
+}
+
+#[test]
+fn an_exclusive_consumer_needs_an_idle_queue_and_keeps_others_out() {
+    let mut p = partition(QueueArgs::default());
+    let mut fx = Vec::new();
+    p.attach(1_000, consumer(1), 10, false, 0, &mut fx).expect("attach");
+    assert_eq!(p.attach_with(1_000, consumer(2), rules(10, 0, true), &mut fx), Err(AttachError::ExclusiveInUse));
+    assert!(p.detach(1_000, consumer(1), &mut fx));
+    p.attach_with(1_000, consumer(2), rules(10, 0, true), &mut fx).expect("exclusive on an idle queue");
+    assert_eq!(p.attach(1_000, consumer(3), 10, false, 0, &mut fx), Err(AttachError::ExclusiveInUse));
+    // A basic.get holder is not a consumer: gets still work.
+    p.publish(1_000, message("a"), &mut fx);
+    assert!(p.detach(1_000, consumer(2), &mut fx));
+    p.attach(1_000, consumer(3), 10, false, 0, &mut fx).expect("free again");
+}

@@ -69,6 +69,8 @@ enum Event {
     Delivery { channel: u16, generation: u64, tag: String, delivery: Delivery },
     /// The broker ended a consumer (its queue was deleted).
     ConsumerGone { channel: u16, generation: u64, tag: String },
+    /// A consumer's stop (basic.cancel) is done: every delivery it produced came before this.
+    Stopped { channel: u16, generation: u64, tag: String },
     /// A publish is committed (or failed).
     Confirmed { channel: u16, generation: u64, job: PublishJob, result: CoreResult<Published> },
 }
@@ -91,6 +93,9 @@ struct ConsumerHandle {
     no_ack: bool,
     /// The channel's per-consumer prefetch when it started (0: none).
     prefetch: u16,
+    /// basic.cancel received, its core stop under way: `Some(nowait)`. cancel-ok goes out when
+    /// the stop is done, after the deliveries a no-ack consumer was still owed.
+    cancelling: Option<bool>,
     _gauge: GaugeGuard,
 }
 
@@ -812,9 +817,7 @@ impl Connection {
         channel.held.clear();
         let mut unacked = std::mem::take(&mut channel.unacked);
         unacked.extend(channel.txn_settled.drain(..).map(|(tag, held, _)| (tag, held)));
-        // Dropping the handles cancels the consumers (their tasks detach them, returning what
-        // they hold, held deliveries included).
-        channel.consumers.clear();
+        let handles: Vec<ConsumerHandle> = channel.consumers.drain().map(|(_, handle)| handle).collect();
         let mut by_holder: BTreeMap<ConsumerId, Vec<Position>> = BTreeMap::new();
         for (_, unacked) in unacked {
             by_holder.entry(unacked.holder).or_default().push(unacked.position);
@@ -823,6 +826,11 @@ impl Connection {
             if let Err(error) = self.broker.core.settle(holder, &positions, Outcome::Requeue).await {
                 tracing::debug!(%error, "requeue on channel close failed");
             }
+        }
+        // Then the consumers stop, keeping nothing: what they hold now was never seen by the
+        // client and goes back as never delivered.
+        for handle in handles {
+            let _ = handle.control.send(Control::Stop(Vec::new()));
         }
     }
 
@@ -1134,24 +1142,16 @@ impl Connection {
                 if self.channel(id).consumers.contains_key(&tag) {
                     return Err(AmqpError::new(mapping::NOT_ALLOWED, format!("attempt to reuse consumer tag '{tag}'")));
                 }
-                if consume.exclusive {
-                    // The core has no exclusive consumers yet: refuse when others consume, as
-                    // RabbitMQ does; later consumers are not locked out.
-                    let (_, consumers) =
-                        core.queue_status(&vhost, consume.queue.as_str()).map_err(|e| mapping::core_error(&e))?;
-                    if consumers > 0 {
-                        return Err(AmqpError::new(
-                            mapping::ACCESS_REFUSED,
-                            format!("queue '{}' in vhost '{vhost}' in exclusive use", consume.queue),
-                        ));
-                    }
-                }
+                let priority = consumer_priority(&consume.arguments, consume.queue.as_str(), &vhost)?;
                 let consumer_id = ConsumerId { connection: self.id, seq: self.next_consumer_seq };
                 self.next_consumer_seq += 1;
                 let channel = self.channel(id);
                 let own_prefetch = channel.prefetch;
                 let prefetch = if consume.no_ack { 0 } else { core_prefetch(own_prefetch, channel.prefetch_global) };
-                let options = ConsumeOptions { prefetch, no_ack: consume.no_ack };
+                // Exclusivity is the core's to keep (403 while another consumer is attached, and for
+                // others while this one is), so it holds for every protocol.
+                let options =
+                    ConsumeOptions { prefetch, no_ack: consume.no_ack, priority, exclusive: consume.exclusive };
                 let consumer = core
                     .consume(&vhost, consume.queue.as_str(), consumer_id, options)
                     .await
@@ -1172,6 +1172,7 @@ impl Connection {
                     id: consumer_id,
                     no_ack: consume.no_ack,
                     prefetch: own_prefetch,
+                    cancelling: None,
                     _gauge: GaugeGuard::new("wharf_amqp_consumers", &vhost),
                 };
                 self.channel(id).consumers.insert(tag.clone(), handle);
@@ -1180,32 +1181,36 @@ impl Connection {
                 Ok(())
             }
             basic::AMQPMethod::Cancel(cancel) => {
-                let tag = cancel.consumer_tag.as_str();
+                let tag = cancel.consumer_tag.as_str().to_owned();
                 let channel = self.channel(id);
+                let Some(handle) = channel.consumers.get_mut(&tag) else {
+                    // An unknown tag is not an error (RabbitMQ answers cancel-ok).
+                    let ok = basic::CancelOk { consumer_tag: cancel.consumer_tag };
+                    self.reply(id, cancel.nowait, AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)));
+                    return Ok(());
+                };
+                if handle.cancelling.is_some() {
+                    return Ok(());
+                }
+                handle.cancelling = Some(cancel.nowait);
+                let (holder, no_ack) = (handle.id, handle.no_ack);
+                // What the client has stays unacked on the channel, as in RabbitMQ.
+                let keep = if no_ack {
+                    Vec::new()
+                } else {
+                    channel.unacked.values().filter(|held| held.holder == holder).map(|held| held.position).collect()
+                };
+                let _ = handle.control.send(Control::Stop(keep));
                 let (held, others): (VecDeque<_>, VecDeque<_>) =
-                    std::mem::take(&mut channel.held).into_iter().partition(|(held_tag, _)| held_tag == tag);
+                    std::mem::take(&mut channel.held).into_iter().partition(|(held_tag, _)| *held_tag == tag);
                 channel.held = others;
-                if channel.consumers.get(tag).is_some_and(|handle| handle.no_ack) {
-                    // A no-ack consumer's held deliveries are already settled in the core: they go
-                    // to the client before cancel-ok rather than being lost.
+                if no_ack {
+                    // Settled in the core already: the client gets them before cancel-ok. (Held
+                    // deliveries of an ack-mode consumer go back to the queue with the stop.)
                     for (held_tag, delivery) in held {
                         self.deliver(id, &held_tag, delivery);
                     }
                 }
-                let channel = self.channel(id);
-                if let Some(handle) = channel.consumers.remove(tag) {
-                    // What the client has stays unacked on the channel, as in RabbitMQ; what was
-                    // held back (window, flow) goes back to the queue.
-                    let keep = channel
-                        .unacked
-                        .values()
-                        .filter(|unacked| unacked.holder == handle.id)
-                        .map(|unacked| unacked.position)
-                        .collect();
-                    let _ = handle.control.send(Control::Stop(keep));
-                }
-                let ok = basic::CancelOk { consumer_tag: cancel.consumer_tag };
-                self.reply(id, cancel.nowait, AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)));
                 Ok(())
             }
             basic::AMQPMethod::Get(get) => {
@@ -1342,6 +1347,28 @@ impl Connection {
         };
         self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Deliver(deliver))));
         self.send_content(id, &delivery.message);
+    }
+
+    /// A consumer ended: its stop after basic.cancel is done (cancel-ok goes out now), or the
+    /// broker ended it (`gone`: its queue was deleted; consumer cancel notification).
+    fn consumer_ended(&mut self, id: u16, generation: u64, tag: &str, gone: bool) {
+        let Some(channel) = self.channels.get_mut(&id) else { return };
+        if channel.generation != generation || channel.closing {
+            return;
+        }
+        let Some(handle) = channel.consumers.remove(tag) else { return };
+        match handle.cancelling {
+            // The client's basic.cancel is done (or overtaken by the queue's deletion).
+            Some(nowait) => {
+                let ok = basic::CancelOk { consumer_tag: short(tag) };
+                self.reply(id, nowait, AMQPClass::Basic(basic::AMQPMethod::CancelOk(ok)));
+            }
+            None if gone => {
+                let cancel = basic::Cancel { consumer_tag: short(tag), nowait: true };
+                self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel))));
+            }
+            None => {}
+        }
     }
 
     /// basic.return 312 NO_ROUTE with the message.
@@ -1521,20 +1548,22 @@ impl Connection {
                     return Ok(());
                 }
                 let Some(handle) = channel.consumers.get(&tag) else { return Ok(()) };
+                if handle.cancelling.is_some() {
+                    // Between basic.cancel and cancel-ok: a no-ack consumer's deliveries are owed
+                    // to the client; an ack-mode one's went back to the queue with the stop.
+                    if handle.no_ack {
+                        self.deliver(id, &tag, delivery);
+                    }
+                    return Ok(());
+                }
                 if !channel.held.is_empty() || !channel.window_open(handle.no_ack) {
                     channel.held.push_back((tag, delivery));
                     return Ok(());
                 }
                 self.deliver(id, &tag, delivery);
             }
-            Event::ConsumerGone { channel: id, generation, tag } => {
-                let Some(channel) = self.channels.get_mut(&id) else { return Ok(()) };
-                if channel.generation != generation || channel.closing || channel.consumers.remove(&tag).is_none() {
-                    return Ok(());
-                }
-                let cancel = basic::Cancel { consumer_tag: short(&tag), nowait: true };
-                self.send(&method(id, AMQPClass::Basic(basic::AMQPMethod::Cancel(cancel))));
-            }
+            Event::ConsumerGone { channel: id, generation, tag } => self.consumer_ended(id, generation, &tag, true),
+            Event::Stopped { channel: id, generation, tag } => self.consumer_ended(id, generation, &tag, false),
             Event::Confirmed { channel: id, generation, job, result } => {
                 let Some(channel) = self.channels.get(&id) else { return Ok(()) };
                 if channel.generation != generation || channel.closing {
@@ -1620,9 +1649,15 @@ async fn forward_consumer(
                     }
                 }
                 Some(Control::Stop(keep)) => {
-                    if let Err(error) = consumer.stop(&keep).await {
-                        tracing::debug!(%error, "consumer stop failed");
+                    match consumer.stop(&keep).await {
+                        Ok(stopped) => {
+                            for delivery in stopped.unread {
+                                let _ = events.send(Event::Delivery { channel, generation, tag: tag.clone(), delivery });
+                            }
+                        }
+                        Err(error) => tracing::debug!(%error, "consumer stop failed"),
                     }
+                    let _ = events.send(Event::Stopped { channel, generation, tag });
                     return;
                 }
                 None => {
@@ -1647,6 +1682,36 @@ async fn forward_consumer(
             },
         }
     }
+}
+
+/// A basic.consume's `x-priority` argument (RabbitMQ's consumer priority; default 0): an integer,
+/// else 406 with RabbitMQ's text.
+fn consumer_priority(arguments: &FieldTable, queue: &str, vhost: &str) -> Result<i32, AmqpError> {
+    let Some(value) = arguments.inner().get("x-priority") else { return Ok(0) };
+    let number = match value {
+        AMQPValue::ShortShortInt(v) => i64::from(*v),
+        AMQPValue::ShortShortUInt(v) => i64::from(*v),
+        AMQPValue::ShortInt(v) => i64::from(*v),
+        AMQPValue::ShortUInt(v) => i64::from(*v),
+        AMQPValue::LongInt(v) => i64::from(*v),
+        AMQPValue::LongUInt(v) => i64::from(*v),
+        AMQPValue::LongLongInt(v) => *v,
+        other => {
+            let kind = mapping::type_name(other);
+            return Err(AmqpError::new(
+                mapping::PRECONDITION_FAILED,
+                format!(
+                    "invalid arg 'x-priority' for queue '{queue}' in vhost '{vhost}': {{unacceptable_type,{kind}}}"
+                ),
+            ));
+        }
+    };
+    i32::try_from(number).map_err(|_| {
+        AmqpError::new(
+            mapping::PRECONDITION_FAILED,
+            format!("invalid arg 'x-priority' for queue '{queue}' in vhost '{vhost}': {{value_too_large,{number}}}"),
+        )
+    })
 }
 
 /// Whether a client's `capabilities` table (in its client-properties) sets `name` to true.

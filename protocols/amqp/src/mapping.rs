@@ -125,13 +125,37 @@ fn field_from_amqp(value: &AMQPValue) -> FieldValue {
         AMQPValue::LongString(v) => match std::str::from_utf8(v.as_bytes()) {
             Ok(text) => FieldValue::LongString(text.to_owned()),
             // Not text: kept byte for byte.
-            Err(_) => FieldValue::Bytes(Bytes::copy_from_slice(v.as_bytes())),
+            Err(_) => FieldValue::LongBytes(Bytes::copy_from_slice(v.as_bytes())),
         },
         AMQPValue::FieldArray(v) => FieldValue::Array(v.as_slice().iter().map(field_from_amqp).collect()),
         AMQPValue::Timestamp(v) => FieldValue::Timestamp(*v),
         AMQPValue::FieldTable(v) => FieldValue::Table(headers_from_table(v)),
         AMQPValue::ByteArray(v) => FieldValue::Bytes(Bytes::copy_from_slice(v.as_slice())),
         AMQPValue::Void => FieldValue::Void,
+    }
+}
+
+/// RabbitMQ's name of a field value's type, as its error texts write it (`{unacceptable_type,longstr}`).
+pub fn type_name(value: &AMQPValue) -> &'static str {
+    match value {
+        AMQPValue::Boolean(_) => "bool",
+        AMQPValue::ShortShortInt(_) => "byte",
+        AMQPValue::ShortShortUInt(_) => "unsignedbyte",
+        AMQPValue::ShortInt(_) => "short",
+        AMQPValue::ShortUInt(_) => "unsignedshort",
+        AMQPValue::LongInt(_) => "signedint",
+        AMQPValue::LongUInt(_) => "unsignedint",
+        AMQPValue::LongLongInt(_) => "long",
+        AMQPValue::Float(_) => "float",
+        AMQPValue::Double(_) => "double",
+        AMQPValue::DecimalValue(_) => "decimal",
+        AMQPValue::ShortString(_) => "shortstr",
+        AMQPValue::LongString(_) => "longstr",
+        AMQPValue::FieldArray(_) => "array",
+        AMQPValue::Timestamp(_) => "timestamp",
+        AMQPValue::FieldTable(_) => "table",
+        AMQPValue::ByteArray(_) => "binary",
+        AMQPValue::Void => "void",
     }
 }
 
@@ -161,6 +185,7 @@ fn field_to_amqp(value: &FieldValue) -> AMQPValue {
         FieldValue::Decimal { scale, value } => AMQPValue::DecimalValue(DecimalValue { scale: *scale, value: *value }),
         FieldValue::LongString(v) => AMQPValue::LongString(LongString::from(v.as_str())),
         FieldValue::Bytes(v) => AMQPValue::ByteArray(v.to_vec().into()),
+        FieldValue::LongBytes(v) => AMQPValue::LongString(LongString::from(v.to_vec())),
         FieldValue::Timestamp(v) => AMQPValue::Timestamp(*v),
         FieldValue::Table(v) => AMQPValue::FieldTable(table_from_headers(v)),
         FieldValue::Array(v) => {
@@ -317,6 +342,7 @@ mod tests {
         table.insert("n".into(), AMQPValue::FieldTable(inner));
         table.insert("o".into(), AMQPValue::ByteArray(vec![0, 255].into()));
         table.insert("p".into(), AMQPValue::Void);
+        table.insert("q".into(), AMQPValue::LongString(LongString::from(vec![0xff, 0xfe])));
         let headers = headers_from_table(&table);
         assert_eq!(table_from_headers(&headers), table);
         let mut with_short = FieldTable::default();

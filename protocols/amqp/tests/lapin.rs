@@ -1024,3 +1024,64 @@ async fn channel_flow_inactive_pauses_deliveries_until_resumed() {
     consuming.channel_flow(lapin::options::ChannelFlowOptions { active: true }).await.expect("flow");
     assert_eq!(next_within(&mut consumer, 5000).await.expect("resumed").data, b"2");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_exclusive_consumer_keeps_other_consumers_out_until_it_cancels() {
+    let (_broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let owner = connection.create_channel().await.expect("channel");
+    owner.queue_declare("x".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("declare");
+    let exclusive = BasicConsumeOptions { exclusive: true, ..BasicConsumeOptions::default() };
+    // Kept alive: lapin cancels a consumer whose handle is dropped.
+    let _only =
+        owner.basic_consume("x".into(), "only".into(), exclusive, FieldTable::default()).await.expect("consume");
+    let other = connect(&uri).await;
+    let intruder = other.create_channel().await.expect("channel");
+    let error = intruder
+        .basic_consume("x".into(), "late".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect_err("locked out");
+    assert!(error.to_string().contains("ACCESS_REFUSED - queue 'x' in vhost '/' in exclusive use"), "{error}");
+    owner.basic_cancel("only".into(), Default::default()).await.expect("cancel");
+    let retry = other.create_channel().await.expect("channel");
+    retry
+        .basic_consume("x".into(), "late".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("free once the exclusive consumer is gone");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consumer_priority_serves_the_higher_consumer_first() {
+    let (_broker, uri) = start().await;
+    let connection = connect(&uri).await;
+    let channel = connection.create_channel().await.expect("channel");
+    channel.queue_declare("prio".into(), QueueDeclareOptions::default(), FieldTable::default()).await.expect("q");
+    channel.confirm_select(ConfirmSelectOptions::default()).await.expect("confirm.select");
+    let low_channel = connection.create_channel().await.expect("channel");
+    let high_channel = connection.create_channel().await.expect("channel");
+    high_channel.basic_qos(2, BasicQosOptions::default()).await.expect("qos");
+    let mut low = low_channel
+        .basic_consume("prio".into(), "low".into(), BasicConsumeOptions::default(), FieldTable::default())
+        .await
+        .expect("consume");
+    let mut high_arguments = FieldTable::default();
+    high_arguments.insert("x-priority".into(), AMQPValue::LongInt(10));
+    let mut high = high_channel
+        .basic_consume("prio".into(), "high".into(), BasicConsumeOptions::default(), high_arguments)
+        .await
+        .expect("consume");
+    for n in 0..3u8 {
+        publish_acked(&channel, "", "prio", &[n], BasicProperties::default()).await;
+    }
+    // The high consumer takes what its prefetch allows; only the overflow goes to the low one.
+    assert_eq!(next_within(&mut high, 5000).await.expect("high").data, [0]);
+    assert_eq!(next_within(&mut high, 5000).await.expect("high").data, [1]);
+    assert_eq!(next_within(&mut low, 5000).await.expect("low").data, [2]);
+    let mut bad = FieldTable::default();
+    bad.insert("x-priority".into(), AMQPValue::LongString("high".into()));
+    let error = channel
+        .basic_consume("prio".into(), "bad".into(), BasicConsumeOptions::default(), bad)
+        .await
+        .expect_err("refused");
+    assert!(error.to_string().contains("invalid arg 'x-priority'"), "{error}");
+}

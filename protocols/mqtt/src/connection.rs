@@ -514,7 +514,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         let seq = self.next_consumer_seq;
         self.next_consumer_seq += 1;
         let id = ConsumerId { connection: self.connection_id, seq };
-        let options = ConsumeOptions { prefetch: self.window() as u32, no_ack: false };
+        let options = ConsumeOptions { prefetch: self.window() as u32, no_ack: false, ..ConsumeOptions::default() };
         let mut consumer = self.broker.core().consume(&self.broker.config.vhost, &queue, id, options).await?;
         let events = self.events_tx.clone();
         let (stop, mut stopped) = oneshot::channel::<()>();

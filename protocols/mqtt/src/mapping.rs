@@ -171,7 +171,7 @@ fn field_to_string(value: &FieldValue) -> String {
                 format!("{whole}.{fraction}")
             }
         }
-        FieldValue::Bytes(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        FieldValue::Bytes(bytes) | FieldValue::LongBytes(bytes) => String::from_utf8_lossy(bytes).into_owned(),
         FieldValue::Timestamp(secs) => secs.to_string(),
         FieldValue::Table(table) => {
             let parts: Vec<String> =
