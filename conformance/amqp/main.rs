@@ -10,5 +10,6 @@ mod cross_protocol;
 mod lapin_client;
 mod pika;
 mod pika_basic;
+mod pika_features;
 mod raw;
 mod restart;

@@ -43,6 +43,16 @@ fn pika_readme_delayed_idempotent_publish_arrives_once_after_its_delay() {
 }
 
 #[test]
+fn pika_exclusive_consumer_keeps_every_other_consumer_out_until_cancelled() {
+    run_alone("exclusive-consumer");
+}
+
+#[test]
+fn pika_consumer_priority_serves_the_higher_consumer_first() {
+    run_alone("consumer-priority");
+}
+
+#[test]
 fn pika_metrics_count_connections_channels_consumers_and_traffic_by_vhost() {
     run_alone("metrics-by-vhost");
 }
@@ -165,8 +175,6 @@ fn pika_queue_redeclared_with_other_flags_or_arguments_is_precondition_failed() 
 }
 
 #[test]
-#[ignore = "wharf bug: an argument added on redeclare is reported as received '10', RabbitMQ says \
-            received the value '10' of type 'signedint'"]
 fn pika_queue_redeclared_with_an_added_argument_names_its_value_and_type() {
     run_alone("queue-inequivalent-added-argument");
 }

@@ -500,7 +500,7 @@ def alternate_exchange(args):
         connection,
         406,
         "PRECONDITION_FAILED - inequivalent arg 'alternate-exchange' for exchange 'main' in vhost '/': "
-        "received 'other' but current is 'ae'",
+        "received the value 'other' of type 'longstr' but current is the value 'ae' of type 'longstr'",
         lambda c: c.exchange_declare("main", exchange_type="direct", arguments={"alternate-exchange": "other"}),
     )
     connection.close()
@@ -679,7 +679,7 @@ def queue_inequivalent(args):
         connection,
         406,
         "PRECONDITION_FAILED - inequivalent arg 'x-max-length' for queue 'q' in vhost '/': "
-        "received '20' but current is '10'",
+        "received the value '20' of type 'signedint' but current is the value '10' of type 'signedint'",
         lambda c: c.queue_declare(queue="q", durable=True, arguments={"x-max-length": 20}),
     )
     # A missing argument: only the name is checked here (see queue-inequivalent-added-argument).
@@ -1299,6 +1299,57 @@ def readme_delayed(args):
     connection.close()
 
 
+def exclusive_consumer(args):
+    # An exclusive consumer is alone on its queue for as long as it consumes, whatever the
+    # connection; once it is cancelled others may consume again.
+    owner = connect(args)
+    channel = owner.channel()
+    channel.queue_declare(queue="solo")
+    tag = channel.basic_consume("solo", lambda *_: None, exclusive=True)
+    other = connect(args)
+    text = "ACCESS_REFUSED - queue 'solo' in vhost '/' in exclusive use"
+    expect_channel_error(other, 403, text, lambda c: c.basic_consume("solo", lambda *_: None))
+    expect_channel_error(owner, 403, text, lambda c: c.basic_consume("solo", lambda *_: None))
+    channel.basic_cancel(tag)
+    later = other.channel()
+    later.basic_consume("solo", lambda *_: None)
+    # And an exclusive consume is refused while another consumer is there.
+    expect_channel_error(owner, 403, text, lambda c: c.basic_consume("solo", lambda *_: None, exclusive=True))
+    other.close()
+    owner.close()
+
+
+def consumer_priority(args):
+    # x-priority: the higher consumer gets messages while it has room under its prefetch; the
+    # lower one only the overflow.
+    connection = connect(args)
+    publisher = confirmed_channel(connection)
+    publisher.queue_declare(queue="ranked")
+    got = {"low": [], "high": []}
+    low = connection.channel()
+    low.basic_consume("ranked", lambda ch, m, p, body: got["low"].append(body), auto_ack=False)
+    high = connection.channel()
+    high.basic_qos(prefetch_count=3)
+    high.basic_consume(
+        "ranked", lambda ch, m, p, body: got["high"].append(body), auto_ack=False, arguments={"x-priority": 10}
+    )
+    for n in range(5):
+        publish(publisher, "", "ranked", f"m{n}")
+    deadline = time.monotonic() + WAIT_SECS
+    while len(got["low"]) + len(got["high"]) < 5:
+        expect(time.monotonic() < deadline, f"not all delivered: {got}")
+        connection.process_data_events(time_limit=0.05)
+    expect(got["high"] == [b"m0", b"m1", b"m2"], f"the high-priority consumer got {got['high']}")
+    expect(got["low"] == [b"m3", b"m4"], f"the low-priority consumer got {got['low']}")
+    expect_channel_error(
+        connection,
+        406,
+        "PRECONDITION_FAILED - invalid arg 'x-priority' for queue 'ranked' in vhost '/': {unacceptable_type,longstr}",
+        lambda c: c.basic_consume("ranked", lambda *_: None, arguments={"x-priority": "high"}),
+    )
+    connection.close()
+
+
 def metric(args, name):
     """The value of the sample `name` (labels included) on the broker's /metrics, or 0."""
     import urllib.request
@@ -1395,6 +1446,8 @@ SCENARIOS = {
     "readme": readme,
     "readme-delayed": readme_delayed,
     "metrics-by-vhost": metrics_by_vhost,
+    "exclusive-consumer": exclusive_consumer,
+    "consumer-priority": consumer_priority,
     "disk-alarm-blocks-publishers": disk_alarm_blocks_publishers,
     "from-mqtt": from_mqtt,
     # Exchanges.

@@ -1,9 +1,9 @@
 //! Python's pika against the real `wharf` binary, on Wharf's newest AMQP features: idempotency
 //! keys (`x-idempotency-key` or `message-id`, by the `amqp.idempotency_key` setting), partition
 //! keys (`x-partition-key` on a queue with `x-partitions`), delayed-message exchanges (the API of
-//! RabbitMQ's rabbitmq-delayed-message-exchange plugin, across a restart too), global basic.qos,
-//! basic.cancel keeping unacked deliveries, mandatory returns at tx.commit and acks abandoned by
-//! tx.rollback.
+//! RabbitMQ's rabbitmq-delayed-message-exchange plugin, across a restart too), global basic.qos
+//! (with per-consumer qos, changed while consumers run), basic.cancel keeping unacked deliveries
+//! and losing nothing in flight, mandatory returns at tx.commit and acks abandoned by tx.rollback.
 //!
 //! Each test starts its own broker (with the `WHARF__AMQP__*` settings it needs) and runs one
 //! scenario of `pika_features_check.py`, which exits 0 only when Wharf answered as RabbitMQ (or
@@ -31,6 +31,7 @@ fn run_with_source(broker: &Broker, scenario: &str, source: &str) {
     assert!(status.success(), "pika scenario {scenario} failed: {status}\n{stdout}{stderr}\n{}", broker.log());
 }
 
+/// Run `scenario` against `broker`, which has the default `amqp.idempotency_key` (`header`).
 fn run(broker: &Broker, scenario: &str) {
     run_with_source(broker, scenario, "header");
 }
@@ -121,8 +122,6 @@ fn pika_x_delayed_message_without_x_delayed_type_is_precondition_failed_with_the
 }
 
 #[test]
-#[ignore = "wharf bug: x-delayed-type 'x-delayed-message' is refused with the missing-type text, not the plugin's \
-            \"Invalid argument, 'x-delayed-message' can't be used for 'x-delayed-type'\""]
 fn pika_x_delayed_type_x_delayed_message_is_precondition_failed_with_the_plugin_text() {
     run_alone("delayed-type-self");
 }
@@ -142,15 +141,11 @@ fn pika_mandatory_unroutable_publish_to_a_delayed_exchange_is_returned_at_publis
 }
 
 #[test]
-#[ignore = "wharf bug: a delayed message is delivered with x-delay 300 as published; the plugin delivers it with \
-            x-delay -300 (swap_delay_header)"]
 fn pika_delayed_message_is_delivered_with_x_delay_negated_as_the_plugin_does() {
     run_alone("delayed-header-negated");
 }
 
 #[test]
-#[ignore = "wharf bug: x-delay \"600\" (a string) is not delayed at all; the plugin converts strings to an integer \
-            delay (try_convert_to_int)"]
 fn pika_x_delay_given_as_a_string_delays_the_message_as_the_plugin_does() {
     run_alone("delayed-x-delay-converted");
 }
@@ -180,8 +175,6 @@ fn pika_global_qos_full_window_leaves_other_queues_messages_ready_for_others() {
 }
 
 #[test]
-#[ignore = "wharf bug: a message held back by the full global window (never sent to the client) comes back \
-            redelivered=true when the channel closes"]
 fn pika_global_qos_channel_close_requeues_messages_never_sent_without_redelivered() {
     run_alone("global-qos-close-requeues-unsent-unredelivered");
 }
@@ -211,6 +204,16 @@ fn pika_ack_multiple_settles_a_cancelled_consumers_deliveries_with_a_later_consu
 #[test]
 fn pika_messages_published_after_basic_cancel_ok_stay_in_the_queue() {
     run_alone("cancel-then-publish");
+}
+
+#[test]
+fn pika_cancelling_an_auto_ack_consumer_with_a_backlog_in_flight_loses_no_message() {
+    run_alone("cancel-auto-ack-with-backlog");
+}
+
+#[test]
+fn pika_cancelling_a_manual_ack_consumer_with_a_backlog_in_flight_loses_no_message() {
+    run_alone("cancel-manual-ack-with-backlog");
 }
 
 // ----- transactions ------------------------------------------------------------------------------

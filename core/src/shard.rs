@@ -201,8 +201,8 @@ pub enum ShardCommand {
         consumer: ConsumerId,
         /// Partition.
         target: PartitionKey,
-        /// Offsets it keeps.
-        keep: Vec<u64>,
+        /// The deliveries it keeps: offset and delivery count.
+        keep: Vec<(u64, u32)>,
     },
 }
 
@@ -211,9 +211,8 @@ impl ShardCommand {
     pub fn size_bytes(&self) -> u64 {
         match self {
             Self::Publish { message, targets } => message.size_bytes() + 12 * targets.len() as u64,
-            Self::Settle { offsets, .. } | Self::DeadLettered { offsets, .. } | Self::Stop { keep: offsets, .. } => {
-                8 * offsets.len() as u64 + 32
-            }
+            Self::Settle { offsets, .. } | Self::DeadLettered { offsets, .. } => 8 * offsets.len() as u64 + 32,
+            Self::Stop { keep, .. } => 12 * keep.len() as u64 + 32,
             Self::TxnPrepare { ops, .. } | Self::TxnAtomic { ops, .. } => ops.size_bytes() + 64,
             _ => 64,
         }

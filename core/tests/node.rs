@@ -257,7 +257,8 @@ async fn a_stopped_consumer_keeps_what_its_client_has_and_returns_the_rest() {
         .await
         .expect("consume");
     nothing(&mut other, 100).await; // single active consumer: the first one serves
-    let stopped = consumer.stop(&[kept[0].position, kept[1].position]).await.expect("stop");
+    let keep = [(kept[0].position, kept[0].delivery_count), (kept[1].position, kept[1].delivery_count)];
+    let stopped = consumer.stop(&keep).await.expect("stop");
     assert_eq!(stopped.consumers_left, 1, "the stopped consumer no longer counts");
     assert!(stopped.unread.is_empty(), "all three were read");
     // The standby becomes active and gets what the stopped one did not keep, in order, as never

@@ -166,6 +166,23 @@ fn render_queue_args(args: &QueueArgs) -> [(&'static str, String); 12] {
     ]
 }
 
+/// An argument's value as RabbitMQ's equivalence errors write it (`rabbit_misc:val/1`): `none`
+/// when absent, else `the value '10' of type 'signedint'`.
+pub fn described(arguments: &Headers, name: &str) -> String {
+    let Some(value) = arguments.get(name) else { return "none".to_owned() };
+    let shown = match value {
+        FieldValue::LongString(text) => text.clone(),
+        FieldValue::Bool(flag) => flag.to_string(),
+        FieldValue::F32(number) => number.to_string(),
+        FieldValue::F64(number) => number.to_string(),
+        other => match other.as_i64() {
+            Some(number) => number.to_string(),
+            None => format!("{other:?}"),
+        },
+    };
+    format!("the value '{shown}' of type '{}'", type_name(value))
+}
+
 /// RabbitMQ's name for an overflow mode.
 pub fn overflow_name(overflow: Overflow) -> &'static str {
     match overflow {

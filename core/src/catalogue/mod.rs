@@ -1202,11 +1202,8 @@ impl Catalogue {
                 return inequivalent("internal", quoted(internal), quoted(existing.internal));
             }
             if existing.alternate_exchange != parsed.alternate_exchange {
-                return inequivalent(
-                    "alternate-exchange",
-                    quoted_or_none(parsed.alternate_exchange.as_deref()),
-                    quoted_or_none(existing.alternate_exchange.as_deref()),
-                );
+                let arg = "alternate-exchange";
+                return inequivalent(arg, args::described(&arguments, arg), args::described(&existing.arguments, arg));
             }
             return Ok(MetaReply::Ok);
         }
@@ -1286,8 +1283,9 @@ impl Catalogue {
             if existing.exclusive_owner.is_some() != exclusive {
                 return inequivalent("exclusive", quoted(exclusive), quoted(existing.exclusive_owner.is_some()));
             }
-            if let Some((arg, received, current)) = args::queue_args_difference(&parsed, &existing.args) {
-                return inequivalent(arg, received, current);
+            // Parsed values decide (a 32-bit 10 equals a 64-bit 10); the text shows them as sent.
+            if let Some((arg, _, _)) = args::queue_args_difference(&parsed, &existing.args) {
+                return inequivalent(arg, args::described(&arguments, arg), args::described(&existing.arguments, arg));
             }
             return Ok(existing.declared(false));
         }
@@ -1547,10 +1545,6 @@ fn generated_queue_name(id: QueueId) -> String {
 
 fn quoted(value: impl fmt::Display) -> String {
     format!("'{value}'")
-}
-
-fn quoted_or_none(value: Option<&str>) -> String {
-    value.map_or_else(|| "none".to_owned(), quoted)
 }
 
 fn no_vhost(vhost: &str) -> CoreError {
@@ -2004,7 +1998,9 @@ mod tests {
         assert_eq!(
             refused(&mut catalogue, MetaCommand::DeclareQueue(queue("q"))),
             CoreError::PreconditionFailed(
-                "inequivalent arg 'x-max-length' for queue 'q' in vhost '/': received none but current is '10'".into()
+                "inequivalent arg 'x-max-length' for queue 'q' in vhost '/': received none but current is \
+                 the value '10' of type 'signedint'"
+                    .into()
             )
         );
         let mut transient = queue("q");

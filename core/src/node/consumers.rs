@@ -143,19 +143,20 @@ impl Consumer {
 
 impl Consumer {
     /// Stop receiving without giving back what the client has (AMQP `basic.cancel`): the
-    /// deliveries at `keep` stay held by this consumer's id, to be settled with [`Core::settle`]
+    /// deliveries in `keep` (position and the delivery count they were delivered with, so that a
+    /// message requeued and delivered again meanwhile is told apart) stay held by this consumer's id, to be settled with [`Core::settle`]
     /// as before (or returned when the connection closes); every other delivery it holds returns
     /// to the queue as never delivered. Also returns the deliveries that reached this handle but
     /// were not read yet: for a no-ack consumer they are settled already and must still go to
     /// the client; for an ack-mode one they are back in the queue (unless in `keep`).
-    pub async fn stop(mut self, keep: &[Position]) -> CoreResult<Stopped> {
+    pub async fn stop(mut self, keep: &[(Position, u32)]) -> CoreResult<Stopped> {
         self.detached = true;
         let core = self.core.clone();
         let commands = self.targets.iter().map(|&target| {
             let kept = keep
                 .iter()
-                .filter(|position| (position.queue, position.partition) == target)
-                .map(|position| position.offset)
+                .filter(|(position, _)| (position.queue, position.partition) == target)
+                .map(|(position, count)| (position.offset, *count))
                 .collect();
             (core.shard_index(target), ShardCommand::Stop { consumer: self.id, target, keep: kept })
         });

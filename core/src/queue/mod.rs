@@ -700,12 +700,22 @@ impl Partition {
     /// a holder, like a `basic.get` one) and keeps the deliveries at `keep`, which its client has
     /// and may still settle; every other delivery it holds (sent but never handed to the client)
     /// returns to the queue now as never delivered (not marked redelivered, not counted against
-    /// `x-delivery-limit`). Returns whether it was attached.
-    pub fn stop(&mut self, now_ms: u64, consumer: ConsumerId, keep: &[u64], effects: &mut Vec<Effect>) -> bool {
+    /// `x-delivery-limit`). `keep` names each delivery by offset and delivery count: a message
+    /// the client gave back (requeue) and that came to this consumer again before the stop is a
+    /// new delivery the client never saw, and is not kept. Returns whether it was attached.
+    pub fn stop(&mut self, now_ms: u64, consumer: ConsumerId, keep: &[(u64, u32)], effects: &mut Vec<Effect>) -> bool {
+        let Some(state) = self.consumers.get(&consumer) else { return false };
+        let kept: BTreeSet<u64> = keep
+            .iter()
+            .filter(|(offset, count)| {
+                state.checked_out.contains(offset)
+                    && self.messages.get(offset).is_some_and(|stored| stored.delivery_count == *count)
+            })
+            .map(|(offset, _)| *offset)
+            .collect();
         let Some(state) = self.consumers.get_mut(&consumer) else { return false };
-        let keep: BTreeSet<u64> = keep.iter().copied().collect();
-        let returned: Vec<u64> = state.checked_out.difference(&keep).copied().collect();
-        state.checked_out.retain(|offset| keep.contains(offset));
+        let returned: Vec<u64> = state.checked_out.difference(&kept).copied().collect();
+        state.checked_out.retain(|offset| kept.contains(offset));
         state.passive = true;
         if state.checked_out.is_empty() {
             self.consumers.remove(&consumer);

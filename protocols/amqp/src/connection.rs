@@ -12,7 +12,7 @@ use amq_protocol::protocol::basic::AMQPProperties;
 use amq_protocol::protocol::{AMQPClass, basic, channel, confirm, connection, exchange, queue, tx};
 use amq_protocol::types::{AMQPValue, FieldTable, LongString};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use wharf_core::alarms::Alarms;
 use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
 use wharf_core::model::{ConnectionId, Message, Position};
@@ -96,6 +96,8 @@ struct ConsumerHandle {
     /// basic.cancel received, its core stop under way: `Some(nowait)`. cancel-ok goes out when
     /// the stop is done, after the deliveries a no-ack consumer was still owed.
     cancelling: Option<bool>,
+    /// Fires when that stop is applied (a channel closing meanwhile waits for it).
+    stopped: Option<oneshot::Receiver<()>>,
     _gauge: GaugeGuard,
 }
 
@@ -129,8 +131,9 @@ fn count(name: &'static str, vhost: &str, n: u64) {
 /// What a connection tells a consumer's task.
 #[derive(Debug)]
 enum Control {
-    /// basic.cancel: stop, keeping these deliveries (the client has them, still to settle).
-    Stop(Vec<Position>),
+    /// basic.cancel or channel close: stop, keeping these deliveries (the client has them, still
+    /// to settle: position and delivery count); `done` fires once the core applied the stop.
+    Stop(Vec<(Position, u32)>, oneshot::Sender<()>),
     /// The prefetch the core applies changed (a global basic.qos).
     Prefetch(u32),
 }
@@ -199,6 +202,8 @@ struct Channel {
 struct Unacked {
     holder: ConsumerId,
     position: Position,
+    /// The delivery count it was delivered with (tells this delivery from a later one).
+    delivery_count: u32,
 }
 
 impl Channel {
@@ -211,7 +216,8 @@ impl Channel {
 
     /// Record a delivery the client must settle.
     fn track(&mut self, tag: u64, holder: ConsumerId, delivery: &Delivery) {
-        self.unacked.insert(tag, Unacked { holder, position: delivery.position });
+        self.unacked
+            .insert(tag, Unacked { holder, position: delivery.position, delivery_count: delivery.delivery_count });
     }
 }
 
@@ -817,20 +823,36 @@ impl Connection {
         channel.held.clear();
         let mut unacked = std::mem::take(&mut channel.unacked);
         unacked.extend(channel.txn_settled.drain(..).map(|(tag, held, _)| (tag, held)));
-        let handles: Vec<ConsumerHandle> = channel.consumers.drain().map(|(_, handle)| handle).collect();
-        let mut by_holder: BTreeMap<ConsumerId, Vec<Position>> = BTreeMap::new();
+        let mut by_holder: BTreeMap<ConsumerId, Vec<(Position, u32)>> = BTreeMap::new();
         for (_, unacked) in unacked {
-            by_holder.entry(unacked.holder).or_default().push(unacked.position);
+            by_holder.entry(unacked.holder).or_default().push((unacked.position, unacked.delivery_count));
         }
-        for (holder, positions) in by_holder {
+        // First every consumer stops, keeping what the client has: anything else it holds was
+        // never seen by the client and goes back as never delivered. Only then are the kept
+        // deliveries requeued (redelivered), so a requeued message cannot reach a consumer that
+        // is still running and be kept by its stop.
+        let mut stops = Vec::new();
+        for (_, mut handle) in channel.consumers.drain() {
+            match handle.stopped.take() {
+                Some(stopped) => stops.push(stopped),
+                None => {
+                    let keep = by_holder.get(&handle.id).cloned().unwrap_or_default();
+                    let (done, stopped) = oneshot::channel();
+                    if handle.control.send(Control::Stop(keep, done)).is_ok() {
+                        stops.push(stopped);
+                    }
+                }
+            }
+        }
+        for stopped in stops {
+            // Bounded: a stop that cannot be applied (the core stopping) must not hold the channel.
+            let _ = tokio::time::timeout(CLOSE_OK_TIMEOUT, stopped).await;
+        }
+        for (holder, held) in by_holder {
+            let positions: Vec<Position> = held.into_iter().map(|(position, _)| position).collect();
             if let Err(error) = self.broker.core.settle(holder, &positions, Outcome::Requeue).await {
                 tracing::debug!(%error, "requeue on channel close failed");
             }
-        }
-        // Then the consumers stop, keeping nothing: what they hold now was never seen by the
-        // client and goes back as never delivered.
-        for handle in handles {
-            let _ = handle.control.send(Control::Stop(Vec::new()));
         }
     }
 
@@ -1173,6 +1195,7 @@ impl Connection {
                     no_ack: consume.no_ack,
                     prefetch: own_prefetch,
                     cancelling: None,
+                    stopped: None,
                     _gauge: GaugeGuard::new("wharf_amqp_consumers", &vhost),
                 };
                 self.channel(id).consumers.insert(tag.clone(), handle);
@@ -1198,9 +1221,16 @@ impl Connection {
                 let keep = if no_ack {
                     Vec::new()
                 } else {
-                    channel.unacked.values().filter(|held| held.holder == holder).map(|held| held.position).collect()
+                    channel
+                        .unacked
+                        .values()
+                        .filter(|held| held.holder == holder)
+                        .map(|held| (held.position, held.delivery_count))
+                        .collect()
                 };
-                let _ = handle.control.send(Control::Stop(keep));
+                let (done, stopped) = oneshot::channel();
+                let _ = handle.control.send(Control::Stop(keep, done));
+                handle.stopped = Some(stopped);
                 let (held, others): (VecDeque<_>, VecDeque<_>) =
                     std::mem::take(&mut channel.held).into_iter().partition(|(held_tag, _)| *held_tag == tag);
                 channel.held = others;
@@ -1648,8 +1678,10 @@ async fn forward_consumer(
                         tracing::debug!(%error, "consumer prefetch change failed");
                     }
                 }
-                Some(Control::Stop(keep)) => {
-                    match consumer.stop(&keep).await {
+                Some(Control::Stop(keep, done)) => {
+                    let result = consumer.stop(&keep).await;
+                    let _ = done.send(());
+                    match result {
                         Ok(stopped) => {
                             for delivery in stopped.unread {
                                 let _ = events.send(Event::Delivery { channel, generation, tag: tag.clone(), delivery });
