@@ -10,11 +10,9 @@ alarm, message waits by deadlines; a "does not arrive" check waits a bounded tim
 after a positive control showed that delivery works.
 """
 
-import argparse
 import datetime
 import decimal
 import os
-import signal
 import sys
 import time
 
@@ -22,46 +20,29 @@ import pika
 import pika.exceptions
 import pika.spec
 
+from pika_common import (
+    USER,
+    confirmed_channel,
+    connect,
+    expect,
+    expect_channel_error,
+    expect_nacked,
+    expect_returned,
+    expect_usable,
+    fail,
+    params,
+    pump,
+    ready_count,
+    run_scenarios,
+    settle,
+    step,
+    take,
+)
+
 # The whole scenario: past it the watchdog fails the run, naming the step it was in.
 SCENARIO_TIMEOUT_SECS = 25
-# Longest wait for something that should happen (a delivery, a return, a cancel).
-ARRIVAL_TIMEOUT_SECS = 5.0
 # How long a "does not arrive" check waits (after a positive control).
 QUIET_SECS = 0.7
-# pika's own socket and handshake timeouts.
-SOCKET_TIMEOUT_SECS = 5
-STACK_TIMEOUT_SECS = 10
-
-USER = "guest"
-PASSWORD = "guest"
-
-_step = "start"
-
-
-class Mismatch(Exception):
-    """The broker did something other than what the scenario expects."""
-
-
-def step(name):
-    """Name what the scenario does now, for the watchdog's message."""
-    global _step
-    _step = name
-
-
-def _watchdog(_signum, _frame):
-    # A blocking pika call has no timeout of its own: exit from here, whatever it is doing.
-    sys.stderr.write(f"FAILED: no answer within {SCENARIO_TIMEOUT_SECS} s; the scenario was at: {_step}\n")
-    sys.stderr.flush()
-    os._exit(3)
-
-
-def fail(message):
-    raise Mismatch(f"{message} (at: {_step})")
-
-
-def check(condition, message):
-    if not condition:
-        fail(message)
 
 
 def eq(actual, expected, what):
@@ -89,40 +70,6 @@ def same(actual, expected, path="value"):
         eq(actual, expected, path)
 
 
-def params(args, **overrides):
-    settings = dict(
-        host="127.0.0.1",
-        port=args.port,
-        credentials=pika.PlainCredentials(USER, PASSWORD),
-        socket_timeout=SOCKET_TIMEOUT_SECS,
-        stack_timeout=STACK_TIMEOUT_SECS,
-        blocked_connection_timeout=SOCKET_TIMEOUT_SECS,
-        connection_attempts=1,
-    )
-    settings.update(overrides)
-    return pika.ConnectionParameters(**settings)
-
-
-def connect(args, **overrides):
-    return pika.BlockingConnection(params(args, **overrides))
-
-
-def wait_until(connection, condition, what, timeout=ARRIVAL_TIMEOUT_SECS):
-    """Process I/O until `condition()` holds; fail with `what` after `timeout` seconds."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() >= deadline:
-            fail(f"{what} within {timeout} s")
-        connection.process_data_events(time_limit=0.05)
-
-
-def quiet(connection, seconds=QUIET_SECS):
-    """Process I/O for `seconds`: what should not arrive gets its chance to."""
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        connection.process_data_events(time_limit=0.05)
-
-
 class Collector:
     """A consumer callback recording (method, properties, body) in arrival order."""
 
@@ -139,70 +86,38 @@ class Collector:
         return [body for _, _, body in self.deliveries]
 
     def wait(self, connection, count, what="deliveries"):
-        wait_until(connection, lambda: len(self) >= count, f"{count} {what} did not arrive (got {len(self)})")
+        pump(connection, lambda: len(self) >= count, lambda: f"arrival of {count} {what} (got {len(self)})")
         return self.deliveries
 
 
-def publish_all(channel, queue, bodies, **kwargs):
+def publish_all(channel, queue, bodies):
     """Publish to `queue` through the default exchange (each confirmed when `channel` is in confirm mode)."""
     for body in bodies:
-        channel.basic_publish("", queue, body, **kwargs)
+        channel.basic_publish("", queue, body)
 
 
-def confirmed_channel(connection):
-    channel = connection.channel()
-    channel.confirm_delivery()
-    return channel
-
-
-def ready_count(channel, queue):
-    """Ready messages in `queue` (queue.declare-ok's message_count)."""
-    return channel.queue_declare(queue, passive=True).method.message_count
+def connect_with_queue(args, name, bodies=()):
+    """A connection, a channel in confirm mode and the queue `name` declared on it, holding
+    `bodies`: (connection, channel, queue)."""
+    connection = connect(args)
+    channel = confirmed_channel(connection)
+    queue = channel.queue_declare(name).method.queue
+    publish_all(channel, queue, bodies)
+    return connection, channel, queue
 
 
 def get_all(channel, queue, count, auto_ack=True):
-    """`count` messages by basic.get, failing if fewer are there."""
-    got = []
-    for index in range(count):
-        method, properties, body = channel.basic_get(queue, auto_ack=auto_ack)
-        check(method is not None, f"basic.get {index + 1} of {count} on {queue!r} found the queue empty")
-        got.append((method, properties, body))
-    return got
+    """`count` messages by basic.get, failing at once if fewer are there."""
+    return take(channel, queue, count, timeout=0, auto_ack=auto_ack)
 
 
-def check_connection_usable(connection):
-    """A channel error closes only its channel: the connection still routes a message."""
-    step("check the connection is still usable")
-    check(connection.is_open, "the connection was closed, not only the channel")
-    channel = connection.channel()
-    queue = channel.queue_declare("", exclusive=True).method.queue
-    channel.basic_publish("", queue, b"still usable")
-    deadline = time.monotonic() + ARRIVAL_TIMEOUT_SECS
-    while True:
-        method, _, body = channel.basic_get(queue, auto_ack=True)
-        if method is not None:
-            eq(body, b"still usable", "body of the message on the still-usable connection")
-            break
-        check(time.monotonic() < deadline, "the still-usable connection did not route a message")
-        time.sleep(0.02)
-    channel.close()
-
-
-def expect_channel_error(connection, channel, action, code, text):
-    """`action` (or the next round trip on `channel`) gets channel.close `code` `text`; the
-    connection stays usable."""
-    try:
-        action()
-        # A round trip: the broker answers in order, so a channel.close caused by `action`
-        # arrives before this method's ok (which a closed channel never sends).
-        channel.basic_qos(prefetch_count=0)
-    except pika.exceptions.ChannelClosedByBroker as error:
-        eq(error.reply_code, code, "channel.close reply code")
-        eq(error.reply_text, text, "channel.close reply text")
-    else:
-        fail(f"expected channel.close {code} {text!r}, the channel stayed open")
-    check(channel.is_closed, "the channel is not closed after channel.close")
-    check_connection_usable(connection)
+def expect_next(channel, queue, what, auto_ack=True, **expected):
+    """The next message of `queue`, there now (basic.get), has the `body` and the get-ok fields
+    (message_count, redelivered) in `expected`; returns it as (method, properties, body)."""
+    method, properties, body = get_all(channel, queue, 1, auto_ack)[0]
+    got = {name: body if name == "body" else getattr(method, name) for name in expected}
+    eq(got, expected, what)
+    return method, properties, body
 
 
 def expect_connection_error(connection, action, code, text):
@@ -215,7 +130,7 @@ def expect_connection_error(connection, action, code, text):
         eq(error.reply_text, text, "connection.close reply text")
     else:
         fail(f"expected connection.close {code} {text!r}, the connection stayed open")
-    check(connection.is_closed, "the connection is not closed after connection.close")
+    expect(connection.is_closed, "the connection is not closed after connection.close")
 
 
 def expect_refused_connect(args, error_type, code, text, **overrides):
@@ -248,7 +163,7 @@ def raw_consume(connection, channel, queue, consumer_tag, on_message):
     with channel._basic_consume_ok_result:
         consume = pika.spec.Basic.Consume(queue=queue, consumer_tag=consumer_tag)
         impl._rpc(consume, on_consume_ok, [pika.spec.Basic.ConsumeOk])
-        wait_until(connection, lambda: tags, f"no basic.consume-ok for tag {consumer_tag!r}")
+        pump(connection, lambda: tags, f"basic.consume-ok for tag {consumer_tag!r}")
     return tags[0]
 
 
@@ -264,7 +179,7 @@ def mandatory_unroutable_returned(args):
     channel.add_on_return_callback(lambda _ch, method, properties, body: returned.append((method, properties, body)))
     properties = pika.BasicProperties(message_id="m-1", headers={"h": "v"})
     channel.basic_publish("amq.direct", "nowhere", b"lost", properties=properties, mandatory=True)
-    wait_until(connection, lambda: returned, "no basic.return for a mandatory unroutable publish")
+    pump(connection, lambda: returned, "a basic.return for a mandatory unroutable publish")
     method, properties, body = returned[0]
     eq(method.reply_code, 312, "basic.return reply code")
     eq(method.reply_text, "NO_ROUTE", "basic.return reply text")
@@ -276,15 +191,14 @@ def mandatory_unroutable_returned(args):
 
     step("mandatory unroutable publish with confirms: returned, then acked (pika: UnroutableError)")
     confirming = confirmed_channel(connection)
-    try:
-        confirming.basic_publish("amq.direct", "nowhere", b"lost again", mandatory=True)
-    except pika.exceptions.UnroutableError as error:
-        eq(len(error.messages), 1, "returned messages")
-        eq(error.messages[0].method.reply_code, 312, "basic.return reply code (confirm mode)")
-        eq(error.messages[0].method.reply_text, "NO_ROUTE", "basic.return reply text (confirm mode)")
-        eq(error.messages[0].body, b"lost again", "returned body (confirm mode)")
-    else:
-        fail("a mandatory unroutable publish in confirm mode was not returned")
+    returned_again = expect_returned(
+        lambda: confirming.basic_publish("amq.direct", "nowhere", b"lost again", mandatory=True),
+        "a mandatory unroutable publish in confirm mode",
+    )
+    eq(len(returned_again), 1, "returned messages")
+    eq(returned_again[0].method.reply_code, 312, "basic.return reply code (confirm mode)")
+    eq(returned_again[0].method.reply_text, "NO_ROUTE", "basic.return reply text (confirm mode)")
+    eq(returned_again[0].body, b"lost again", "returned body (confirm mode)")
 
     step("a routable mandatory publish is delivered, not returned")
     queue = confirming.queue_declare("routed").method.queue
@@ -306,33 +220,28 @@ def unroutable_dropped_and_confirmed(args):
     channel.basic_publish("amq.direct", "nowhere", b"dropped")
     step("positive control: a routed publish arrives")
     channel.basic_publish("amq.direct", "here", b"kept")
-    quiet(connection)
+    settle(connection, QUIET_SECS)
     eq(returned, [], "basic.return for a non-mandatory publish")
-    check(channel.is_open, "the channel was closed by a non-mandatory unroutable publish")
-    got = get_all(channel, queue, 1)
-    eq(got[0][2], b"kept", "the routed message")
-    eq(got[0][0].message_count, 0, "messages left in the bound queue (the unroutable one went nowhere)")
+    expect(channel.is_open, "the channel was closed by a non-mandatory unroutable publish")
+    # Nothing left behind it in the bound queue: the unroutable one went nowhere.
+    expect_next(channel, queue, "the routed message", body=b"kept", message_count=0)
     connection.close()
 
 
 def publish_to_missing_exchange_404(args):
     connection = connect(args)
-    channel = connection.channel()
     step("basic.publish to an exchange that does not exist")
     expect_channel_error(
         connection,
-        channel,
-        lambda: channel.basic_publish("no-such-exchange", "k", b"x"),
         404,
         "NOT_FOUND - no exchange 'no-such-exchange' in vhost '/'",
+        lambda c: c.basic_publish("no-such-exchange", "k", b"x"),
     )
     connection.close()
 
 
 def publish_foreign_user_id_406(args):
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    queue = channel.queue_declare("users").method.queue
+    connection, channel, queue = connect_with_queue(args, "users")
     step("positive control: user_id equal to the login is accepted and kept")
     channel.basic_publish("", queue, b"mine", properties=pika.BasicProperties(user_id=USER))
     got = get_all(channel, queue, 1)
@@ -340,10 +249,10 @@ def publish_foreign_user_id_406(args):
     step("user_id of someone else")
     expect_channel_error(
         connection,
-        channel,
-        lambda: channel.basic_publish("", queue, b"forged", properties=pika.BasicProperties(user_id="mallory")),
         406,
         "PRECONDITION_FAILED - user_id property set to 'mallory' but authenticated user was 'guest'",
+        lambda c: c.basic_publish("", queue, b"forged", properties=pika.BasicProperties(user_id="mallory")),
+        channel=channel,
     )
     other = connection.channel()
     eq(ready_count(other, queue), 0, "messages in the queue after the refused publish")
@@ -375,19 +284,17 @@ def large_message_split_into_frames(args):
     channel.basic_consume(queue, collector, auto_ack=True)
     method, properties, received = collector.wait(connection, 1, "1 MiB message")[0]
     eq(len(received), len(body), "length of the received body")
-    check(received == body, "the 1 MiB body arrived with different bytes")
+    expect(received == body, "the 1 MiB body arrived with different bytes")
     eq(properties.message_id, "big", "message-id of the large message")
     body_frames = [size for size, kind in frame_sizes if kind == "Body"]
-    check(len(body_frames) >= len(body) // frame_max, f"the body came in {len(body_frames)} frames")
+    expect(len(body_frames) >= len(body) // frame_max, f"the body came in {len(body_frames)} frames")
     largest = max(size for size, _ in frame_sizes)
-    check(largest <= frame_max, f"the broker sent a {largest}-byte frame, above the negotiated frame_max {frame_max}")
+    expect(largest <= frame_max, f"the broker sent a {largest}-byte frame, above the negotiated frame_max {frame_max}")
     connection.close()
 
 
 def empty_body(args):
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    queue = channel.queue_declare("empty").method.queue
+    connection, channel, queue = connect_with_queue(args, "empty")
     properties = pika.BasicProperties(content_type="text/plain", headers={"empty": True})
     step("publish an empty body, then a non-empty one (the stream must stay in step)")
     channel.basic_publish("", queue, b"", properties=properties)
@@ -395,7 +302,7 @@ def empty_body(args):
     channel.basic_publish("", queue, b"after")
     step("basic.get the first empty message")
     method, got_properties, body = channel.basic_get(queue, auto_ack=True)
-    check(method is not None, "the empty message is not in the queue")
+    expect(method is not None, "the empty message is not in the queue")
     eq(body, b"", "body of the empty message (basic.get)")
     eq(got_properties.content_type, "text/plain", "content-type of the empty message")
     eq(got_properties.headers, {"empty": True}, "headers of the empty message")
@@ -466,15 +373,13 @@ def check_properties(properties, how):
 
 
 def properties_and_headers_preserved(args):
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    queue = channel.queue_declare("props").method.queue
+    connection, channel, queue = connect_with_queue(args, "props")
     step("publish twice with every basic property and every header type pika encodes")
     for _ in range(2):
         channel.basic_publish("", queue, b"payload", properties=pika.BasicProperties(**SENT_PROPERTIES))
     step("basic.get")
     method, properties, body = channel.basic_get(queue, auto_ack=True)
-    check(method is not None, "the message is not in the queue")
+    expect(method is not None, "the message is not in the queue")
     eq(body, b"payload", "body (basic.get)")
     eq((method.exchange, method.routing_key, method.redelivered), ("", queue, False), "get-ok fields")
     check_properties(properties, "basic.get")
@@ -500,9 +405,9 @@ def consumer_tags_server_generated_and_client_chosen(args):
     step("basic.consume with an empty tag: the server generates one")
     first = raw_consume(connection, channel, queues[0], "", collector)
     second = raw_consume(connection, channel, queues[1], "", collector)
-    check(first.startswith("amq.ctag-"), f"server-generated tag {first!r} does not start with 'amq.ctag-'")
-    check(second.startswith("amq.ctag-"), f"server-generated tag {second!r} does not start with 'amq.ctag-'")
-    check(first != second, f"two server-generated tags on one channel are equal: {first!r}")
+    expect(first.startswith("amq.ctag-"), f"server-generated tag {first!r} does not start with 'amq.ctag-'")
+    expect(second.startswith("amq.ctag-"), f"server-generated tag {second!r} does not start with 'amq.ctag-'")
+    expect(first != second, f"two server-generated tags on one channel are equal: {first!r}")
     step("basic.consume with a client tag: consume-ok echoes it")
     chosen = raw_consume(connection, channel, queues[2], "client-chosen-tag", collector)
     eq(chosen, "client-chosen-tag", "consume-ok tag for a client tag")
@@ -534,22 +439,18 @@ def consumer_tag_reuse_is_530(args):
 
 def consume_missing_queue_404(args):
     connection = connect(args)
-    channel = connection.channel()
     step("basic.consume on a queue that does not exist")
     expect_channel_error(
         connection,
-        channel,
-        lambda: channel.basic_consume("no-such-queue", Collector()),
         404,
         "NOT_FOUND - no queue 'no-such-queue' in vhost '/'",
+        lambda c: c.basic_consume("no-such-queue", Collector()),
     )
     connection.close()
 
 
 def cancel_stops_deliveries(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("cancelled").method.queue
+    connection, publisher, queue = connect_with_queue(args, "cancelled")
     channel = connection.channel()
     collector = Collector()
     tag = channel.basic_consume(queue, collector, auto_ack=True)
@@ -559,10 +460,9 @@ def cancel_stops_deliveries(args):
     step("basic.cancel, then publish again")
     channel.basic_cancel(tag)
     publisher.basic_publish("", queue, b"two")
-    quiet(connection)
+    settle(connection, QUIET_SECS)
     eq(collector.bodies(), [b"one"], "bodies delivered (the second came after basic.cancel)")
-    got = get_all(publisher, queue, 1)
-    eq(got[0][2], b"two", "the message published after cancel, still queued")
+    expect_next(publisher, queue, "the message published after cancel, still queued", body=b"two")
     connection.close()
 
 
@@ -580,19 +480,16 @@ def consumer_cancel_notification_on_queue_delete(args):
     step("delete the queue from another channel")
     other = connection.channel()
     other.queue_delete(queue)
-    wait_until(connection, lambda: cancelled, "no basic.cancel from the broker after the queue was deleted")
+    pump(connection, lambda: cancelled, "a basic.cancel from the broker after the queue was deleted")
     eq(cancelled, [tag], "tags of the broker's basic.cancel")
-    check(channel.is_open, "the consumer's channel was closed by the cancel notification")
+    expect(channel.is_open, "the consumer's channel was closed by the cancel notification")
     step("the consumer's channel is still usable")
     channel.queue_declare("", exclusive=True)
     connection.close()
 
 
 def no_ack_consume_removes_messages(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("noack").method.queue
-    publish_all(publisher, queue, [b"1", b"2", b"3"])
+    connection, publisher, queue = connect_with_queue(args, "noack", [b"1", b"2", b"3"])
     channel = connection.channel()
     collector = Collector()
     channel.basic_consume(queue, collector, auto_ack=True)
@@ -603,7 +500,7 @@ def no_ack_consume_removes_messages(args):
     channel.close()
     eq(ready_count(publisher, queue), 0, "ready messages after closing the no-ack consumer's channel")
     method, _, _ = publisher.basic_get(queue, auto_ack=True)
-    check(method is None, "a no-ack delivery was requeued")
+    expect(method is None, "a no-ack delivery was requeued")
     connection.close()
 
 
@@ -616,21 +513,17 @@ def exclusive_consume_refused_when_queue_has_consumer(args):
     channel.basic_consume(free, Collector(), exclusive=True)
     channel.basic_consume(busy, Collector())
     step("exclusive basic.consume on a queue that has a consumer")
-    other = connection.channel()
     expect_channel_error(
         connection,
-        other,
-        lambda: other.basic_consume(busy, Collector(), exclusive=True),
         403,
         "ACCESS_REFUSED - queue 'busy' in vhost '/' in exclusive use",
+        lambda c: c.basic_consume(busy, Collector(), exclusive=True),
     )
     connection.close()
 
 
 def round_robin_between_consumers(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("shared").method.queue
+    connection, publisher, queue = connect_with_queue(args, "shared")
     first, second = Collector(), Collector()
     channel = connection.channel()
     first_tag = channel.basic_consume(queue, first, auto_ack=True)
@@ -639,25 +532,23 @@ def round_robin_between_consumers(args):
     step("publish ten messages to a queue with two consumers")
     for index in range(10):
         publisher.basic_publish("", queue, str(index).encode())
-    wait_until(connection, lambda: len(first) + len(second) >= 10, "ten deliveries did not arrive")
-    quiet(connection, 0.3)
+    pump(connection, lambda: len(first) + len(second) >= 10, "ten deliveries")
+    settle(connection, 0.3)
     eq(len(first) + len(second), 10, "total deliveries (a message went to both consumers)")
     eq((len(first), len(second)), (5, 5), "deliveries per consumer")
     for collector in (first, second):
         arrivals.extend((int(body), method.consumer_tag) for method, _, body in collector.deliveries)
     tags = [tag for _, tag in sorted(arrivals)]
-    check(
+    expect(
         all(tags[index] != tags[index + 1] for index in range(len(tags) - 1)),
         f"messages in publish order did not alternate between the consumers: {tags}",
     )
-    check({first_tag, second_tag} == set(tags), f"unexpected consumer tags {set(tags)}")
+    expect({first_tag, second_tag} == set(tags), f"unexpected consumer tags {set(tags)}")
     connection.close()
 
 
 def basic_get_message_count_and_empty(args):
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    queue = channel.queue_declare("gettable").method.queue
+    connection, channel, queue = connect_with_queue(args, "gettable")
     step("basic.get on an empty queue: get-empty")
     method, properties, body = channel.basic_get(queue, auto_ack=True)
     eq((method, properties, body), (None, None, None), "basic.get on an empty queue")
@@ -674,7 +565,7 @@ def basic_get_message_count_and_empty(args):
     )
     step("basic.get once more: get-empty")
     method, _, _ = channel.basic_get(queue, auto_ack=True)
-    check(method is None, "basic.get after the queue was drained returned a message")
+    expect(method is None, "basic.get after the queue was drained returned a message")
     connection.close()
 
 
@@ -693,10 +584,7 @@ def consume_unacked(connection, queue, count, prefetch=None):
 
 
 def ack_single_and_multiple(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("acked").method.queue
-    publish_all(publisher, queue, [b"m1", b"m2", b"m3", b"m4"])
+    connection, publisher, queue = connect_with_queue(args, "acked", [b"m1", b"m2", b"m3", b"m4"])
     channel, collector = consume_unacked(connection, queue, 4)
     tags = [method.delivery_tag for method, _, _ in collector.deliveries]
     eq(tags, [1, 2, 3, 4], "delivery tags")
@@ -705,21 +593,17 @@ def ack_single_and_multiple(args):
     channel.basic_ack(3, multiple=True)
     channel.close()
     step("closing the channel requeues only the unacked fourth message")
-    got = get_all(publisher, queue, 1)
-    eq((got[0][2], got[0][0].redelivered, got[0][0].message_count), (b"m4", True, 0), "(body, redelivered, left)")
+    expect_next(publisher, queue, "the requeued message", body=b"m4", redelivered=True, message_count=0)
     connection.close()
 
 
 def nack_multiple_requeue_redelivers(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("nacked").method.queue
-    publish_all(publisher, queue, [b"m1", b"m2", b"m3", b"m4"])
+    connection, publisher, queue = connect_with_queue(args, "nacked", [b"m1", b"m2", b"m3", b"m4"])
     channel, collector = consume_unacked(connection, queue, 4)
     step("nack 3 with multiple and requeue: 1..3 come back redelivered, 4 stays with us")
     channel.basic_nack(3, multiple=True, requeue=True)
     collector.wait(connection, 7, "deliveries (4, then 3 redelivered)")
-    quiet(connection, 0.3)
+    settle(connection, 0.3)
     again = collector.deliveries[4:]
     eq(
         [(body, method.redelivered) for method, _, body in again],
@@ -753,7 +637,7 @@ def nack_multiple_without_requeue_dead_letters_or_drops(args):
     eq([body for _, _, body in got], [b"m1", b"m2"], "dead-lettered bodies")
     for _, properties, body in got:
         deaths = (properties.headers or {}).get("x-death")
-        check(isinstance(deaths, list) and deaths, f"no x-death header on dead-lettered {body!r}")
+        expect(isinstance(deaths, list) and deaths, f"no x-death header on dead-lettered {body!r}")
         death = deaths[0]
         eq(death.get("reason"), "rejected", "x-death reason")
         eq(death.get("queue"), lettered, "x-death queue")
@@ -770,64 +654,51 @@ def nack_multiple_without_requeue_dead_letters_or_drops(args):
 
 
 def reject_requeue_sets_redelivered(args):
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    queue = channel.queue_declare("rejected").method.queue
-    publish_all(channel, queue, [b"only"])
+    connection, channel, queue = connect_with_queue(args, "rejected", [b"only"])
     method, _, _ = channel.basic_get(queue, auto_ack=False)
-    check(method is not None, "the message is not in the queue")
+    expect(method is not None, "the message is not in the queue")
     eq(method.redelivered, False, "redelivered flag of the first delivery")
     step("reject with requeue")
     channel.basic_reject(method.delivery_tag, requeue=True)
     method, _, body = channel.basic_get(queue, auto_ack=False)
-    check(method is not None, "the rejected message was not requeued")
+    expect(method is not None, "the rejected message was not requeued")
     eq((body, method.redelivered), (b"only", True), "(body, redelivered) after reject with requeue")
     channel.basic_ack(method.delivery_tag)
     connection.close()
 
 
 def reject_without_requeue_discards(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("discarded").method.queue
-    publish_all(publisher, queue, [b"gone", b"kept"])
+    connection, publisher, queue = connect_with_queue(args, "discarded", [b"gone", b"kept"])
     channel = connection.channel()
     method, _, body = channel.basic_get(queue, auto_ack=False)
-    check(method is not None and body == b"gone", f"first basic.get gave {body!r}")
+    expect(method is not None and body == b"gone", f"first basic.get gave {body!r}")
     step("reject without requeue, then close the channel")
     channel.basic_reject(method.delivery_tag, requeue=False)
     channel.close()
-    got = get_all(publisher, queue, 1)
-    eq((got[0][2], got[0][0].message_count), (b"kept", 0), "(body, left) after the rejected one was discarded")
+    expect_next(publisher, queue, "after the rejected one was discarded", body=b"kept", message_count=0)
     connection.close()
 
 
 def unknown_delivery_tag_406(args):
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    queue = channel.queue_declare("tags").method.queue
-    publish_all(channel, queue, [b"x"])
+    connection, channel, queue = connect_with_queue(args, "tags", [b"x"])
     step("positive control: ack of a real tag")
     method, _, _ = channel.basic_get(queue, auto_ack=False)
     channel.basic_ack(method.delivery_tag)
     step("ack of a tag never delivered")
     expect_channel_error(
-        connection, channel, lambda: channel.basic_ack(99), 406, "PRECONDITION_FAILED - unknown delivery tag 99"
+        connection, 406, "PRECONDITION_FAILED - unknown delivery tag 99", lambda c: c.basic_ack(99), channel=channel
     )
     connection.close()
 
 
 def double_ack_406(args):
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    queue = channel.queue_declare("twice").method.queue
-    publish_all(channel, queue, [b"x"])
+    connection, channel, queue = connect_with_queue(args, "twice", [b"x"])
     method, _, _ = channel.basic_get(queue, auto_ack=False)
     eq(method.delivery_tag, 1, "delivery tag")
     step("ack the same tag twice")
     channel.basic_ack(1)
     expect_channel_error(
-        connection, channel, lambda: channel.basic_ack(1), 406, "PRECONDITION_FAILED - unknown delivery tag 1"
+        connection, 406, "PRECONDITION_FAILED - unknown delivery tag 1", lambda c: c.basic_ack(1), channel=channel
     )
     other = connection.channel()
     eq(ready_count(other, queue), 0, "ready messages after the ack")
@@ -835,10 +706,7 @@ def double_ack_406(args):
 
 
 def recover_requeue_redelivers(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("recovered").method.queue
-    publish_all(publisher, queue, [b"r1", b"r2"])
+    connection, publisher, queue = connect_with_queue(args, "recovered", [b"r1", b"r2"])
     channel, collector = consume_unacked(connection, queue, 2)
     step("basic.recover(requeue=True) with two unacked deliveries")
     channel.basic_recover(requeue=True)
@@ -857,10 +725,7 @@ def recover_requeue_redelivers(args):
 
 
 def channel_close_requeues_unacked(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("requeued").method.queue
-    publish_all(publisher, queue, [b"u1", b"u2"])
+    connection, publisher, queue = connect_with_queue(args, "requeued", [b"u1", b"u2"])
     channel, collector = consume_unacked(connection, queue, 2)
     eq([method.redelivered for method, _, _ in collector.deliveries], [False, False], "first deliveries redelivered")
     step("close the channel holding two unacked deliveries")
@@ -878,18 +743,15 @@ def channel_close_requeues_unacked(args):
 
 
 def prefetch_count_limits_unacked(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("prefetched").method.queue
-    publish_all(publisher, queue, [f"p{index}".encode() for index in range(5)])
+    connection, publisher, queue = connect_with_queue(args, "prefetched", [f"p{index}".encode() for index in range(5)])
     step("consume with basic.qos prefetch_count=2: two deliveries")
     channel, collector = consume_unacked(connection, queue, 2, prefetch=2)
-    quiet(connection)
+    settle(connection, QUIET_SECS)
     eq(len(collector), 2, "deliveries with two unacked and prefetch 2")
     step("ack one: exactly one more")
     channel.basic_ack(collector.deliveries[0][0].delivery_tag)
     collector.wait(connection, 3)
-    quiet(connection)
+    settle(connection, QUIET_SECS)
     eq(len(collector), 3, "deliveries after one ack")
     step("ack the rest as they come")
     channel.basic_ack(collector.deliveries[2][0].delivery_tag, multiple=True)
@@ -975,18 +837,12 @@ def confirm_nack_when_queue_refuses(args):
     step("positive control: the first publish fits and is acked")
     channel.basic_publish("", bounded, b"first")
     step("the second is refused by the full queue: basic.nack (pika: NackError)")
-    try:
-        channel.basic_publish("", bounded, b"second")
-    except pika.exceptions.NackError:
-        pass
-    else:
-        fail("a publish refused by an x-overflow=reject-publish queue was acked")
-    check(channel.is_open, "the channel was closed by a nack")
+    expect_nacked(lambda: channel.basic_publish("", bounded, b"second"), "a publish to a full reject-publish queue")
+    expect(channel.is_open, "the channel was closed by a nack")
     step("the channel keeps confirming")
     other = channel.queue_declare("unbounded").method.queue
     channel.basic_publish("", other, b"third")
-    got = get_all(channel, bounded, 1)
-    eq((got[0][2], got[0][0].message_count), (b"first", 0), "(body, left) in the bounded queue")
+    expect_next(channel, bounded, "the bounded queue", body=b"first", message_count=0)
     connection.close()
 
 
@@ -994,12 +850,27 @@ def confirm_nack_when_queue_refuses(args):
 # Transactions
 
 
+def tx_channel(connection):
+    """A new channel in tx mode."""
+    channel = connection.channel()
+    channel.tx_select()
+    return channel
+
+
+def tx_get(connection, queue, body):
+    """A new channel in tx mode and the delivery tag of the next message of `queue`, which must be
+    `body`, got by basic.get without auto-ack."""
+    channel = tx_channel(connection)
+    method, _, got = channel.basic_get(queue, auto_ack=False)
+    expect(method is not None and got == body, f"basic.get on {queue!r} gave {got!r}, expected {body!r}")
+    return channel, method.delivery_tag
+
+
 def tx_commit_makes_publishes_visible(args):
     connection = connect(args)
     observer = connection.channel()
     queue = observer.queue_declare("txq").method.queue
-    channel = connection.channel()
-    channel.tx_select()
+    channel = tx_channel(connection)
     step("publish three in a transaction")
     for body in (b"t1", b"t2", b"t3"):
         channel.basic_publish("", queue, body)
@@ -1007,7 +878,7 @@ def tx_commit_makes_publishes_visible(args):
     channel.queue_declare(queue, passive=True)
     eq(ready_count(observer, queue), 0, "ready messages before tx.commit")
     method, _, _ = observer.basic_get(queue, auto_ack=True)
-    check(method is None, "basic.get saw an uncommitted publish")
+    expect(method is None, "basic.get saw an uncommitted publish")
     step("tx.commit")
     channel.tx_commit()
     eq(ready_count(observer, queue), 3, "ready messages after tx.commit")
@@ -1019,8 +890,7 @@ def tx_rollback_discards_publishes(args):
     connection = connect(args)
     observer = connection.channel()
     queue = observer.queue_declare("txr").method.queue
-    channel = connection.channel()
-    channel.tx_select()
+    channel = tx_channel(connection)
     step("publish two, tx.rollback")
     channel.basic_publish("", queue, b"rolled-back-1")
     channel.basic_publish("", queue, b"rolled-back-2")
@@ -1031,52 +901,39 @@ def tx_rollback_discards_publishes(args):
     channel.queue_declare(queue, passive=True)
     eq(ready_count(observer, queue), 0, "ready messages before the second tx.commit")
     channel.tx_commit()
-    got = get_all(observer, queue, 1)
-    eq((got[0][2], got[0][0].message_count), (b"committed", 0), "(body, left) after rollback then commit")
+    expect_next(observer, queue, "after rollback then commit", body=b"committed", message_count=0)
     connection.close()
 
 
 def tx_acks_take_effect_at_commit(args):
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    queue = publisher.queue_declare("txacks").method.queue
-    publish_all(publisher, queue, [b"held"])
+    connection, publisher, queue = connect_with_queue(args, "txacks", [b"held"])
+
+    def ack_in_tx(end):
+        """Get and ack the message in a transaction, `end(channel)` it, close the channel."""
+        channel, tag = tx_get(connection, queue, b"held")
+        channel.basic_ack(tag)
+        end(channel)
+        channel.close()
+
+    def expect_redelivered(ack):
+        """The `ack` ack did not happen: the message was still unacked and is back, redelivered."""
+        method, _, body = publisher.basic_get(queue, auto_ack=False)
+        expect(method is not None, f"the message of the {ack} ack is gone after channel close")
+        eq((body, method.redelivered), (b"held", True), f"(body, redelivered) after the {ack} ack")
+        publisher.basic_reject(method.delivery_tag, requeue=True)
 
     step("get and ack inside a transaction, tx.rollback, close the channel")
-    channel = connection.channel()
-    channel.tx_select()
-    method, _, body = channel.basic_get(queue, auto_ack=False)
-    check(method is not None and body == b"held", "the message is not in the queue")
-    channel.basic_ack(method.delivery_tag)
-    channel.tx_rollback()
-    channel.close()
+    ack_in_tx(lambda channel: channel.tx_rollback())
     step("the rolled-back ack did not happen: the message was still unacked and is redelivered")
-    method, _, body = publisher.basic_get(queue, auto_ack=False)
-    check(method is not None, "the message acked in a rolled-back transaction is gone")
-    eq((body, method.redelivered), (b"held", True), "(body, redelivered) after the rolled-back ack")
-    publisher.basic_reject(method.delivery_tag, requeue=True)
+    expect_redelivered("rolled-back")
 
     step("get and ack inside a transaction, close the channel without tx.commit")
-    channel = connection.channel()
-    channel.tx_select()
-    method, _, _ = channel.basic_get(queue, auto_ack=False)
-    check(method is not None, "the message is not in the queue")
-    channel.basic_ack(method.delivery_tag)
-    channel.close()
+    ack_in_tx(lambda _channel: None)
     step("closing the channel dropped the uncommitted ack: the message is requeued")
-    method, _, body = publisher.basic_get(queue, auto_ack=False)
-    check(method is not None, "the message acked in an uncommitted transaction is gone after channel close")
-    eq((body, method.redelivered), (b"held", True), "(body, redelivered) after the uncommitted ack")
-    publisher.basic_reject(method.delivery_tag, requeue=True)
+    expect_redelivered("uncommitted")
 
     step("get and ack inside a transaction, tx.commit, close the channel")
-    channel = connection.channel()
-    channel.tx_select()
-    method, _, _ = channel.basic_get(queue, auto_ack=False)
-    check(method is not None, "the message is not in the queue")
-    channel.basic_ack(method.delivery_tag)
-    channel.tx_commit()
-    channel.close()
+    ack_in_tx(lambda channel: channel.tx_commit())
     eq(ready_count(publisher, queue), 0, "ready messages after the committed ack and channel close")
     connection.close()
 
@@ -1094,38 +951,34 @@ def tx_publishes_and_acks_all_or_nothing(args):
     def counts():
         return [ready_count(observer, queue) for queue in targets]
 
+    def stage(acked, published):
+        """A new tx channel that acked the source's next message `acked` and published
+        `published` to every target, all uncommitted and processed by the broker."""
+        channel, tag = tx_get(connection, source, acked)
+        channel.basic_ack(tag)
+        for queue in targets:
+            channel.basic_publish("", queue, published)
+        channel.queue_declare(source, passive=True)
+        return channel
+
     step("stage one ack and four publishes (four queues) in a transaction")
-    channel = connection.channel()
-    channel.tx_select()
-    method, _, body = channel.basic_get(source, auto_ack=False)
-    check(method is not None and body == b"to-ack", f"basic.get on the source gave {body!r}")
-    channel.basic_ack(method.delivery_tag)
-    for queue in targets:
-        channel.basic_publish("", queue, b"committed")
-    channel.queue_declare(source, passive=True)
+    channel = stage(b"to-ack", b"committed")
     eq(counts(), [0, 0, 0, 0], "ready messages in the targets before tx.commit")
     step("tx.commit: every publish and the ack take effect")
     channel.tx_commit()
     eq(counts(), [1, 1, 1, 1], "ready messages in the targets after tx.commit")
     channel.close()
-    got = get_all(observer, source, 1, auto_ack=False)
-    eq((got[0][2], got[0][0].message_count), (b"stays", 0), "(body, left) in the source: the acked one is gone")
-    observer.basic_reject(got[0][0].delivery_tag, requeue=True)
+    method, _, _ = expect_next(
+        observer, source, "the source: the acked one is gone", auto_ack=False, body=b"stays", message_count=0
+    )
+    observer.basic_reject(method.delivery_tag, requeue=True)
 
     step("stage an ack and four publishes again; tx.rollback: none takes effect")
-    channel = connection.channel()
-    channel.tx_select()
-    method, _, body = channel.basic_get(source, auto_ack=False)
-    check(method is not None and body == b"stays", f"basic.get on the source gave {body!r}")
-    channel.basic_ack(method.delivery_tag)
-    for queue in targets:
-        channel.basic_publish("", queue, b"rolled back")
-    channel.queue_declare(source, passive=True)
+    channel = stage(b"stays", b"rolled back")
     channel.tx_rollback()
     eq(counts(), [1, 1, 1, 1], "ready messages in the targets after tx.rollback")
     channel.close()
-    got = get_all(observer, source, 1)
-    eq((got[0][2], got[0][0].redelivered), (b"stays", True), "the source message whose ack was rolled back")
+    expect_next(observer, source, "the source message whose ack was rolled back", body=b"stays", redelivered=True)
     bodies = [get_all(observer, queue, 1)[0][2] for queue in targets]
     eq(bodies, [b"committed"] * 4, "the targets' messages")
     connection.close()
@@ -1134,66 +987,42 @@ def tx_publishes_and_acks_all_or_nothing(args):
 def tx_reject_takes_effect_at_commit(args):
     """RabbitMQ buffers basic.reject and basic.nack in a transaction like basic.ack (its
     channel's uncommitted_nacks): a requeue happens at tx.commit, not before."""
-    connection = connect(args)
-    observer = confirmed_channel(connection)
-    queue = observer.queue_declare("txreject").method.queue
-    publish_all(observer, queue, [b"held"])
-    channel = connection.channel()
-    channel.tx_select()
-    method, _, _ = channel.basic_get(queue, auto_ack=False)
-    check(method is not None, "the message is not in the queue")
+    connection, observer, queue = connect_with_queue(args, "txreject", [b"held"])
+    channel, tag = tx_get(connection, queue, b"held")
     step("basic.reject with requeue inside the transaction")
-    channel.basic_reject(method.delivery_tag, requeue=True)
+    channel.basic_reject(tag, requeue=True)
     channel.queue_declare(queue, passive=True)
     eq(ready_count(observer, queue), 0, "ready messages before tx.commit (the reject was applied at once)")
     step("tx.commit: the message is requeued")
     channel.tx_commit()
-    got = get_all(observer, queue, 1)
-    eq((got[0][2], got[0][0].redelivered), (b"held", True), "(body, redelivered) after the committed reject")
+    expect_next(observer, queue, "after the committed reject", body=b"held", redelivered=True)
     connection.close()
 
 
 def tx_commit_on_non_transactional_channel_406(args):
     connection = connect(args)
-    channel = connection.channel()
     step("tx.commit without tx.select")
-    expect_channel_error(
-        connection, channel, channel.tx_commit, 406, "PRECONDITION_FAILED - channel is not transactional"
-    )
-    channel = connection.channel()
+    expect_channel_error(connection, 406, "PRECONDITION_FAILED - channel is not transactional", lambda c: c.tx_commit())
     step("tx.rollback without tx.select")
     expect_channel_error(
-        connection, channel, channel.tx_rollback, 406, "PRECONDITION_FAILED - channel is not transactional"
+        connection, 406, "PRECONDITION_FAILED - channel is not transactional", lambda c: c.tx_rollback()
     )
     connection.close()
 
 
-def confirm_select_on_tx_channel_406(args):
+def mode_switch_406(args, first, then):
+    """A channel in mode `first` ("tx" or "confirm") asked for mode `then` is closed 406."""
+    select = {"tx": lambda c: c.tx_select(), "confirm": lambda c: c.confirm_delivery()}
     connection = connect(args)
     channel = connection.channel()
-    channel.tx_select()
-    step("confirm.select on a transactional channel")
+    select[first](channel)
+    step(f"{then}.select on a channel in {first} mode")
     expect_channel_error(
         connection,
-        channel,
-        channel.confirm_delivery,
         406,
-        "PRECONDITION_FAILED - cannot switch from tx to confirm mode",
-    )
-    connection.close()
-
-
-def tx_select_on_confirm_channel_406(args):
-    connection = connect(args)
-    channel = connection.channel()
-    channel.confirm_delivery()
-    step("tx.select on a channel in confirm mode")
-    expect_channel_error(
-        connection,
-        channel,
-        channel.tx_select,
-        406,
-        "PRECONDITION_FAILED - cannot switch from confirm to tx mode",
+        f"PRECONDITION_FAILED - cannot switch from {first} to {then} mode",
+        select[then],
+        channel=channel,
     )
     connection.close()
 
@@ -1232,22 +1061,22 @@ def heartbeat_keeps_idle_connection_open(args):
     connection = connect(args, heartbeat=2)
     eq(connection._impl.params.heartbeat, 2, "heartbeat sent in tune-ok")
     checker = connection._impl._heartbeat_checker
-    check(checker is not None, "pika runs no heartbeat checker")
+    expect(checker is not None, "pika runs no heartbeat checker")
     step("idle for three heartbeat intervals")
     connection.sleep(6)
-    check(connection.is_open, "the idle connection was closed")
+    expect(connection.is_open, "the idle connection was closed")
     received = checker._heartbeat_frames_received
     # At 2 s the broker sends one at least every 2 s (RabbitMQ: every 1 s); at its default 60 s, none.
-    check(received >= 2, f"the broker sent {received} heartbeat frames in 6 s idle at heartbeat=2")
+    expect(received >= 2, f"the broker sent {received} heartbeat frames in 6 s idle at heartbeat=2")
     step("the connection still works after idling")
-    check_connection_usable(connection)
+    expect_usable(connection)
     connection.close()
 
 
 def missed_heartbeats_close_connection(args):
     connection = connect(args, heartbeat=2)
     checker = connection._impl._heartbeat_checker
-    check(checker is not None, "pika runs no heartbeat checker")
+    expect(checker is not None, "pika runs no heartbeat checker")
     # The client falls silent: pika's heartbeat timer still runs, but sends nothing.
     checker._send_heartbeat_frame = lambda: None
     started = time.monotonic()
@@ -1256,12 +1085,12 @@ def missed_heartbeats_close_connection(args):
         connection.sleep(8)
     except pika.exceptions.AMQPConnectionError as error:
         elapsed = time.monotonic() - started
-        check(
+        expect(
             isinstance(error, (pika.exceptions.StreamLostError, pika.exceptions.ConnectionClosedByBroker)),
             f"the connection ended with {error!r}, not by the broker",
         )
         # Two silent intervals (4 s) at the earliest, as RabbitMQ; not at once for another reason.
-        check(elapsed >= 3.5, f"the broker closed the silent connection after only {elapsed:.1f} s")
+        expect(elapsed >= 3.5, f"the broker closed the silent connection after only {elapsed:.1f} s")
     else:
         fail("the broker kept a connection that sent nothing for 8 s at heartbeat=2")
 
@@ -1283,10 +1112,10 @@ def client_close_gets_close_ok(args):
     connection.close()
     eq(len(close_oks), 1, "connection.close-ok frames received")
     eq(type(close_oks[0]).__name__, "CloseOk", "reply to connection.close")
-    check(connection.is_closed, "the connection is not closed after close-ok")
+    expect(connection.is_closed, "the connection is not closed after close-ok")
     step("a new connection works")
     again = connect(args)
-    check_connection_usable(again)
+    expect_usable(again)
     again.close()
 
 
@@ -1325,8 +1154,8 @@ SCENARIOS = {
     "tx-all-or-nothing": tx_publishes_and_acks_all_or_nothing,
     "tx-reject-at-commit": tx_reject_takes_effect_at_commit,
     "tx-not-transactional-406": tx_commit_on_non_transactional_channel_406,
-    "confirm-after-tx-406": confirm_select_on_tx_channel_406,
-    "tx-after-confirm-406": tx_select_on_confirm_channel_406,
+    "confirm-after-tx-406": lambda args: mode_switch_406(args, "tx", "confirm"),
+    "tx-after-confirm-406": lambda args: mode_switch_406(args, "confirm", "tx"),
     "wrong-password-403": wrong_password_403,
     "missing-vhost-530": missing_vhost_530,
     "heartbeat": heartbeat_keeps_idle_connection_open,
@@ -1335,21 +1164,5 @@ SCENARIOS = {
 }
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--port", type=int, required=True)
-    args = parser.parse_args()
-    signal.signal(signal.SIGALRM, _watchdog)
-    signal.alarm(SCENARIO_TIMEOUT_SECS)
-    try:
-        SCENARIOS[args.scenario](args)
-    except Mismatch as error:
-        print(f"FAILED pika {args.scenario}: {error}", file=sys.stderr)
-        return 1
-    print(f"passed pika {args.scenario}")
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenarios(__doc__, SCENARIOS, SCENARIO_TIMEOUT_SECS))

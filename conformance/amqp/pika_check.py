@@ -10,175 +10,47 @@ topology scenarios (exchanges, queues, queue arguments) check channel errors by 
 text, and then that the connection is still usable: a channel error closes the channel only.
 """
 
-import argparse
 import calendar
-import signal
 import subprocess
 import sys
 import time
 from datetime import datetime, timezone
 
 import pika
-from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
+from pika.exceptions import ConnectionBlockedTimeout, UnroutableError
+
+from pika_common import (
+    POLL_SECS,
+    SETTLE_SECS,
+    WAIT_SECS,
+    Mismatch,
+    confirmed_channel,
+    connect,
+    exchange_exists,
+    expect,
+    expect_bodies,
+    expect_channel_error,
+    expect_empty,
+    expect_nacked,
+    expect_returned,
+    expect_usable,
+    poll,
+    publish,
+    pump,
+    queue_exists,
+    run_scenarios,
+    settle,
+    take,
+    take_unacked,
+)
 
 # A whole scenario's bound: the Rust side kills the process later (60 s), this names the cause.
 SCENARIO_TIMEOUT_SECS = 30
-# Socket and handshake timeouts of every connection.
-CONNECT_TIMEOUT_SECS = 5
-# Longest wait for something that must happen (a message arriving, a queue going away).
-WAIT_SECS = 5.0
-# How long "nothing more arrives" is watched, always after a positive control showed delivery works.
-SETTLE_SECS = 0.3
-# Pause between two polls (basic.get, passive declare).
-POLL_SECS = 0.05
-
-
-class Mismatch(AssertionError):
-    """Wharf did something other than what the scenario expects."""
-
-
-def expect(condition, message):
-    if not condition:
-        raise Mismatch(message)
-
-
-def connect(args):
-    parameters = pika.ConnectionParameters(
-        host="127.0.0.1",
-        port=args.port,
-        connection_attempts=1,
-        socket_timeout=CONNECT_TIMEOUT_SECS,
-        stack_timeout=CONNECT_TIMEOUT_SECS,
-        blocked_connection_timeout=CONNECT_TIMEOUT_SECS,
-    )
-    return pika.BlockingConnection(parameters)
-
-
-def confirmed_channel(connection):
-    """A channel in confirm mode: each publish returns once the broker took it (or raises)."""
-    channel = connection.channel()
-    channel.confirm_delivery()
-    return channel
-
-
-def publish(channel, exchange, routing_key, body, mandatory=False, **properties):
-    channel.basic_publish(
-        exchange=exchange,
-        routing_key=routing_key,
-        body=body.encode() if isinstance(body, str) else body,
-        properties=pika.BasicProperties(**properties),
-        mandatory=mandatory,
-    )
-
-
-def take(channel, queue, count, timeout=WAIT_SECS):
-    """The next `count` messages of `queue` as (method, properties, body), by basic.get with auto-ack,
-    waiting at most `timeout` for them."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            expect(
-                time.monotonic() < deadline,
-                f"queue {queue!r}: expected {count} messages within {timeout} s, got {[m[2] for m in got]}",
-            )
-            time.sleep(POLL_SECS)
-            continue
-        got.append((method, properties, body))
-    return got
-
-
-def expect_empty(channel, queue, why="nothing more"):
-    """Nothing (more) arrives in `queue` within SETTLE_SECS. Only called after a positive control."""
-    time.sleep(SETTLE_SECS)
-    method, _, body = channel.basic_get(queue, auto_ack=True)
-    expect(method is None, f"queue {queue!r}: expected {why}, got {body!r}")
-
-
-def expect_bodies(channel, queue, expected):
-    """`queue` holds exactly the messages `expected` (bodies as str), in that order, and no more."""
-    got = [body.decode() for _, _, body in take(channel, queue, len(expected))]
-    expect(got == expected, f"queue {queue!r}: expected {expected}, got {got}")
-    expect_empty(channel, queue, f"only {expected}")
-
-
-def expect_usable(connection):
-    """The connection still works: a new channel declares a queue and a message goes through it."""
-    channel = connection.channel()
-    queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    channel.basic_publish(exchange="", routing_key=queue, body=b"still usable")
-    _, _, body = take(channel, queue, 1)[0]
-    expect(body == b"still usable", f"the check message came back as {body!r}")
-    channel.queue_delete(queue)
-    channel.close()
-
-
-def expect_channel_error(connection, code, text, action, prefix=False):
-    """`action(channel)` on a new channel makes the broker close that channel with `code` and `text`
-    (or a text starting with `text` when `prefix`); the connection stays usable."""
-    channel = connection.channel()
-    try:
-        action(channel)
-        # A publish is not answered: a synchronous method afterwards receives the close.
-        channel.basic_qos(prefetch_count=0)
-    except ChannelClosedByBroker as error:
-        matches = error.reply_text.startswith(text) if prefix else error.reply_text == text
-        expect(
-            error.reply_code == code and matches,
-            f"expected channel close {code} {text!r}{' (prefix)' if prefix else ''}, "
-            f"got {error.reply_code} {error.reply_text!r}",
-        )
-    else:
-        raise Mismatch(f"expected channel close {code} {text!r}, the broker accepted it")
-    expect(connection.is_open, "a channel error closed the whole connection")
-    expect_usable(connection)
-
-
-def queue_exists(connection, queue):
-    """Whether `queue` exists, by a passive declare on a channel of its own (a 404 closes it)."""
-    channel = connection.channel()
-    try:
-        channel.queue_declare(queue=queue, passive=True)
-    except ChannelClosedByBroker as error:
-        expect(error.reply_code == 404, f"passive declare of {queue!r}: {error.reply_code} {error.reply_text!r}")
-        return False
-    channel.close()
-    return True
-
-
-def exchange_exists(connection, exchange):
-    channel = connection.channel()
-    try:
-        channel.exchange_declare(exchange=exchange, passive=True)
-    except ChannelClosedByBroker as error:
-        expect(error.reply_code == 404, f"passive declare of {exchange!r}: {error.reply_code} {error.reply_text!r}")
-        return False
-    channel.close()
-    return True
 
 
 def wait_until_gone(connection, what, exists, name):
     """Poll (at most WAIT_SECS) until `exists(connection, name)` is false."""
-    deadline = time.monotonic() + WAIT_SECS
-    while exists(connection, name):
-        expect(time.monotonic() < deadline, f"{what} {name!r} still exists after {WAIT_SECS} s")
-        time.sleep(POLL_SECS * 2)
-
-
-def pump(connection, done, what):
-    """Process the connection's events (consumer callbacks) until `done()`, at most WAIT_SECS."""
-    deadline = time.monotonic() + WAIT_SECS
-    while not done():
-        expect(time.monotonic() < deadline, f"{what} did not happen within {WAIT_SECS} s")
-        connection.process_data_events(time_limit=POLL_SECS)
-
-
-def settle(connection):
-    """Let deliveries that should not happen show up (after a positive control)."""
-    deadline = time.monotonic() + SETTLE_SECS
-    while time.monotonic() < deadline:
-        connection.process_data_events(time_limit=POLL_SECS)
+    poll(lambda: not exists(connection, name), f"{what} {name!r} going away", interval=POLL_SECS * 2)
 
 
 def readme(args):
@@ -208,7 +80,7 @@ def readme(args):
 
 
 def from_mqtt(args):
-    connection = pika.BlockingConnection(pika.ConnectionParameters(host="127.0.0.1", port=args.port))
+    connection = connect(args)
     channel = connection.channel()
     queue = channel.queue_declare(queue="", exclusive=True).method.queue
     channel.queue_bind(queue=queue, exchange="amq.topic", routing_key="sensors.#")
@@ -217,16 +89,9 @@ def from_mqtt(args):
         check=True,
         timeout=10,
     )
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is not None:
-            assert method.routing_key == "sensors.temp", method.routing_key
-            assert body == b"21.5", body
-            break
-        time.sleep(0.05)
-    else:
-        raise SystemExit("the MQTT publish did not reach the AMQP queue within 10 s")
+    method, _, body = take(channel, queue, 1, timeout=10)[0]
+    expect(method.routing_key == "sensors.temp", f"the MQTT publish arrived with routing key {method.routing_key!r}")
+    expect(body == b"21.5", f"the MQTT publish arrived as {body!r}")
     connection.close()
 
 
@@ -367,12 +232,10 @@ def default_exchange(args):
     expect_bodies(channel, "by-name", ["to by-name"])
     expect_bodies(channel, "other", ["to other"])
     # A name that is no queue: unroutable, so a mandatory publish is returned.
-    try:
-        publish(channel, "", "no-such-queue", "lost", mandatory=True)
-    except UnroutableError:
-        pass
-    else:
-        raise Mismatch("a mandatory publish to the default exchange with no such queue was not returned")
+    expect_returned(
+        lambda: publish(channel, "", "no-such-queue", "lost", mandatory=True),
+        "a mandatory publish to the default exchange with no such queue",
+    )
     # The default exchange exists (passive) and cannot be bound to.
     channel.exchange_declare("", passive=True)
     expect_channel_error(
@@ -933,12 +796,7 @@ def max_length_reject_publish(args):
     channel.queue_declare(queue="full", arguments={"x-max-length": 2, "x-overflow": "reject-publish"})
     publish(channel, "", "full", "one")
     publish(channel, "", "full", "two")
-    try:
-        publish(channel, "", "full", "three")
-    except NackError:
-        pass
-    else:
-        raise Mismatch("a publish to a full reject-publish queue was confirmed (basic.ack), expected basic.nack")
+    expect_nacked(lambda: publish(channel, "", "full", "three"), "a publish to a full reject-publish queue")
     _, _, body = take(channel, "full", 1)[0]
     expect(body == b"one", f"the oldest message is {body!r}, expected b'one' (reject-publish keeps the head)")
     # Room again: the next publish is accepted.
@@ -955,12 +813,7 @@ def max_length_reject_publish_dlx(args):
     channel.queue_declare(queue="full-dlx", arguments=arguments)
     started = time.time()
     publish(channel, "", "full-dlx", "kept")
-    try:
-        publish(channel, "", "full-dlx", "refused")
-    except NackError:
-        pass
-    else:
-        raise Mismatch("a publish to a full reject-publish-dlx queue was confirmed, expected basic.nack")
+    expect_nacked(lambda: publish(channel, "", "full-dlx", "refused"), "a publish to a full reject-publish-dlx queue")
     expect_bodies(channel, "full-dlx", ["kept"])
     _, properties, body = take(channel, "dead", 1)[0]
     expect(body == b"refused", f"dead-lettered {body!r}, expected the refused publish")
@@ -1065,17 +918,6 @@ def dead_letter_rejected(args):
     check_x_death(properties, [("expired", "wait", "", ["wait"], 2), ("rejected", "work", "", ["work"], 2)], started)
     channel.basic_ack(method.delivery_tag)
     connection.close()
-
-
-def take_unacked(channel, queue):
-    """The next message of `queue` by basic.get without auto-ack (within WAIT_SECS)."""
-    deadline = time.monotonic() + WAIT_SECS
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=False)
-        if method is not None:
-            return method, properties, body
-        expect(time.monotonic() < deadline, f"nothing arrived in {queue!r} within {WAIT_SECS} s")
-        time.sleep(POLL_SECS)
 
 
 def dead_letter_expired(args):
@@ -1290,12 +1132,10 @@ def readme_delayed(args):
         channel.queue_bind("orders", "later", routing_key="orders")
         channel.basic_publish("later", "orders", b"remind me",
                               properties=pika.BasicProperties(headers={"x-delay": 1000, "x-idempotency-key": "reminder-42"}))
-    body = take(channel, "orders", 1, timeout=WAIT_SECS)[0][2]
+    body = take(channel, "orders", 1)[0][2]
     expect(time.monotonic() - published >= 1.0, "delivered before its delay")
     expect(body == b"remind me", f"body {body!r}")
-    time.sleep(0.3)
-    method, _, _ = channel.basic_get("orders", auto_ack=True)
-    expect(method is None, "the retried publish was stored twice")
+    expect_empty(channel, "orders", "the retried publish stored once")
     connection.close()
 
 
@@ -1335,10 +1175,7 @@ def consumer_priority(args):
     )
     for n in range(5):
         publish(publisher, "", "ranked", f"m{n}")
-    deadline = time.monotonic() + WAIT_SECS
-    while len(got["low"]) + len(got["high"]) < 5:
-        expect(time.monotonic() < deadline, f"not all delivered: {got}")
-        connection.process_data_events(time_limit=0.05)
+    pump(connection, lambda: len(got["low"]) + len(got["high"]) >= 5, lambda: f"delivery of all 5 messages (got {got})")
     expect(got["high"] == [b"m0", b"m1", b"m2"], f"the high-priority consumer got {got['high']}")
     expect(got["low"] == [b"m3", b"m4"], f"the low-priority consumer got {got['low']}")
     expect_channel_error(
@@ -1362,10 +1199,7 @@ def metric(args, name):
 
 
 def wait_metric(args, name, want):
-    deadline = time.monotonic() + WAIT_SECS
-    while (got := metric(args, name)) != want:
-        expect(time.monotonic() < deadline, f"{name}: want {want}, got {got}")
-        time.sleep(0.05)
+    poll(lambda: metric(args, name) == want, lambda: f"{name} reaching {want} (it is {metric(args, name)})")
 
 
 def metrics_by_vhost(args):
@@ -1386,10 +1220,7 @@ def metrics_by_vhost(args):
     tag = consumer.basic_consume("counted", lambda ch, method, properties, body: ch.basic_ack(method.delivery_tag))
     wait_metric(args, 'wharf_amqp_consumers{vhost="/"}', 1)
     wait_metric(args, 'wharf_amqp_channels{vhost="/"}', 2)
-    deadline = time.monotonic() + WAIT_SECS
-    while metric(args, 'wharf_amqp_acks_total{vhost="/"}') < 3:
-        expect(time.monotonic() < deadline, "the three deliveries were not acked")
-        connection.process_data_events(time_limit=0.05)
+    pump(connection, lambda: metric(args, 'wharf_amqp_acks_total{vhost="/"}') >= 3, "the acks of the three deliveries")
     consumer.basic_cancel(tag)
     method, _, _ = channel.basic_get("counted", auto_ack=False)
     expect(method is None, "the queue should be empty")
@@ -1416,14 +1247,7 @@ def disk_alarm_blocks_publishers(args):
     # BlockingConnection lets a callback be added, so the proof that it came (and no unblocked
     # after it) is pika's own ConnectionBlockedTimeout. The first publish is taken; nothing after
     # it is read while the alarm lasts, so the second is not.
-    parameters = pika.ConnectionParameters(
-        host="127.0.0.1",
-        port=args.port,
-        connection_attempts=1,
-        socket_timeout=CONNECT_TIMEOUT_SECS,
-        blocked_connection_timeout=2,
-    )
-    connection = pika.BlockingConnection(parameters)
+    connection = connect(args, blocked_connection_timeout=2)
     channel = connection.channel()
     channel.queue_declare(queue="held")
     channel.basic_publish(exchange="", routing_key="held", body=b"first")
@@ -1433,7 +1257,7 @@ def disk_alarm_blocks_publishers(args):
         while True:
             expect(time.monotonic() < deadline, "pika saw no connection.blocked")
             connection.process_data_events(time_limit=0.1)
-    except pika.exceptions.ConnectionBlockedTimeout:
+    except ConnectionBlockedTimeout:
         pass
     # A connection that does not publish is still served.
     observer = connect(args)
@@ -1498,24 +1322,10 @@ SCENARIOS = {
 }
 
 
-def on_alarm(_signum, _frame):
-    raise Mismatch(f"the scenario did not finish within {SCENARIO_TIMEOUT_SECS} s")
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--port", type=int, required=True)
+def add_arguments(parser):
     parser.add_argument("--mqtt-port", type=int, default=1883)
     parser.add_argument("--admin-port", type=int, default=15672)
-    args = parser.parse_args()
-    # Every client call is bounded by the connection's timeouts; this bounds the whole scenario.
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(SCENARIO_TIMEOUT_SECS)
-    SCENARIOS[args.scenario](args)
-    print(f"passed pika {args.scenario}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenarios(__doc__, SCENARIOS, SCENARIO_TIMEOUT_SECS, add_arguments))

@@ -23,183 +23,39 @@ Every client call is bounded (socket timeouts, a watchdog alarm); every "does no
 waits a bounded time, after a positive control showed that delivery works.
 """
 
-import argparse
-import signal
 import sys
 import time
 
-import pika
 import pika.channel
-from pika.exceptions import ChannelClosedByBroker, NackError, UnroutableError
+from pika.exceptions import ChannelClosedByBroker, NackError
+
+from pika_common import (
+    POLL_SECS,
+    WAIT_SECS,
+    confirmed_channel,
+    connect,
+    exchange_exists,
+    expect,
+    expect_bodies,
+    expect_channel_error,
+    expect_empty,
+    expect_returned,
+    fail,
+    poll,
+    publish,
+    pump,
+    ready_count,
+    run_scenarios,
+    settle,
+    take,
+    take_unacked,
+)
 
 # The whole scenario's bound: the Rust side kills the process later (60 s); this names the cause.
 SCENARIO_TIMEOUT_SECS = 30
-# Socket and handshake timeouts of every connection.
-CONNECT_TIMEOUT_SECS = 5
-# Longest wait for something that must happen (a message arriving, a delay ending).
-WAIT_SECS = 5.0
-# How long "nothing more arrives" is watched, always after a positive control showed delivery works.
-SETTLE_SECS = 0.5
-# Pause between two polls (basic.get).
-POLL_SECS = 0.05
 
 # The idempotency key sources of `amqp.idempotency_key`.
 SOURCES = ["header", "message-id", "header-or-message-id", "none"]
-
-
-class Mismatch(AssertionError):
-    """Wharf did something other than what the scenario expects."""
-
-
-def expect(condition, message):
-    if not condition:
-        raise Mismatch(message)
-
-
-# ----- helpers -------------------------------------------------------------------------------------
-
-
-def connect(args):
-    parameters = pika.ConnectionParameters(
-        host="127.0.0.1",
-        port=args.port,
-        connection_attempts=1,
-        socket_timeout=CONNECT_TIMEOUT_SECS,
-        stack_timeout=CONNECT_TIMEOUT_SECS,
-        blocked_connection_timeout=CONNECT_TIMEOUT_SECS,
-    )
-    return pika.BlockingConnection(parameters)
-
-
-def confirmed_channel(connection):
-    """A channel in confirm mode: each publish returns once the broker acked it, and raises
-    NackError on a nack and UnroutableError on a return."""
-    channel = connection.channel()
-    channel.confirm_delivery()
-    return channel
-
-
-def publish(channel, exchange, routing_key, body, mandatory=False, headers=None, **properties):
-    channel.basic_publish(
-        exchange=exchange,
-        routing_key=routing_key,
-        body=body.encode() if isinstance(body, str) else body,
-        properties=pika.BasicProperties(headers=headers, **properties),
-        mandatory=mandatory,
-    )
-
-
-def take(channel, queue, count, timeout=WAIT_SECS):
-    """The next `count` messages of `queue` as (method, properties, body), by basic.get with
-    auto-ack, waiting at most `timeout` for them."""
-    got = []
-    deadline = time.monotonic() + timeout
-    while len(got) < count:
-        method, properties, body = channel.basic_get(queue, auto_ack=True)
-        if method is None:
-            expect(
-                time.monotonic() < deadline,
-                f"queue {queue!r}: expected {count} messages within {timeout} s, got {[m[2] for m in got]}",
-            )
-            time.sleep(POLL_SECS)
-            continue
-        got.append((method, properties, body))
-    return got
-
-
-def take_unacked(channel, queue):
-    """The next message of `queue` by basic.get without auto-ack (within WAIT_SECS)."""
-    return take_unacked_within(channel, queue, WAIT_SECS)
-
-
-def take_unacked_within(channel, queue, timeout):
-    deadline = time.monotonic() + timeout
-    while True:
-        method, properties, body = channel.basic_get(queue, auto_ack=False)
-        if method is not None:
-            return method, properties, body
-        expect(time.monotonic() < deadline, f"nothing arrived in {queue!r} within {timeout} s")
-        time.sleep(POLL_SECS)
-
-
-def expect_empty(channel, queue, why="nothing more"):
-    """Nothing (more) arrives in `queue` within SETTLE_SECS. Only called after a positive control."""
-    time.sleep(SETTLE_SECS)
-    method, _, body = channel.basic_get(queue, auto_ack=True)
-    expect(method is None, f"queue {queue!r}: expected {why}, got {body!r}")
-
-
-def expect_bodies(channel, queue, expected):
-    """`queue` holds exactly the messages `expected` (bodies as str), in that order, and no more;
-    returns them as (method, properties, body)."""
-    got = take(channel, queue, len(expected))
-    bodies = [body.decode() for _, _, body in got]
-    expect(bodies == expected, f"queue {queue!r}: expected {expected}, got {bodies}")
-    expect_empty(channel, queue, f"only {expected}")
-    return got
-
-
-def ready_count(channel, queue):
-    return channel.queue_declare(queue=queue, passive=True).method.message_count
-
-
-def expect_usable(connection):
-    """The connection still works: a new channel declares a queue and a message goes through it."""
-    channel = connection.channel()
-    queue = channel.queue_declare(queue="", exclusive=True).method.queue
-    channel.basic_publish(exchange="", routing_key=queue, body=b"still usable")
-    _, _, body = take(channel, queue, 1)[0]
-    expect(body == b"still usable", f"the check message came back as {body!r}")
-    channel.queue_delete(queue)
-    channel.close()
-
-
-def expect_channel_error(connection, code, action, text=None, prefix=None, contains=None):
-    """`action(channel)` on a new channel makes the broker close that channel with `code`, and a
-    reply text equal to `text` (or starting with `prefix`, or containing `contains`); the
-    connection stays usable."""
-    channel = connection.channel()
-    try:
-        action(channel)
-        # A publish is not answered: a synchronous method afterwards receives the close.
-        channel.basic_qos(prefetch_count=0)
-    except ChannelClosedByBroker as error:
-        got = (error.reply_code, error.reply_text)
-        expect(error.reply_code == code, f"expected channel close {code}, got {got}")
-        expect(text is None or error.reply_text == text, f"expected reply text {text!r}, got {got}")
-        expect(prefix is None or error.reply_text.startswith(prefix), f"expected a text starting {prefix!r}, got {got}")
-        expect(contains is None or contains in error.reply_text, f"expected a text naming {contains!r}, got {got}")
-    else:
-        raise Mismatch(f"expected channel close {code} {text or prefix or contains!r}, the broker accepted it")
-    expect(connection.is_open, "a channel error closed the whole connection")
-    expect_usable(connection)
-
-
-def exchange_exists(connection, exchange):
-    channel = connection.channel()
-    try:
-        channel.exchange_declare(exchange=exchange, passive=True)
-    except ChannelClosedByBroker as error:
-        expect(error.reply_code == 404, f"passive declare of {exchange!r}: {error.reply_code} {error.reply_text!r}")
-        return False
-    channel.close()
-    return True
-
-
-def pump(connection, done, what, timeout=WAIT_SECS):
-    """Process the connection's events (consumer and return callbacks) until `done()`, at most
-    `timeout`."""
-    deadline = time.monotonic() + timeout
-    while not done():
-        expect(time.monotonic() < deadline, f"{what} did not happen within {timeout} s")
-        connection.process_data_events(time_limit=POLL_SECS)
-
-
-def settle(connection):
-    """Let deliveries that should not happen show up (after a positive control)."""
-    deadline = time.monotonic() + SETTLE_SECS
-    while time.monotonic() < deadline:
-        connection.process_data_events(time_limit=POLL_SECS)
 
 
 class Received:
@@ -263,7 +119,7 @@ def idempotency_by_source(args):
             try:
                 publish(channel, "", pair, f"{pair} {n}", **properties)
             except NackError:
-                raise Mismatch(f"{source}: publish {n} of {pair} was nacked, expected acked (a duplicate is acked)")
+                fail(f"{source}: publish {n} of {pair} was nacked, expected acked (a duplicate is acked)")
     for pair, publishes in pairs.items():
         copies = expected_copies(source, pair)
         got = expect_bodies(channel, pair, [f"{pair} {n}" for n in range(copies)])
@@ -327,8 +183,9 @@ def idempotency_key_not_a_string(args):
         expect_channel_error(
             connection,
             406,
+            "PRECONDITION_FAILED - ",
             lambda c, key=key: publish(c, "", "orders", "bad key", headers={"x-idempotency-key": key}),
-            prefix="PRECONDITION_FAILED - ",
+            prefix=True,
             contains="x-idempotency-key",
         )
     publish(channel, "", "orders", "good key", headers={"x-idempotency-key": "k"})
@@ -384,8 +241,9 @@ def partition_key_not_a_string(args):
     expect_channel_error(
         connection,
         406,
+        "PRECONDITION_FAILED - ",
         lambda c: publish(c, "", "parts", "bad key", headers={"x-partition-key": 7}),
-        prefix="PRECONDITION_FAILED - ",
+        prefix=True,
         contains="x-partition-key",
     )
     publish(channel, "", "parts", "good key", headers={"x-partition-key": "7"})
@@ -400,6 +258,17 @@ def delayed_exchange(channel, name, routing, durable=False):
     channel.exchange_declare(
         name, exchange_type="x-delayed-message", durable=durable, arguments={"x-delayed-type": routing}
     )
+
+
+def delayed_to_jobs(args):
+    """A connection and a channel in confirm mode on it, with the queue `jobs` bound under `jobs` to
+    the direct delayed-message exchange `later`."""
+    connection = connect(args)
+    channel = confirmed_channel(connection)
+    delayed_exchange(channel, "later", "direct")
+    channel.queue_declare(queue="jobs")
+    channel.queue_bind("jobs", "later", routing_key="jobs")
+    return connection, channel
 
 
 def wait_for_delayed(channel, queue, published, delay_ms):
@@ -426,11 +295,7 @@ def delayed_direct_holds_for_x_delay(args):
     """A message with `x-delay: 1000` is neither counted in its queue nor consumable before 1 s,
     and arrives after; one without `x-delay`, or with a zero or negative one, is delivered at once,
     overtaking it. A consumer, too, gets the delayed message only after its delay."""
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    delayed_exchange(channel, "later", "direct")
-    channel.queue_declare(queue="jobs")
-    channel.queue_bind("jobs", "later", routing_key="jobs")
+    connection, channel = delayed_to_jobs(args)
     published = time.monotonic()
     publish(channel, "later", "jobs", "in 1 s", headers={"x-delay": 1000})
     publish(channel, "later", "jobs", "now")
@@ -460,11 +325,7 @@ def delayed_direct_holds_for_x_delay(args):
 def delayed_header_negated(args):
     """The plugin delivers a delayed message with its `x-delay` header negated (-Delay, a signed
     int), so it is not delayed again by a further delayed exchange and consumers can tell."""
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    delayed_exchange(channel, "later", "direct")
-    channel.queue_declare(queue="jobs")
-    channel.queue_bind("jobs", "later", routing_key="jobs")
+    connection, channel = delayed_to_jobs(args)
     published = time.monotonic()
     publish(channel, "later", "jobs", "delayed", headers={"x-delay": 300, "app": "kept"})
     _, properties, body, _ = wait_for_delayed(channel, "jobs", published, 300)
@@ -478,11 +339,7 @@ def delayed_header_negated(args):
 def delayed_x_delay_converted(args):
     """The plugin converts an `x-delay` given as a string to an integer delay
     (rabbit_delayed_message_utils:try_convert_to_int): "600" delays the message by 600 ms."""
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    delayed_exchange(channel, "later", "direct")
-    channel.queue_declare(queue="jobs")
-    channel.queue_bind("jobs", "later", routing_key="jobs")
+    connection, channel = delayed_to_jobs(args)
     published = time.monotonic()
     publish(channel, "later", "jobs", "string delay", headers={"x-delay": "600"})
     _, _, body, _ = wait_for_delayed(channel, "jobs", published, 600)
@@ -548,7 +405,7 @@ def delayed_type_missing(args):
     connection = connect(args)
     text = "PRECONDITION_FAILED - Invalid argument, 'x-delayed-type' must be an existing exchange type"
     expect_channel_error(
-        connection, 406, lambda c: c.exchange_declare("no-type", exchange_type="x-delayed-message"), text=text
+        connection, 406, text, lambda c: c.exchange_declare("no-type", exchange_type="x-delayed-message")
     )
     expect(not exchange_exists(connection, "no-type"), "the refused exchange exists")
     connection.close()
@@ -558,12 +415,7 @@ def delayed_type_self(args):
     """`x-delayed-type: x-delayed-message` is refused with the plugin's own text for it."""
     connection = connect(args)
     text = "PRECONDITION_FAILED - Invalid argument, 'x-delayed-message' can't be used for 'x-delayed-type'"
-    expect_channel_error(
-        connection,
-        406,
-        lambda c: delayed_exchange(c, "self-typed", "x-delayed-message"),
-        text=text,
-    )
+    expect_channel_error(connection, 406, text, lambda c: delayed_exchange(c, "self-typed", "x-delayed-message"))
     expect(not exchange_exists(connection, "self-typed"), "the refused exchange exists")
     connection.close()
 
@@ -596,7 +448,7 @@ def delayed_restart_after(args):
     """The delayed message survived the restart and arrives once its delay is over, not before."""
     connection = connect(args)
     channel = connection.channel()
-    method, _, body = take_unacked_within(channel, "durable-jobs", RESTART_DELAY_MS / 1000 + WAIT_SECS)
+    method, _, body = take_unacked(channel, "durable-jobs", RESTART_DELAY_MS / 1000 + WAIT_SECS)
     arrived = time.time()
     published = float(body.decode())
     waited = arrived - published
@@ -613,21 +465,15 @@ def delayed_mandatory(args):
     """Wharf routes a delayed message at publish time, so a mandatory unroutable one is returned at
     once (the plugin cannot do this: it routes after the delay) and a routable one is acked and
     delivered after its delay."""
-    connection = connect(args)
-    channel = confirmed_channel(connection)
-    delayed_exchange(channel, "later", "direct")
-    channel.queue_declare(queue="jobs")
-    channel.queue_bind("jobs", "later", routing_key="jobs")
+    connection, channel = delayed_to_jobs(args)
     publish(channel, "later", "jobs", "routable", mandatory=True, headers={"x-delay": 300})
-    try:
-        publish(channel, "later", "nowhere", "unroutable", mandatory=True, headers={"x-delay": 300})
-    except UnroutableError as error:
-        returned = error.messages
-        expect(len(returned) == 1, f"{len(returned)} messages returned, expected 1")
-        expect(returned[0].body == b"unroutable", f"returned {returned[0].body!r}")
-        expect(returned[0].method.reply_code == 312, f"returned with {returned[0].method.reply_code}")
-    else:
-        raise Mismatch("the mandatory unroutable delayed publish was not returned")
+    returned = expect_returned(
+        lambda: publish(channel, "later", "nowhere", "unroutable", mandatory=True, headers={"x-delay": 300}),
+        "the mandatory unroutable delayed publish",
+    )
+    expect(len(returned) == 1, f"{len(returned)} messages returned, expected 1")
+    expect(returned[0].body == b"unroutable", f"returned {returned[0].body!r}")
+    expect(returned[0].method.reply_code == 312, f"returned with {returned[0].method.reply_code}")
     expect_bodies(channel, "jobs", ["routable"])
     connection.close()
 
@@ -649,17 +495,28 @@ def expect_delivered(connection, received, total, what):
     expect(received.count() == total, f"{what}: {received.count()} deliveries, expected {total}")
 
 
-def global_qos_limits_the_channel(args):
-    """prefetch_count=3 global: 3 unacked deliveries across both consumers of the channel; raising
-    it to 6 while they run lets 3 more through at once; acks open the window again."""
+def consume_two_queues(args, global_prefetch, per_consumer_prefetch=None, count=10):
+    """q1 and q2 filled with `count` messages each, and a channel with a global prefetch of
+    `global_prefetch` (set after a per-consumer `per_consumer_prefetch`, if given) consuming them
+    with manual acks, as `one` (q1) and `two` (q2). Returns (connection, publisher, channel,
+    received)."""
     connection = connect(args)
     publisher = confirmed_channel(connection)
-    fill_two_queues(publisher)
+    fill_two_queues(publisher, count)
     channel = connection.channel()
-    channel.basic_qos(prefetch_count=3, global_qos=True)
+    if per_consumer_prefetch is not None:
+        channel.basic_qos(prefetch_count=per_consumer_prefetch, global_qos=False)
+    channel.basic_qos(prefetch_count=global_prefetch, global_qos=True)
     received = Received()
     channel.basic_consume("q1", received.callback("one"))
     channel.basic_consume("q2", received.callback("two"))
+    return connection, publisher, channel, received
+
+
+def global_qos_limits_the_channel(args):
+    """prefetch_count=3 global: 3 unacked deliveries across both consumers of the channel; raising
+    it to 6 while they run lets 3 more through at once; acks open the window again."""
+    connection, _, channel, received = consume_two_queues(args, 3)
     expect_delivered(connection, received, 3, "global prefetch 3")
     channel.basic_qos(prefetch_count=6, global_qos=True)
     expect_delivered(connection, received, 6, "global prefetch raised to 6")
@@ -673,14 +530,7 @@ def global_qos_limits_the_channel(args):
 def global_qos_lowered(args):
     """Lowering the global prefetch below what is unacked sends nothing until acks bring the
     unacked count under the new limit."""
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    fill_two_queues(publisher)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=5, global_qos=True)
-    received = Received()
-    channel.basic_consume("q1", received.callback("one"))
-    channel.basic_consume("q2", received.callback("two"))
+    connection, _, channel, received = consume_two_queues(args, 5)
     expect_delivered(connection, received, 5, "global prefetch 5")
     channel.basic_qos(prefetch_count=2, global_qos=True)
     tags = [method.delivery_tag for _, method, _, _ in received.deliveries]
@@ -699,15 +549,7 @@ def global_qos_lowered(args):
 def global_and_per_consumer_qos(args):
     """RabbitMQ's example: per-consumer 2 and global 3 together: at most 2 per consumer and 3 on
     the channel."""
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    fill_two_queues(publisher)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=2, global_qos=False)
-    channel.basic_qos(prefetch_count=3, global_qos=True)
-    received = Received()
-    channel.basic_consume("q1", received.callback("one"))
-    channel.basic_consume("q2", received.callback("two"))
+    connection, _, channel, received = consume_two_queues(args, 3, per_consumer_prefetch=2)
     expect_delivered(connection, received, 3, "per-consumer 2, global 3")
     counts = (received.count("one"), received.count("two"))
     expect(max(counts) <= 2, f"a consumer got more than its prefetch of 2: {counts}")
@@ -739,14 +581,7 @@ def per_consumer_qos_applies_to_later_consumers(args):
 
 def global_qos_zero_lifts_the_limit(args):
     """A global prefetch of 0 means no limit: every waiting message is delivered."""
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    fill_two_queues(publisher)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=2, global_qos=True)
-    received = Received()
-    channel.basic_consume("q1", received.callback("one"))
-    channel.basic_consume("q2", received.callback("two"))
+    connection, _, channel, received = consume_two_queues(args, 2)
     expect_delivered(connection, received, 2, "global prefetch 2")
     channel.basic_qos(prefetch_count=0, global_qos=True)
     expect_delivered(connection, received, 20, "global prefetch 0")
@@ -764,14 +599,7 @@ def global_qos_window_leaves_messages_ready(args):
     """While the channel's global window is full, a consumer of another queue gets nothing, and that
     queue's messages stay ready in it: counted by queue.declare-ok, first in line for basic.get on
     another channel (RabbitMQ's queues do not hand a message out while the limiter blocks)."""
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    fill_two_queues(publisher, count=3)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=1, global_qos=True)
-    received = Received()
-    channel.basic_consume("q1", received.callback("one"))
-    channel.basic_consume("q2", received.callback("two"))
+    connection, publisher, channel, received = consume_two_queues(args, 1, count=3)
     expect_delivered(connection, received, 1, "global prefetch 1")
     starved = starved_queue(received)
     count = ready_count(publisher, starved)
@@ -788,14 +616,7 @@ def global_qos_window_leaves_messages_ready(args):
 def global_qos_close_requeues_unsent_unredelivered(args):
     """When a channel with a full global window closes, only what was delivered to the client comes
     back redelivered; messages it never sent keep redelivered false."""
-    connection = connect(args)
-    publisher = confirmed_channel(connection)
-    fill_two_queues(publisher, count=3)
-    channel = connection.channel()
-    channel.basic_qos(prefetch_count=1, global_qos=True)
-    received = Received()
-    channel.basic_consume("q1", received.callback("one"))
-    channel.basic_consume("q2", received.callback("two"))
+    connection, publisher, channel, received = consume_two_queues(args, 1, count=3)
     expect_delivered(connection, received, 1, "global prefetch 1")
     delivered = received.bodies()[0]
     channel.close()
@@ -813,15 +634,39 @@ def global_qos_close_requeues_unsent_unredelivered(args):
 # ----- basic.cancel ------------------------------------------------------------------------------
 
 
+def work_queue(connection, count):
+    """The queue `work` holding m0, m1, ... (`count` messages); returns the confirm-mode channel
+    that published them."""
+    publisher = confirmed_channel(connection)
+    publisher.queue_declare(queue="work")
+    for n in range(count):
+        publish(publisher, "", "work", f"m{n}")
+    return publisher
+
+
+def answered(what, round_trip):
+    """`round_trip()`, a synchronous method, is answered: `what`, sent before it, did not close the
+    channel."""
+    try:
+        round_trip()
+    except ChannelClosedByBroker as error:
+        fail(f"{what} closed the channel: {error.reply_code} {error.reply_text!r}")
+
+
+def expect_acks_kept(publisher, channel):
+    """Close `channel`, whose deliveries from `work` were all acked: none comes back (the queue
+    still delivers, a positive control)."""
+    channel.close()
+    publish(publisher, "", "work", "control")
+    expect_bodies(publisher, "work", ["control"])
+
+
 def cancel_keeps_unacked(args):
     """After basic.cancel the consumer's unacked deliveries stay on the channel: not redelivered to
     another consumer, ackable without error; a nack with requeue or the channel's close returns
     them."""
     connection = connect(args)
-    publisher = confirmed_channel(connection)
-    publisher.queue_declare(queue="work")
-    for n in range(3):
-        publish(publisher, "", "work", f"m{n}")
+    publisher = work_queue(connection, 3)
     first = connection.channel()
     received = Received()
     tag = first.basic_consume("work", received.callback("first"))
@@ -840,10 +685,7 @@ def cancel_keeps_unacked(args):
 
     # Acking a delivery of the cancelled consumer is no error.
     first.basic_ack(tags["m0"])
-    try:
-        first.basic_qos(prefetch_count=0)
-    except ChannelClosedByBroker as error:
-        raise Mismatch(f"acking after basic.cancel closed the channel: {error.reply_code} {error.reply_text!r}")
+    answered("acking after basic.cancel", lambda: first.basic_qos(prefetch_count=0))
     count = ready_count(publisher, "work")
     expect(count == 0, f"{count} ready messages after the cancel, expected 0 (m1, m2 unacked)")
 
@@ -932,10 +774,7 @@ def cancel_with_backlog(args, auto_ack):
     publisher.queue_declare(queue=queue)
     for n in range(BACKLOG):
         publisher.basic_publish("", queue, f"m{n}".encode())
-    deadline = time.monotonic() + WAIT_SECS
-    while ready_count(publisher, queue) < BACKLOG:
-        expect(time.monotonic() < deadline, f"{BACKLOG} messages were not all in {queue!r} within {WAIT_SECS} s")
-        time.sleep(POLL_SECS)
+    poll(lambda: ready_count(publisher, queue) >= BACKLOG, f"all {BACKLOG} messages reaching {queue!r}")
     channel = connection.channel()
     received = Received()
     tag = channel.basic_consume(queue, received.callback("busy"), auto_ack=auto_ack)
@@ -960,7 +799,7 @@ def cancel_with_backlog(args, auto_ack):
         connection.close()
         connection = connect(args)
         after_close = ready_count(connection.channel(), queue)
-        raise Mismatch(
+        fail(
             f"{what}, {remaining} left in the queue: {BACKLOG - delivered - remaining} of {BACKLOG} missing "
             f"({after_close} in the queue once the connection closed)"
         )
@@ -971,10 +810,7 @@ def cancel_then_ack_multiple(args):
     """One ack with `multiple` settles the unacked deliveries of a cancelled consumer and of a later
     consumer on the same channel together: nothing comes back when the channel closes."""
     connection = connect(args)
-    publisher = confirmed_channel(connection)
-    publisher.queue_declare(queue="work")
-    for n in range(2):
-        publish(publisher, "", "work", f"m{n}")
+    publisher = work_queue(connection, 2)
     channel = connection.channel()
     received = Received()
     tag = channel.basic_consume("work", received.callback("first"))
@@ -988,14 +824,8 @@ def cancel_then_ack_multiple(args):
     expect(received.bodies() == ["m0", "m1", "m2"], f"received {received.bodies()}")
     last = received.deliveries[-1][1].delivery_tag
     channel.basic_ack(last, multiple=True)
-    try:
-        channel.basic_qos(prefetch_count=0)
-    except ChannelClosedByBroker as error:
-        raise Mismatch(f"ack multiple after basic.cancel closed the channel: {error.reply_code} {error.reply_text!r}")
-    channel.close()
-    # Positive control: the queue still delivers; the acked messages do not come back.
-    publish(publisher, "", "work", "control")
-    expect_bodies(publisher, "work", ["control"])
+    answered("ack multiple after basic.cancel", lambda: channel.basic_qos(prefetch_count=0))
+    expect_acks_kept(publisher, channel)
     connection.close()
 
 
@@ -1074,10 +904,7 @@ def tx_mandatory_queue_deleted_before_commit(args):
 def tx_acked_twice(connection):
     """A tx channel holding m0 and m1 by basic.get, both acked in a transaction rolled back;
     returns the channel and the delivery tags."""
-    publisher = confirmed_channel(connection)
-    publisher.queue_declare(queue="work")
-    for n in range(2):
-        publish(publisher, "", "work", f"m{n}")
+    publisher = work_queue(connection, 2)
     channel = connection.channel()
     channel.tx_select()
     tags = []
@@ -1100,14 +927,8 @@ def tx_rollback_keeps_acks_unacked(args):
     publisher, channel, tags = tx_acked_twice(connection)
     for tag in tags:
         channel.basic_ack(tag)
-    try:
-        channel.tx_commit()
-    except ChannelClosedByBroker as error:
-        raise Mismatch(f"acking again after tx.rollback failed: {error.reply_code} {error.reply_text!r}")
-    channel.close()
-    # Positive control: the queue still delivers; the acked messages do not come back.
-    publish(publisher, "", "work", "control")
-    expect_bodies(publisher, "work", ["control"])
+    answered("acking again after tx.rollback", channel.tx_commit)
+    expect_acks_kept(publisher, channel)
     connection.close()
 
 
@@ -1164,28 +985,14 @@ SCENARIOS = {
 }
 
 
-def on_alarm(_signum, _frame):
-    raise Mismatch(f"the scenario did not finish within {SCENARIO_TIMEOUT_SECS} s")
-
-
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("scenario", choices=sorted(SCENARIOS))
-    parser.add_argument("--port", type=int, required=True)
+def add_arguments(parser):
     parser.add_argument(
         "--idempotency-key",
         choices=SOURCES,
         default="header",
         help="the broker's amqp.idempotency_key setting (what idempotency-by-source expects)",
     )
-    args = parser.parse_args()
-    # Every client call is bounded by the connection's timeouts; this bounds the whole scenario.
-    signal.signal(signal.SIGALRM, on_alarm)
-    signal.alarm(SCENARIO_TIMEOUT_SECS)
-    SCENARIOS[args.scenario](args)
-    print(f"passed pika {args.scenario}")
-    return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(run_scenarios(__doc__, SCENARIOS, SCENARIO_TIMEOUT_SECS, add_arguments))
