@@ -25,6 +25,10 @@ pub enum Command {
     /// Print or check configuration files.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Load-test an MQTT or AMQP broker (Wharf or any other): throughput, losses, duplicates,
+    /// latency percentiles.
+    #[command(subcommand)]
+    Bench(crate::bench::BenchCommand),
 }
 
 /// Flags of `wharf serve`. Flags override the configuration file and the environment.

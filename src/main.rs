@@ -5,6 +5,7 @@
 //! configuration refused by `wharf config check`; 2 bad flags or configuration refused at start-up.
 
 mod admin;
+mod bench;
 mod cli;
 mod listeners;
 mod serve;
@@ -22,6 +23,7 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
         Command::Serve(args) => serve::run(&args),
+        Command::Bench(command) => bench::run(command),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", settings::default_file());
             ExitCode::SUCCESS
