@@ -19,7 +19,7 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties, ExchangeKind};
 use tokio::sync::watch;
 
-use super::{AmqpArgs, Counters, Layout, Outcome, Receiver, Report, Schedule, drain, progress, stamp};
+use super::{AmqpArgs, Counters, Layout, Receiver, Report, Running, Schedule, progress, stamp};
 
 /// Time any one setup call may take.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -144,22 +144,12 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<Report> {
             Arc::clone(&counters),
         )));
     }
-    for publisher in publishers {
-        publisher.await.context("publisher task")??;
-    }
-    let publish_secs = start.elapsed().as_secs_f64();
     let copies = match common.layout {
         Layout::FanOut => u64::from(common.subscribers),
         Layout::OneToOne | Layout::FanIn => 1,
     };
-    drain(&counters, || counters.sent.load(Ordering::Relaxed) * copies, common.drain_secs).await;
-    let elapsed_secs = start.elapsed().as_secs_f64();
-    stop_tx.send_replace(true);
-    let mut receivers = Vec::new();
-    for consumer in consumers {
-        receivers.push(consumer.await.context("consumer task")?);
-    }
-    let _ = reporter.await;
+    let running = Running { counters, start, publishers, subscribers: consumers, stop: stop_tx, reporter };
+    let outcome = running.finish(copies, common.drain_secs).await?;
     // Leave nothing behind on the broker.
     for queue in &queues {
         let _ = within("queue.delete", setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())).await;
@@ -180,7 +170,6 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<Report> {
     if args.idempotency_keys {
         mode.push_str(", idempotency keys");
     }
-    let outcome = Outcome { counters, receivers, copies, publish_secs, elapsed_secs };
     outcome.report("amqp", mode, &common)
 }
 

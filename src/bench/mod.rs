@@ -472,6 +472,37 @@ async fn progress(counters: Arc<Counters>, start: Instant, mut done: tokio::sync
     }
 }
 
+/// The running parts of a run, once its publishers and subscribers are started.
+pub struct Running {
+    pub counters: Arc<Counters>,
+    pub start: Instant,
+    pub publishers: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+    pub subscribers: Vec<tokio::task::JoinHandle<Receiver>>,
+    pub stop: tokio::sync::watch::Sender<bool>,
+    pub reporter: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Wait for the publishers, then for the deliveries (`copies` per message sent), then stop the
+    /// subscribers and gather what they saw.
+    pub async fn finish(self, copies: u64, drain_secs: u64) -> anyhow::Result<Outcome> {
+        for publisher in self.publishers {
+            publisher.await.context("publisher task")??;
+        }
+        let publish_secs = self.start.elapsed().as_secs_f64();
+        let counters = self.counters;
+        drain(&counters, || counters.sent.load(Ordering::Relaxed) * copies, drain_secs).await;
+        let elapsed_secs = self.start.elapsed().as_secs_f64();
+        self.stop.send_replace(true);
+        let mut receivers = Vec::new();
+        for subscriber in self.subscribers {
+            receivers.push(subscriber.await.context("subscriber task")?);
+        }
+        let _ = self.reporter.await;
+        Ok(Outcome { counters, receivers, copies, publish_secs, elapsed_secs })
+    }
+}
+
 /// After publishing: wait until every expected delivery arrived, or until nothing arrived for
 /// `drain_secs`.
 async fn drain(counters: &Counters, expected: impl Fn() -> u64, drain_secs: u64) {

@@ -10,7 +10,7 @@ use anyhow::{Context, bail};
 use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
 use tokio::sync::watch;
 
-use super::{Counters, Layout, MqttArgs, Outcome, Receiver, Report, Schedule, drain, progress, stamp};
+use super::{Counters, Layout, MqttArgs, Receiver, Report, Running, Schedule, progress, stamp};
 
 /// Time to connect and subscribe.
 const SETUP_TIMEOUT: Duration = Duration::from_secs(10);
@@ -81,23 +81,12 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Report> {
         let size = common.size_bytes;
         publishers.push(tokio::spawn(publish(client, events, topic, qos, schedule, epoch, index, size, counters)));
     }
-    for publisher in publishers {
-        publisher.await.context("publisher task")??;
-    }
-    let publish_secs = start.elapsed().as_secs_f64();
     let copies = match common.layout {
         Layout::OneToOne => 1,
         Layout::FanOut | Layout::FanIn => u64::from(common.subscribers),
     };
-    drain(&counters, || counters.sent.load(Ordering::Relaxed) * copies, common.drain_secs).await;
-    let elapsed_secs = start.elapsed().as_secs_f64();
-    stop_tx.send_replace(true);
-    let mut receivers = Vec::new();
-    for subscriber in subscribers {
-        receivers.push(subscriber.await.context("subscriber task")?);
-    }
-    let _ = reporter.await;
-    let outcome = Outcome { counters, receivers, copies, publish_secs, elapsed_secs };
+    let running = Running { counters, start, publishers, subscribers, stop: stop_tx, reporter };
+    let outcome = running.finish(copies, common.drain_secs).await?;
     outcome.report("mqtt", format!("qos {}", args.qos), &common)
 }
 
