@@ -171,6 +171,36 @@ impl PendingPublish {
     }
 }
 
+/// A settle queued for commit ([`Core::settle_queued`]); await [`PendingSettle::done`].
+#[derive(Debug)]
+#[must_use = "a settle's outcome is known only when it is awaited"]
+pub struct PendingSettle {
+    waits: Vec<(PartitionKey, ReplyReceiver<ShardReply>)>,
+}
+
+impl PendingSettle {
+    /// Wait until it is committed; the positions the consumer did not hold.
+    pub async fn done(self) -> CoreResult<Vec<Position>> {
+        let mut unknown = Vec::new();
+        for (target, rx) in self.waits {
+            match wait(rx).await? {
+                ShardReply::Settled { unknown: offsets } => {
+                    unknown.extend(offsets.into_iter().map(|offset| Position {
+                        queue: target.0,
+                        partition: target.1,
+                        offset,
+                    }))
+                }
+                // The queue was deleted: nothing is held any more.
+                ShardReply::Error(CoreError::NotFound(_)) => {}
+                ShardReply::Error(error) => return Err(error),
+                other => return Err(CoreError::Internal(format!("settle answered {other:?}"))),
+            }
+        }
+        Ok(unknown)
+    }
+}
+
 /// Where and when a message with a given idempotency key was committed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct KeyCommitted {
@@ -922,6 +952,19 @@ impl Core {
         positions: &[Position],
         outcome: Outcome,
     ) -> CoreResult<Vec<Position>> {
+        self.settle_queued(consumer, positions, outcome)?.done().await
+    }
+
+    /// [`Core::settle`], queued for commit now and awaited later: it is applied before any command
+    /// the caller queues afterwards (a later settle, get, consumer stop or connection close), so a
+    /// front-end can go on without waiting for each acknowledgement's commit, and concurrent
+    /// settles share Raft entries.
+    pub fn settle_queued(
+        &self,
+        consumer: ConsumerId,
+        positions: &[Position],
+        outcome: Outcome,
+    ) -> CoreResult<PendingSettle> {
         self.check_open()?;
         let mut per_partition: BTreeMap<PartitionKey, Vec<u64>> = BTreeMap::new();
         for position in positions {
@@ -933,23 +976,7 @@ impl Core {
             let size = command.size_bytes();
             waits.push((target, self.shard_for(target).submit(command, size)?));
         }
-        let mut unknown = Vec::new();
-        for (target, rx) in waits {
-            match wait(rx).await? {
-                ShardReply::Settled { unknown: offsets } => {
-                    unknown.extend(offsets.into_iter().map(|offset| Position {
-                        queue: target.0,
-                        partition: target.1,
-                        offset,
-                    }))
-                }
-                // The queue was deleted: nothing is held any more.
-                ShardReply::Error(CoreError::NotFound(_)) => {}
-                ShardReply::Error(error) => return Err(error),
-                other => return Err(CoreError::Internal(format!("settle answered {other:?}"))),
-            }
-        }
-        Ok(unknown)
+        Ok(PendingSettle { waits })
     }
 
     /// `basic.get`: take one message from a queue. Without `no_ack` it is held by `holder` until

@@ -16,7 +16,9 @@ use tokio::sync::{mpsc, oneshot};
 use wharf_core::alarms::Alarms;
 use wharf_core::catalogue::{BindingSpec, Destination, ExchangeKind};
 use wharf_core::model::{ConnectionId, Message, Position};
-use wharf_core::node::{ConsumeOptions, ConsumerEvent, ExchangeSpec, PendingPublish, Published, QueueSpec, Txn};
+use wharf_core::node::{
+    ConsumeOptions, ConsumerEvent, ExchangeSpec, PendingPublish, PendingSettle, Published, QueueSpec, Txn,
+};
 use wharf_core::queue::{ConsumerId, Delivery, Outcome};
 use wharf_core::{CoreError, CoreResult};
 
@@ -29,6 +31,10 @@ const CLOSE_OK_TIMEOUT: Duration = Duration::from_secs(3);
 
 /// RabbitMQ's text for content frames that no basic.publish announced (505).
 const EXPECTED_METHOD_FRAME: &str = "expected method frame, got non method frame instead";
+
+/// Output gathered from waiting events before it is written (one write for many confirms or
+/// deliveries).
+const WRITE_BATCH_BYTES: usize = 256 * 1024;
 
 /// Bytes read from the socket at a time.
 const READ_CHUNK_BYTES: usize = 64 * 1024;
@@ -240,6 +246,8 @@ struct Connection {
     events_tx: mpsc::UnboundedSender<Event>,
     events_rx: mpsc::UnboundedReceiver<Event>,
     confirm_tx: mpsc::UnboundedSender<(u16, u64, PublishJob, PendingPublish)>,
+    /// Settles queued for commit, awaited in order by the settler task.
+    settle_tx: mpsc::UnboundedSender<PendingSettle>,
     started: Instant,
     closing_since: Option<Instant>,
     last_read: Instant,
@@ -387,6 +395,8 @@ impl Connection {
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let (confirm_tx, confirm_rx) = mpsc::unbounded_channel();
         tokio::spawn(confirmer(confirm_rx, events_tx.clone()));
+        let (settle_tx, settle_rx) = mpsc::unbounded_channel();
+        tokio::spawn(settler(settle_rx));
         let id = broker.core.new_connection();
         let now = Instant::now();
         Self {
@@ -406,6 +416,7 @@ impl Connection {
             events_tx,
             events_rx,
             confirm_tx,
+            settle_tx,
             started: now,
             closing_since: None,
             last_read: now,
@@ -448,7 +459,7 @@ impl Connection {
                     }
                     Err(error) => Err(Stop::Close(format!("read failed: {error}"))),
                 },
-                Some(event) = self.events_rx.recv() => self.on_event(event).await,
+                Some(event) = self.events_rx.recv() => self.on_events(event).await,
                 _ = shutdown.changed(), if !shutdown_seen => Ok(()),
                 changed = alarms.changed() => {
                     if changed.is_ok() {
@@ -1335,8 +1346,11 @@ impl Connection {
             self.release_held(id);
             return Ok(());
         }
+        // Queued for commit now and awaited by the settler: the connection goes on at once (an ack
+        // has no reply), and whatever it queues afterwards is applied after these.
         for (holder, positions) in by_holder {
-            self.broker.core.settle(holder, &positions, outcome).await.map_err(|e| mapping::core_error(&e))?;
+            let pending = self.broker.core.settle_queued(holder, &positions, outcome);
+            let _ = self.settle_tx.send(pending.map_err(|e| mapping::core_error(&e))?);
         }
         self.release_held(id);
         Ok(())
@@ -1570,6 +1584,17 @@ impl Connection {
         }
     }
 
+    /// Handle `first` and whatever other events are already waiting, up to a write's worth of
+    /// output: confirms and deliveries then leave in one write, not one write each.
+    async fn on_events(&mut self, first: Event) -> Result<(), Stop> {
+        self.on_event(first).await?;
+        while self.out.len() < WRITE_BATCH_BYTES {
+            let Ok(event) = self.events_rx.try_recv() else { break };
+            self.on_event(event).await?;
+        }
+        Ok(())
+    }
+
     async fn on_event(&mut self, event: Event) -> Result<(), Stop> {
         match event {
             Event::Delivery { channel: id, generation, tag, delivery } => {
@@ -1647,6 +1672,16 @@ async fn read_some<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> s
 }
 
 /// Await confirmations in publish order and report them.
+/// Await queued settles, in order. A settle that fails to commit is logged: the client was not
+/// waiting for it (an ack has no reply), and the delivery stays held until its channel closes.
+async fn settler(mut pending: mpsc::UnboundedReceiver<PendingSettle>) {
+    while let Some(settle) = pending.recv().await {
+        if let Err(error) = settle.done().await {
+            tracing::debug!(%error, "settle not committed");
+        }
+    }
+}
+
 async fn confirmer(
     mut jobs: mpsc::UnboundedReceiver<(u16, u64, PublishJob, PendingPublish)>,
     events: mpsc::UnboundedSender<Event>,
