@@ -25,7 +25,9 @@ BENCH=target/release/wharf
 
 WHARF_MQTT=21883 WHARF_AMQP=25672 WHARF_ADMIN=25673
 MOSQ_MQTT=31883
-RMQ_AMQP=35672 RMQ_MQTT=31884 RMQ_DIST=35673
+# Below the ephemeral port range (32768 and up): a connect loop to a free port there can connect
+# to itself and take the port a broker is about to listen on.
+RMQ_AMQP=24672 RMQ_MQTT=31884 RMQ_DIST=24673
 RMQ_NODE=wharfbench@localhost
 
 log() { printf '%s\n' "$*" >&2; }
@@ -36,11 +38,25 @@ as_root() {
 }
 
 WHARF_PID= MOSQ_PID= RMQ_STARTED=
+# Erlang VMs running before this run: any other one at the end is ours (a node that never
+# registered cannot be stopped with rabbitmqctl, and would hold its ports for the next run).
+BEAMS_BEFORE=" $(pgrep -d ' ' beam.smp || true) "
 cleanup() {
+    local status=$?
+    if [ $status -ne 0 ]; then
+        # Say why before the logs go.
+        for file in "$WORK"/wharf.log "$WORK"/mosquitto.log "$WORK"/rabbitmq/log/*.log; do
+            [ -f "$file" ] && { log "--- $file"; grep -m 20 -E 'error|reason|eaddrinuse|refused' "$file" | cut -c1-300 >&2 || true; }
+        done
+        command -v ss >/dev/null 2>&1 && ss -ltnp >&2 || true
+    fi
     [ -n "$WHARF_PID" ] && kill "$WHARF_PID" 2>/dev/null && wait "$WHARF_PID" 2>/dev/null || true
     [ -n "$MOSQ_PID" ] && kill "$MOSQ_PID" 2>/dev/null && wait "$MOSQ_PID" 2>/dev/null || true
     if [ -n "$RMQ_STARTED" ]; then
         rabbitmqctl -n "$RMQ_NODE" stop >/dev/null 2>&1 || true
+        for pid in $(pgrep beam.smp || true); do
+            case "$BEAMS_BEFORE" in *" $pid "*) ;; *) kill "$pid" 2>/dev/null || true ;; esac
+        done
     fi
     rm -rf "$WORK"
 }
@@ -55,7 +71,9 @@ if [ ${#missing[@]} -gt 0 ]; then
     as_root apt-get update >&2
     as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends "${missing[@]}" >&2
 fi
-export PATH="$PATH:/usr/sbin:/usr/lib/rabbitmq/bin"
+# Debian's /usr/sbin/rabbitmq-server switches to the rabbitmq user and drops the environment that
+# points the node at this run's directory: use the scripts behind it.
+export PATH="/usr/lib/rabbitmq/bin:$PATH:/usr/sbin"
 # Debian starts the packaged services on install; they are not ours and would compete for the CPU.
 for service in mosquitto rabbitmq-server; do
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet "$service" 2>/dev/null; then
@@ -108,11 +126,22 @@ loopback_users = none
 management.tcp.port = 0
 CONF
 echo '[rabbitmq_mqtt].' >"$WORK/rabbitmq/enabled_plugins"
+if epmd -names 2>/dev/null | grep -q "name ${RMQ_NODE%@*} "; then
+    log "a node named $RMQ_NODE is running already (an earlier run?): stopping it"
+    rabbitmqctl -n "$RMQ_NODE" stop >&2 || true
+fi
 RABBITMQ_NODENAME=$RMQ_NODE RABBITMQ_DIST_PORT=$RMQ_DIST \
     RABBITMQ_CONFIG_FILE="$WORK/rabbitmq/rabbitmq" RABBITMQ_ENABLED_PLUGINS_FILE="$WORK/rabbitmq/enabled_plugins" \
     RABBITMQ_MNESIA_BASE="$WORK/rabbitmq/mnesia" RABBITMQ_LOG_BASE="$WORK/rabbitmq/log" \
     rabbitmq-server -detached >"$WORK/rabbitmq.log" 2>&1
 RMQ_STARTED=1
+# A detached node registers with epmd a moment later; then it boots (its MQTT plugin waits for
+# cluster peers that never come before electing itself).
+deadline=$((SECONDS + 60))
+until epmd -names 2>/dev/null | grep -q "name ${RMQ_NODE%@*} "; do
+    [ $SECONDS -lt $deadline ] || { log "rabbitmq did not start; see $WORK/rabbitmq/log"; exit 1; }
+    sleep 0.5
+done
 rabbitmqctl -n "$RMQ_NODE" await_startup --timeout 120 >&2
 wait_port 127.0.0.1 $RMQ_AMQP 60
 wait_port 127.0.0.1 $RMQ_MQTT 60
