@@ -19,6 +19,7 @@ COUNT=${BENCH_COUNT:-50000}
 RATE=${BENCH_RATE:-10000}
 RATE_SECS=${BENCH_RATE_SECS:-10}
 FAN_OUT=${BENCH_FAN_OUT:-100}
+IDLE=${BENCH_IDLE:-10000}
 OUT=${BENCH_OUT:-target/bench-compare}
 WORK=$(mktemp -d /tmp/wharf-bench-compare.XXXXXX)
 BENCH=target/release/wharf
@@ -31,6 +32,9 @@ RMQ_AMQP=24672 RMQ_MQTT=31884 RMQ_DIST=24673
 RMQ_NODE=wharfbench@localhost
 
 log() { printf '%s\n' "$*" >&2; }
+
+# The idle-connection scenario needs a file descriptor per connection in the broker and the bench.
+ulimit -n "$(ulimit -Hn)" 2>/dev/null || true
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then "$@"; elif command -v sudo >/dev/null 2>&1; then sudo "$@"; else
@@ -200,6 +204,28 @@ AMQP_RATE=(--confirms --publishers 2 --subscribers 2 --rate-per-sec "$RATE" --du
 run amqp-rate wharf amqp $WHARF_AMQP "${AMQP_RATE[@]}"
 run amqp-rate rabbitmq-quorum amqp $RMQ_AMQP --queue-type quorum "${AMQP_RATE[@]}"
 
+# idle_bytes BROKER PID PORT: broker memory (RSS) per idle MQTT connection, bytes.
+idle_bytes() {
+    local broker=$1 pid=$2 port=$3 before during bench deadline
+    before=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+    log "== idle connections: $broker"
+    "$BENCH" bench mqtt --port "$port" --qos 0 --count 0 --idle-connections "$IDLE" --hold-secs 5 --json \
+        >"$OUT/idle-$broker.json" 2>"$WORK/idle-$broker.err" &
+    bench=$!
+    deadline=$((SECONDS + 300))
+    until grep -q '^holding' "$WORK/idle-$broker.err"; do
+        kill -0 "$bench" 2>/dev/null || { cat "$WORK/idle-$broker.err" >&2; return 1; }
+        [ $SECONDS -lt $deadline ] || { log "idle connections: no hold after 300 s"; return 1; }
+        sleep 0.2
+    done
+    sleep 2
+    during=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+    wait "$bench"
+    echo $(((during - before) * 1024 / IDLE))
+}
+IDLE_WHARF=$(idle_bytes wharf "$WHARF_PID" $WHARF_MQTT)
+IDLE_MOSQ=$(idle_bytes mosquitto "$MOSQ_PID" $MOSQ_MQTT)
+
 row "MQTT QoS 0, 2 -> 2, 256 B" mqtt-qos0 mosquitto received_per_sec
 row "MQTT QoS 1, 2 -> 2, 256 B" mqtt-qos1 mosquitto received_per_sec
 row "MQTT QoS 1, 2 -> 2, 256 B" mqtt-qos1 rabbitmq-mqtt received_per_sec
@@ -209,6 +235,11 @@ row "MQTT QoS 1 fan-out 1 -> $FAN_OUT" mqtt-fanout mosquitto received_per_sec
 row "AMQP confirms, persistent, 2 -> 2" amqp-confirms rabbitmq-classic received_per_sec
 row "AMQP confirms, persistent, 2 -> 2" amqp-confirms rabbitmq-quorum received_per_sec
 row "AMQP confirms at $RATE msg/s" amqp-rate rabbitmq-quorum latency_micros.p99
+ROWS+=("$(python3 -c 'import sys
+n, ours, theirs = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ratio = ours / theirs if theirs else float("nan")
+print(f"| {n} idle MQTT connections | mosquitto | bytes of RSS each | {ours:,} | {theirs:,} | {ratio:.2f} | - |")' \
+    "$IDLE" "$IDLE_WHARF" "$IDLE_MOSQ")")
 
 echo
 echo "Wharf $("$BENCH" --version | awk '{print $2}'), $(mosquitto -h 2>/dev/null | head -1 | awk '{print $1, $2, $3}'), RabbitMQ $(rabbitmqctl -n "$RMQ_NODE" version 2>/dev/null || echo '?'); $(nproc) cores; count $COUNT per throughput run"
@@ -217,4 +248,4 @@ echo "| scenario | peer | unit | Wharf | peer | Wharf / peer | lost (Wharf / pee
 echo "|---|---|---|---|---|---|---|"
 printf '%s\n' "${ROWS[@]}"
 echo
-echo "Throughput rows: higher is better for Wharf when the ratio is above 1. Latency rows: lower is better, so a ratio below 1 favours Wharf."
+echo "Throughput rows: higher is better for Wharf when the ratio is above 1. Latency and memory rows: lower is better, so a ratio below 1 favours Wharf."

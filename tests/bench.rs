@@ -111,3 +111,11 @@ fn bench_against_no_broker_fails_with_a_clear_error() {
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("could not connect") || stderr.contains("no connection"), "{stderr}");
 }
+
+#[test]
+fn bench_mqtt_holds_idle_connections_through_the_run() {
+    let broker = Broker::start();
+    let report = bench(&broker, "mqtt", &["--qos", "1", "--count", "50", "--idle-connections", "25"]);
+    assert_complete(&report, 50, 50);
+    assert_eq!(count(&report, "idle_connections"), 25, "{report}");
+}

@@ -107,6 +107,14 @@ pub struct MqttArgs {
     /// MQTT password.
     #[arg(long)]
     pub password: Option<String>,
+    /// Open this many extra connections that stay idle (keep-alive only) through the run, to
+    /// measure what a connection costs the broker.
+    #[arg(long, default_value_t = 0)]
+    pub idle_connections: u32,
+    /// After the run, keep the idle connections open this long, seconds (a line on stderr says
+    /// when holding starts, for whoever samples the broker's memory).
+    #[arg(long, default_value_t = 0)]
+    pub hold_secs: u64,
 }
 
 /// `wharf bench amqp`.
@@ -353,6 +361,8 @@ pub struct Report {
     pub received_per_sec: f64,
     /// End-to-end latency, microseconds.
     pub latency_micros: Latency,
+    /// Idle connections held open through the run (MQTT `--idle-connections`).
+    pub idle_connections: u32,
 }
 
 /// Latency percentiles, microseconds.
@@ -370,7 +380,7 @@ impl Report {
     pub fn text(&self) -> String {
         let l = &self.latency_micros;
         format!(
-            "{} {} | layout {:?} | {} publishers -> {} subscribers | {} B\n\
+            "{} {} | layout {:?} | {} publishers -> {} subscribers | {} B | {} idle connections\n\
              sent {} (refused {}) | received {} of {} expected | lost {} | duplicates {}\n\
              throughput: sent {:.0} msg/s, received {:.0} msg/s | elapsed {:.2} s\n\
              latency (us): p50 {} | p99 {} | p99.9 {} | max {} | mean {:.0}\n",
@@ -380,6 +390,7 @@ impl Report {
             self.publishers,
             self.subscribers,
             self.size_bytes,
+            self.idle_connections,
             self.sent,
             self.refused,
             self.received,
@@ -446,6 +457,7 @@ impl Outcome {
                 max: latency.max(),
                 mean: latency.mean(),
             },
+            idle_connections: 0,
         })
     }
 }

@@ -70,6 +70,17 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Report> {
         }));
     }
 
+    // Idle connections: connected before the load and held through it.
+    let mut idle = Vec::with_capacity(args.idle_connections as usize);
+    for index in 0..args.idle_connections {
+        let (client, mut events) = connect(&args, &format!("{prefix}-idle-{index}")).await?;
+        let task = tokio::spawn(async move {
+            // Keep-alive pings go out and their answers come in; nothing else.
+            while events.poll().await.is_ok() {}
+        });
+        idle.push((client, task));
+    }
+
     let start = Instant::now();
     let reporter = tokio::spawn(progress(Arc::clone(&counters), start, stop_rx.clone()));
     let mut publishers = Vec::new();
@@ -87,7 +98,19 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Report> {
     };
     let running = Running { counters, start, publishers, subscribers, stop: stop_tx, reporter };
     let outcome = running.finish(copies, common.drain_secs).await?;
-    outcome.report("mqtt", format!("qos {}", args.qos), &common)
+    let still_open = idle.iter().filter(|(_, task)| !task.is_finished()).count();
+    if args.hold_secs > 0 {
+        eprintln!("holding {still_open} idle connections for {} s", args.hold_secs);
+        tokio::time::sleep(Duration::from_secs(args.hold_secs)).await;
+    }
+    let open_at_end = idle.iter().filter(|(_, task)| !task.is_finished()).count();
+    for (client, task) in idle {
+        task.abort();
+        drop(client);
+    }
+    let mut report = outcome.report("mqtt", format!("qos {}", args.qos), &common)?;
+    report.idle_connections = u32::try_from(open_at_end).unwrap_or(u32::MAX);
+    Ok(report)
 }
 
 /// A connected client and its event loop, CONNACK received.
