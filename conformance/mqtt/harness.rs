@@ -104,13 +104,18 @@ struct Ports {
 
 impl Ports {
     fn pick(tls: bool) -> Self {
+        // Every port's listener is held until all are picked, so no two of them are the same (a
+        // port released at once can be handed out again by the next bind).
+        let held: Vec<TcpListener> =
+            (0..6).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
+        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().expect("local address").port()).collect();
         Self {
-            admin: free_port(),
-            mqtt: free_port(),
-            ws: free_port(),
-            amqp: free_port(),
-            tls: tls.then(free_port),
-            amqp_tls: tls.then(free_port),
+            admin: ports[0],
+            mqtt: ports[1],
+            ws: ports[2],
+            amqp: ports[3],
+            tls: tls.then_some(ports[4]),
+            amqp_tls: tls.then_some(ports[5]),
         }
     }
 }
@@ -281,8 +286,9 @@ impl Broker {
         self.wait_ready()
     }
 
-    /// Poll `/readyz` until it answers 200, then the MQTT port until it accepts. `Err(log)` if the
-    /// process exits first.
+    /// Poll `/readyz` until it answers 200, then the MQTT and AMQP ports (and the AMQP TLS one,
+    /// bound last) until they accept: a port taken meanwhile fails the start before that. `Err(log)`
+    /// if the process exits first.
     fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + START_TIMEOUT;
         let admin = loopback(self.ports.admin);
@@ -296,7 +302,14 @@ impl Broker {
             if !ready {
                 ready = get_status(admin, "/readyz") == Some(200);
             }
-            if ready && TcpStream::connect_timeout(&self.mqtt_addr(), REQUEST_TIMEOUT).is_ok() {
+            if ready
+                && TcpStream::connect_timeout(&self.mqtt_addr(), REQUEST_TIMEOUT).is_ok()
+                && TcpStream::connect_timeout(&loopback(self.ports.amqp), REQUEST_TIMEOUT).is_ok()
+                && self
+                    .ports
+                    .amqp_tls
+                    .is_none_or(|port| TcpStream::connect_timeout(&loopback(port), REQUEST_TIMEOUT).is_ok())
+            {
                 return Ok(());
             }
             sleep(Duration::from_millis(50));
