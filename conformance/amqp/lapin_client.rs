@@ -58,6 +58,14 @@ async fn declare(channel: &Channel, queue: &str, arguments: FieldTable) {
 }
 
 /// The number of ready messages in `queue` (passive queue.declare).
+/// A channel in confirm mode on which `queue` is declared.
+async fn confirmed_queue(connection: &Connection, queue: &str, arguments: FieldTable) -> Channel {
+    let channel = open_channel(connection).await;
+    declare(&channel, queue, arguments).await;
+    within("confirm.select", channel.confirm_select(ConfirmSelectOptions::default())).await.expect("confirm.select");
+    channel
+}
+
 async fn ready_count(channel: &Channel, queue: &str) -> u32 {
     let options = QueueDeclareOptions { passive: true, ..QueueDeclareOptions::default() };
     within("passive queue.declare", channel.queue_declare(queue.into(), options, FieldTable::default()))
@@ -157,9 +165,7 @@ fn amqp_error(error: &lapin::Error) -> (u16, String) {
 async fn lapin_confirms_ack_every_publish_in_order() {
     let broker = Broker::start();
     let connection = connect(&broker).await;
-    let channel = open_channel(&connection).await;
-    declare(&channel, "confirmed", FieldTable::default()).await;
-    within("confirm.select", channel.confirm_select(ConfirmSelectOptions::default())).await.expect("confirm.select");
+    let channel = confirmed_queue(&connection, "confirmed", FieldTable::default()).await;
     // Publish them all first, then collect the confirms: they are outstanding together.
     let mut pending = Vec::new();
     for n in 0..20u8 {
@@ -194,12 +200,10 @@ async fn lapin_confirms_ack_every_publish_in_order() {
 async fn lapin_confirm_is_nack_when_a_reject_publish_queue_is_full() {
     let broker = Broker::start();
     let connection = connect(&broker).await;
-    let channel = open_channel(&connection).await;
     let mut arguments = FieldTable::default();
     arguments.insert("x-max-length".into(), AMQPValue::LongInt(1));
     arguments.insert("x-overflow".into(), AMQPValue::LongString("reject-publish".into()));
-    declare(&channel, "bounded", arguments).await;
-    within("confirm.select", channel.confirm_select(ConfirmSelectOptions::default())).await.expect("confirm.select");
+    let channel = confirmed_queue(&connection, "bounded", arguments).await;
     let first = publish_confirm(&channel, "", "bounded", b"first", BasicProperties::default()).await;
     assert_eq!(first, Confirmation::Ack(None), "the first fits");
     let second = publish_confirm(&channel, "", "bounded", b"second", BasicProperties::default()).await;
@@ -535,9 +539,7 @@ fn every_field_type() -> FieldTable {
 async fn headers_round_trip(headers: FieldTable) -> Option<FieldTable> {
     let broker = Broker::start();
     let connection = connect(&broker).await;
-    let channel = open_channel(&connection).await;
-    declare(&channel, "typed", FieldTable::default()).await;
-    within("confirm.select", channel.confirm_select(ConfirmSelectOptions::default())).await.expect("confirm.select");
+    let channel = confirmed_queue(&connection, "typed", FieldTable::default()).await;
     let properties = BasicProperties::default().with_headers(headers);
     let confirmation = publish_confirm(&channel, "", "typed", b"typed", properties).await;
     assert_eq!(confirmation, Confirmation::Ack(None));
@@ -573,9 +575,7 @@ async fn lapin_non_utf8_long_string_header_round_trips_as_long_string() {
 async fn lapin_every_basic_property_round_trips() {
     let broker = Broker::start();
     let connection = connect(&broker).await;
-    let channel = open_channel(&connection).await;
-    declare(&channel, "props", FieldTable::default()).await;
-    within("confirm.select", channel.confirm_select(ConfirmSelectOptions::default())).await.expect("confirm.select");
+    let channel = confirmed_queue(&connection, "props", FieldTable::default()).await;
     let mut headers = FieldTable::default();
     headers.insert("h".into(), AMQPValue::LongString("v".into()));
     let full = BasicProperties::default()

@@ -195,7 +195,7 @@ pub enum ShardCommand {
     },
     /// Stop a consumer without detaching it (AMQP `basic.cancel`): it receives nothing more and
     /// keeps the deliveries in `keep` (those its client has) until they are settled; whatever else
-    /// it holds returns to the queue. Appended last: older logs decode unchanged.
+    /// it holds returns to the queue.
     Stop {
         /// Consumer.
         consumer: ConsumerId,

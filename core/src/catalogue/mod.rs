@@ -1284,7 +1284,7 @@ impl Catalogue {
                 return inequivalent("exclusive", quoted(exclusive), quoted(existing.exclusive_owner.is_some()));
             }
             // Parsed values decide (a 32-bit 10 equals a 64-bit 10); the text shows them as sent.
-            if let Some((arg, _, _)) = args::queue_args_difference(&parsed, &existing.args) {
+            if let Some(arg) = args::queue_args_difference(&parsed, &existing.args) {
                 return inequivalent(arg, args::described(&arguments, arg), args::described(&existing.arguments, arg));
             }
             return Ok(existing.declared(false));

@@ -139,14 +139,12 @@ impl Consumer {
         self.core.after_cancel(&self.queue, left).await;
         Ok(left)
     }
-}
 
-impl Consumer {
     /// Stop receiving without giving back what the client has (AMQP `basic.cancel`): the
     /// deliveries in `keep` (position and the delivery count they were delivered with, so that a
-    /// message requeued and delivered again meanwhile is told apart) stay held by this consumer's id, to be settled with [`Core::settle`]
-    /// as before (or returned when the connection closes); every other delivery it holds returns
-    /// to the queue as never delivered. Also returns the deliveries that reached this handle but
+    /// message requeued and delivered again meanwhile is told apart) stay held by this consumer's
+    /// id, to be settled with [`Core::settle`] as before (or returned when the connection
+    /// closes); every other delivery it holds returns to the queue as never delivered. Also returns the deliveries that reached this handle but
     /// were not read yet: for a no-ack consumer they are settled already and must still go to
     /// the client; for an ack-mode one they are back in the queue (unless in `keep`).
     pub async fn stop(mut self, keep: &[(Position, u32)]) -> CoreResult<Stopped> {
@@ -172,10 +170,7 @@ impl Consumer {
         }
         // Held deliveries are released with the connection, like basic.get ones.
         core.hold_for_connection(self.id, &self.targets);
-        let consumers_left = replies
-            .iter()
-            .map(|reply| if let ShardReply::Detached { consumers_left, .. } = reply { *consumers_left } else { 0 })
-            .sum();
+        let consumers_left = consumers_left(&replies);
         core.after_cancel(&self.queue, consumers_left).await;
         Ok(Stopped { consumers_left, unread })
     }
@@ -196,10 +191,15 @@ pub(crate) async fn detach_all(core: &Core, id: ConsumerId, targets: &[Partition
             targets.iter().map(|&target| (core.shard_index(target), ShardCommand::Detach { consumer: id, target })),
         )
         .await?;
-    Ok(replies
+    Ok(consumers_left(&replies))
+}
+
+/// Pushing consumers left on a queue, from its partitions' detach (or stop) replies.
+fn consumers_left(replies: &[ShardReply]) -> u32 {
+    replies
         .iter()
         .map(|reply| if let ShardReply::Detached { consumers_left, .. } = reply { *consumers_left } else { 0 })
-        .sum())
+        .sum()
 }
 
 impl Drop for Consumer {

@@ -46,6 +46,11 @@ impl Txn {
         self.acks.extend(positions.iter().map(|p| (consumer, *p)));
     }
 
+    /// Publishes staged (the index the next one will have among them).
+    pub fn publish_count(&self) -> usize {
+        self.publishes.len()
+    }
+
     /// Operations staged.
     pub fn len(&self) -> usize {
         self.publishes.len() + self.acks.len()

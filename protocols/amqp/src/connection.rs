@@ -192,8 +192,6 @@ struct Channel {
     /// The mandatory publishes staged in `txn`, by their index among its publishes: returned
     /// (basic.return) at tx.commit when unroutable.
     txn_mandatory: Vec<(usize, Box<Message>)>,
-    /// Publishes staged in `txn`.
-    txn_publishes: usize,
     /// Deliveries settled in `txn`: acks are staged in it, nacks and rejects applied after its
     /// commit; at tx.rollback all are back among the unacked (the spec's "abandon
     /// acknowledgements"); they are requeued if the channel closes first.
@@ -247,7 +245,7 @@ struct Connection {
     events_rx: mpsc::UnboundedReceiver<Event>,
     confirm_tx: mpsc::UnboundedSender<(u16, u64, PublishJob, PendingPublish)>,
     /// Settles queued for commit, awaited in order by the settler task.
-    settle_tx: mpsc::UnboundedSender<PendingSettle>,
+    settle_tx: mpsc::UnboundedSender<SettleJob>,
     started: Instant,
     closing_since: Option<Instant>,
     last_read: Instant,
@@ -668,6 +666,8 @@ impl Connection {
         use connection::AMQPMethod as M;
         match (self.phase, m) {
             (_, M::Close(_)) => {
+                // close-ok only once the connection's acks are committed.
+                self.settles_committed().await;
                 self.send(&method(0, AMQPClass::Connection(M::CloseOk(connection::CloseOk {}))));
                 Err(ConnectionOutcome::Stop(Stop::Close("closed by peer".into())))
             }
@@ -775,6 +775,20 @@ impl Connection {
             };
             return Err((AmqpError::new(mapping::UNEXPECTED_FRAME, text), (60, 40)));
         }
+        // A method the client waits for an answer to sees its earlier acks committed (a passive
+        // declare counts without them, a crash after the answer keeps them); acks, nacks, rejects
+        // and publishes, which have no answer, go on at once.
+        if !matches!(
+            class,
+            AMQPClass::Basic(
+                basic::AMQPMethod::Ack(_)
+                    | basic::AMQPMethod::Nack(_)
+                    | basic::AMQPMethod::Reject(_)
+                    | basic::AMQPMethod::Publish(_)
+            )
+        ) {
+            self.settles_committed().await;
+        }
         match self.dispatch(id, class).await {
             Ok(()) => Ok(()),
             Err(error) if error.code.hard => Err((error, ids)),
@@ -804,7 +818,6 @@ impl Connection {
                 confirm: None,
                 txn: None,
                 txn_mandatory: Vec::new(),
-                txn_publishes: 0,
                 txn_settled: Vec::new(),
                 getter,
                 _gauge: GaugeGuard::new("wharf_amqp_channels", &self.vhost),
@@ -1097,7 +1110,6 @@ impl Connection {
                     return Err(AmqpError::new(mapping::PRECONDITION_FAILED, "channel is not transactional"));
                 };
                 let mandatory = std::mem::take(&mut channel.txn_mandatory);
-                channel.txn_publishes = 0;
                 // Once the commit is tried its settlements are its own: committed, or (on
                 // failure) the channel closes and the core returns what it still holds.
                 let settled = std::mem::take(&mut channel.txn_settled);
@@ -1125,7 +1137,6 @@ impl Connection {
                 };
                 txn.rollback();
                 channel.txn_mandatory.clear();
-                channel.txn_publishes = 0;
                 let settled = std::mem::take(&mut channel.txn_settled);
                 channel.unacked.extend(settled.into_iter().map(|(tag, held, _)| (tag, held)));
                 self.send(&method(id, AMQPClass::Tx(tx::AMQPMethod::RollbackOk(tx::RollbackOk {}))));
@@ -1350,10 +1361,18 @@ impl Connection {
         // has no reply), and whatever it queues afterwards is applied after these.
         for (holder, positions) in by_holder {
             let pending = self.broker.core.settle_queued(holder, &positions, outcome);
-            let _ = self.settle_tx.send(pending.map_err(|e| mapping::core_error(&e))?);
+            let _ = self.settle_tx.send(SettleJob::Settle(pending.map_err(|e| mapping::core_error(&e))?));
         }
         self.release_held(id);
         Ok(())
+    }
+
+    /// Wait until every settle queued so far is committed.
+    async fn settles_committed(&self) {
+        let (done, committed) = oneshot::channel();
+        if self.settle_tx.send(SettleJob::Barrier(done)).is_ok() {
+            let _ = committed.await;
+        }
     }
 
     /// Send held deliveries while the channel's window lets them through.
@@ -1562,9 +1581,8 @@ impl Connection {
         count("wharf_amqp_published_total", &vhost, 1);
         if let Some(txn) = channel.txn.as_mut() {
             if publish.mandatory {
-                channel.txn_mandatory.push((channel.txn_publishes, Box::new(message.clone())));
+                channel.txn_mandatory.push((txn.publish_count(), Box::new(message.clone())));
             }
-            channel.txn_publishes += 1;
             txn.publish(&vhost, message);
             return;
         }
@@ -1672,12 +1690,28 @@ async fn read_some<R: AsyncRead + Unpin>(reader: &mut R, buf: &mut Vec<u8>) -> s
 }
 
 /// Await confirmations in publish order and report them.
+/// What the settler task is given, in order.
+#[derive(Debug)]
+enum SettleJob {
+    /// A settle queued for commit.
+    Settle(PendingSettle),
+    /// Fire once every settle before it is committed.
+    Barrier(oneshot::Sender<()>),
+}
+
 /// Await queued settles, in order. A settle that fails to commit is logged: the client was not
 /// waiting for it (an ack has no reply), and the delivery stays held until its channel closes.
-async fn settler(mut pending: mpsc::UnboundedReceiver<PendingSettle>) {
-    while let Some(settle) = pending.recv().await {
-        if let Err(error) = settle.done().await {
-            tracing::debug!(%error, "settle not committed");
+async fn settler(mut jobs: mpsc::UnboundedReceiver<SettleJob>) {
+    while let Some(job) = jobs.recv().await {
+        match job {
+            SettleJob::Settle(settle) => {
+                if let Err(error) = settle.done().await {
+                    tracing::debug!(%error, "settle not committed");
+                }
+            }
+            SettleJob::Barrier(done) => {
+                let _ = done.send(());
+            }
         }
     }
 }
@@ -1754,31 +1788,18 @@ async fn forward_consumer(
 /// A basic.consume's `x-priority` argument (RabbitMQ's consumer priority; default 0): an integer,
 /// else 406 with RabbitMQ's text.
 fn consumer_priority(arguments: &FieldTable, queue: &str, vhost: &str) -> Result<i32, AmqpError> {
-    let Some(value) = arguments.inner().get("x-priority") else { return Ok(0) };
-    let number = match value {
-        AMQPValue::ShortShortInt(v) => i64::from(*v),
-        AMQPValue::ShortShortUInt(v) => i64::from(*v),
-        AMQPValue::ShortInt(v) => i64::from(*v),
-        AMQPValue::ShortUInt(v) => i64::from(*v),
-        AMQPValue::LongInt(v) => i64::from(*v),
-        AMQPValue::LongUInt(v) => i64::from(*v),
-        AMQPValue::LongLongInt(v) => *v,
-        other => {
-            let kind = mapping::type_name(other);
-            return Err(AmqpError::new(
-                mapping::PRECONDITION_FAILED,
-                format!(
-                    "invalid arg 'x-priority' for queue '{queue}' in vhost '{vhost}': {{unacceptable_type,{kind}}}"
-                ),
-            ));
-        }
-    };
-    i32::try_from(number).map_err(|_| {
+    let arguments = mapping::headers_from_table(arguments);
+    let Some(value) = arguments.get("x-priority") else { return Ok(0) };
+    let invalid = |reason: String| {
         AmqpError::new(
             mapping::PRECONDITION_FAILED,
-            format!("invalid arg 'x-priority' for queue '{queue}' in vhost '{vhost}': {{value_too_large,{number}}}"),
+            format!("invalid arg 'x-priority' for queue '{queue}' in vhost '{vhost}': {reason}"),
         )
-    })
+    };
+    let Some(number) = value.as_i64() else {
+        return Err(invalid(format!("{{unacceptable_type,{}}}", wharf_core::catalogue::args::type_name(value))));
+    };
+    i32::try_from(number).map_err(|_| invalid(format!("{{value_too_large,{number}}}")))
 }
 
 /// Whether a client's `capabilities` table (in its client-properties) sets `name` to true.
