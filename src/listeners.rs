@@ -8,10 +8,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::{SinkExt, StreamExt};
+use futures_util::{FutureExt, SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -183,14 +183,15 @@ async fn accept_loop(
         };
         let _ = stream.set_nodelay(true);
         let front_ends = front_ends.clone();
-        let tls = tls.clone();
-        tokio::spawn(async move {
-            let peer = peer.to_string();
-            match kind {
-                Kind::MqttTcp => wharf_mqtt::serve(front_ends.mqtt, stream, peer).await,
-                Kind::AmqpTcp => wharf_amqp::serve(front_ends.amqp, stream, peer).await,
-                Kind::MqttTls | Kind::AmqpTls => {
-                    let Some(tls) = tls else { return };
+        let peer = peer.to_string();
+        // One spawn per kind: a task is as large as its future, so a plain MQTT connection must
+        // not carry room for a TLS stream or an AMQP connection (memory per idle connection).
+        match kind {
+            Kind::MqttTcp => spawn_holding(permit, wharf_mqtt::serve(front_ends.mqtt, stream, peer)),
+            Kind::AmqpTcp => spawn_holding(permit, wharf_amqp::serve(front_ends.amqp, stream, peer)),
+            Kind::MqttTls | Kind::AmqpTls => {
+                let Some(tls) = tls.clone() else { continue };
+                spawn_holding(permit, async move {
                     let acceptor = if matches!(kind, Kind::MqttTls) { tls.mqtt } else { tls.amqp };
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(stream)) if matches!(kind, Kind::MqttTls) => {
@@ -200,12 +201,17 @@ async fn accept_loop(
                         Ok(Err(error)) => debug!(peer, %error, "TLS handshake failed"),
                         Err(_) => debug!(peer, "TLS handshake timed out"),
                     }
-                }
-                Kind::MqttWebSocket => serve_websocket(front_ends.mqtt, stream, peer).await,
+                });
             }
-            drop(permit);
-        });
+            Kind::MqttWebSocket => spawn_holding(permit, serve_websocket(front_ends.mqtt, stream, peer)),
+        }
     }
+}
+
+/// Run `connection` as a task holding its `listeners.connections_max` permit until it ends.
+fn spawn_holding(permit: OwnedSemaphorePermit, connection: impl Future<Output = ()> + Send + 'static) {
+    // `map` keeps the future in place; an async block awaiting it would hold it twice.
+    tokio::spawn(connection.map(move |()| drop(permit)));
 }
 
 /// Accept a WebSocket on `/mqtt` with subprotocol `mqtt`, and bridge its binary messages to the

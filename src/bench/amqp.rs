@@ -220,7 +220,7 @@ async fn publish(
     args: AmqpArgs,
     connection: Connection,
     target: Target,
-    schedule: Schedule,
+    mut schedule: Schedule,
     epoch: Instant,
     index: u32,
     counters: Arc<Counters>,
@@ -240,7 +240,7 @@ async fn publish(
         Err(error) => eprintln!("wharf bench: publisher {index}: confirm: {error}"),
     };
     let mut seq = 0;
-    while let Some(due) = schedule.next(seq).await {
+    while let Some(due) = schedule.next().await {
         let payload = stamp(epoch, due, index, seq, args.common.size_bytes);
         let mut properties = BasicProperties::default().with_delivery_mode(if args.transient { 1 } else { 2 });
         if args.idempotency_keys {

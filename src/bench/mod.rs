@@ -229,43 +229,91 @@ impl CommonArgs {
 }
 
 /// When each message of one publisher is due, and when the publisher stops.
-#[derive(Debug, Clone)]
+///
+/// At a fixed rate the due times come from a pacing thread that sleeps with the operating
+/// system's timer (tens of microseconds of slack) rather than tokio's, which fires on whole
+/// milliseconds: with tokio's timer every message would leave up to a millisecond late, and
+/// since latency is measured from the due time (so that a broker that holds publishers back is
+/// charged for it), that lateness would be charged to the broker.
+#[derive(Debug)]
 pub struct Schedule {
-    start: Instant,
-    /// Interval between two messages of this publisher (none: as fast as possible).
-    interval: Option<Duration>,
     /// Messages to send (none: until `until`).
     count: Option<u64>,
     until: Option<Instant>,
+    /// Due times from the pacing thread, at a fixed rate; none: as fast as possible.
+    paced: Option<tokio::sync::mpsc::Receiver<Instant>>,
+    seq: u64,
 }
+
+/// Due times the pacing thread may run ahead of its publisher. When the publisher is held back
+/// (by the broker) for longer, the thread waits; the due times stay on the schedule regardless.
+const PACED_AHEAD_MAX: usize = 1024;
 
 impl Schedule {
     fn new(args: &CommonArgs, publisher: u32, start: Instant) -> Self {
         let per_publisher = args.rate_per_sec as f64 / f64::from(args.publishers);
-        let interval = (args.rate_per_sec > 0).then(|| Duration::from_secs_f64(1.0 / per_publisher));
-        match args.duration_secs {
-            Some(secs) => Self { start, interval, count: None, until: Some(start + Duration::from_secs(secs)) },
-            None => Self { start, interval, count: Some(args.count_of(publisher)), until: None },
-        }
+        let count = args.duration_secs.is_none().then(|| args.count_of(publisher));
+        let until = args.duration_secs.map(|secs| start + Duration::from_secs(secs));
+        let paced = (args.rate_per_sec > 0).then(|| {
+            let interval = Duration::from_secs_f64(1.0 / per_publisher);
+            let (tx, rx) = tokio::sync::mpsc::channel(PACED_AHEAD_MAX);
+            std::thread::Builder::new()
+                .name(format!("bench-pacer-{publisher}"))
+                .spawn(move || pace(start, interval, count, until, &tx))
+                .map(|_| rx)
+        });
+        let paced = match paced {
+            Some(Ok(rx)) => Some(rx),
+            Some(Err(error)) => {
+                eprintln!("wharf bench: no pacing thread ({error})");
+                None
+            }
+            None => None,
+        };
+        Self { count, until, paced, seq: 0 }
     }
 
-    /// Wait until message `seq` is due; its stamp time, or `None` when the publisher is done.
-    async fn next(&self, seq: u64) -> Option<Instant> {
-        if self.count.is_some_and(|count| seq >= count) {
-            return None;
-        }
-        let due = match self.interval {
-            Some(interval) => {
-                let due = self.start + interval.mul_f64(seq as f64);
-                tokio::time::sleep_until(due.into()).await;
-                due
+    /// Wait until the next message is due; its stamp time, or `None` when the publisher is done.
+    async fn next(&mut self) -> Option<Instant> {
+        let due = match &mut self.paced {
+            Some(paced) => paced.recv().await?,
+            None => {
+                if self.count.is_some_and(|count| self.seq >= count) {
+                    return None;
+                }
+                let now = Instant::now();
+                if self.until.is_some_and(|until| now >= until) {
+                    return None;
+                }
+                now
             }
-            None => Instant::now(),
         };
-        if self.until.is_some_and(|until| due >= until) {
-            return None;
-        }
+        self.seq += 1;
         Some(due)
+    }
+}
+
+/// The pacing thread of one publisher: hands over each due time once it has come.
+fn pace(
+    start: Instant,
+    interval: Duration,
+    count: Option<u64>,
+    until: Option<Instant>,
+    tx: &tokio::sync::mpsc::Sender<Instant>,
+) {
+    let mut seq = 0u64;
+    while count.is_none_or(|count| seq < count) {
+        let due = start + interval.mul_f64(seq as f64);
+        if until.is_some_and(|until| due >= until) {
+            return;
+        }
+        if let Some(wait) = due.checked_duration_since(Instant::now()) {
+            std::thread::sleep(wait);
+        }
+        if tx.blocking_send(due).is_err() {
+            return; // the publisher stopped
+        }
+        seq += 1;
     }
 }
 
@@ -569,6 +617,56 @@ mod tests {
         assert_eq!(fan_out.destination_of(2), 0);
         assert!(CommonArgs { size_bytes: 10, ..args.clone() }.validate().is_err());
         assert!(CommonArgs { publishers: 1, ..args }.validate().is_err(), "one-to-one needs enough publishers");
+    }
+
+    /// At a fixed rate each due time is handed out once it has come, on the schedule (not from
+    /// when the previous message left), and the publisher stops at its count or its duration.
+    #[tokio::test]
+    async fn paced_schedules_hand_out_due_times_on_schedule_and_stop() {
+        let args = CommonArgs {
+            host: "h".into(),
+            publishers: 2,
+            subscribers: 2,
+            layout: Layout::OneToOne,
+            size_bytes: 256,
+            count: 40,
+            duration_secs: None,
+            rate_per_sec: 2_000,
+            drain_secs: 1,
+            json: false,
+            prefix: "p".into(),
+        };
+        let start = Instant::now();
+        let mut schedule = Schedule::new(&args, 0, start);
+        let mut dues = Vec::new();
+        while let Some(due) = schedule.next().await {
+            assert!(Instant::now() >= due, "a due time handed out before it came");
+            dues.push(due);
+        }
+        // 20 messages for this publisher, 1 ms apart (2,000/s over two publishers).
+        assert_eq!(dues.len(), 20);
+        for (seq, due) in dues.iter().enumerate() {
+            let offset_secs = due.duration_since(start).as_secs_f64();
+            assert!((offset_secs - seq as f64 / 1000.0).abs() < 1e-6, "message {seq} due at {offset_secs} s");
+        }
+        assert!(schedule.next().await.is_none(), "a finished schedule stays finished");
+
+        let timed = CommonArgs { duration_secs: Some(1), rate_per_sec: 100, ..args.clone() };
+        let mut schedule = Schedule::new(&timed, 1, start);
+        let mut sent = 0;
+        while schedule.next().await.is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, 50, "50 per second for one second");
+        assert!(start.elapsed() >= Duration::from_millis(980));
+
+        // As fast as possible: no pacing, the count only.
+        let mut schedule = Schedule::new(&CommonArgs { rate_per_sec: 0, ..args }, 0, start);
+        let mut sent = 0;
+        while schedule.next().await.is_some() {
+            sent += 1;
+        }
+        assert_eq!(sent, 20);
     }
 
     #[test]

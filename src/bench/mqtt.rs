@@ -147,7 +147,7 @@ async fn publish(
     mut events: EventLoop,
     topic: String,
     qos: QoS,
-    schedule: Schedule,
+    mut schedule: Schedule,
     epoch: Instant,
     index: u32,
     size: usize,
@@ -181,7 +181,7 @@ async fn publish(
         }
     });
     let mut seq = 0;
-    while let Some(due) = schedule.next(seq).await {
+    while let Some(due) = schedule.next().await {
         let payload = stamp(epoch, due, index, seq, size);
         client.publish(topic.clone(), qos, false, payload).await.context("publish")?;
         seq += 1;

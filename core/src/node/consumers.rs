@@ -40,13 +40,19 @@ pub struct ConsumeOptions {
 /// Where deliveries of locally attached consumers go. Apply runs on the Raft state machine task,
 /// so sending never blocks: the channel is unbounded, and its length is bounded by prefetch (ack
 /// mode) or granted credit (no-ack mode), both enforced by the state machine.
+///
+/// Events travel boxed: an unbounded channel allocates room for 32 of its items when it is
+/// made, and every consumer (every MQTT session, idle or not) has one.
 #[derive(Debug, Default)]
 pub(crate) struct Registry {
-    consumers: Mutex<HashMap<ConsumerId, mpsc::UnboundedSender<ConsumerEvent>>>,
+    consumers: Mutex<HashMap<ConsumerId, EventSender>>,
 }
 
+type EventSender = mpsc::UnboundedSender<Box<ConsumerEvent>>;
+pub(crate) type EventReceiver = mpsc::UnboundedReceiver<Box<ConsumerEvent>>;
+
 impl Registry {
-    pub(crate) fn register(&self, id: ConsumerId) -> mpsc::UnboundedReceiver<ConsumerEvent> {
+    pub(crate) fn register(&self, id: ConsumerId) -> EventReceiver {
         let (tx, rx) = mpsc::unbounded_channel();
         self.lock().insert(id, tx);
         rx
@@ -62,17 +68,17 @@ impl Registry {
     pub(crate) fn deliver(&self, delivery: Delivery) {
         let consumers = self.lock();
         if let Some(tx) = consumers.get(&delivery.consumer) {
-            let _ = tx.send(ConsumerEvent::Delivery(delivery));
+            let _ = tx.send(Box::new(ConsumerEvent::Delivery(delivery)));
         }
     }
 
     pub(crate) fn cancelled(&self, id: ConsumerId) {
         if let Some(tx) = self.lock().remove(&id) {
-            let _ = tx.send(ConsumerEvent::Cancelled);
+            let _ = tx.send(Box::new(ConsumerEvent::Cancelled));
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConsumerId, mpsc::UnboundedSender<ConsumerEvent>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConsumerId, EventSender>> {
         // A poisoned lock only means another thread panicked while holding it; the map is still
         // consistent (every operation is a single insert/remove/get).
         self.consumers.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -88,7 +94,7 @@ pub struct Consumer {
     pub(crate) id: ConsumerId,
     pub(crate) queue: QueueName,
     pub(crate) targets: Vec<PartitionKey>,
-    pub(crate) rx: mpsc::UnboundedReceiver<ConsumerEvent>,
+    pub(crate) rx: EventReceiver,
     pub(crate) options: ConsumeOptions,
     /// No-ack mode: deliveries received per partition since credit was last granted.
     pub(crate) since_credit: BTreeMap<PartitionKey, u32>,
@@ -109,7 +115,7 @@ impl Consumer {
 
     /// The next event; `None` once cancelled by the broker or after the node shut down.
     pub async fn recv(&mut self) -> Option<ConsumerEvent> {
-        let event = self.rx.recv().await?;
+        let event = *self.rx.recv().await?;
         if let ConsumerEvent::Delivery(delivery) = &event
             && self.options.no_ack
         {
@@ -164,7 +170,7 @@ impl Consumer {
         let replies = replies?;
         let mut unread = Vec::new();
         while let Ok(event) = self.rx.try_recv() {
-            if let ConsumerEvent::Delivery(delivery) = event {
+            if let ConsumerEvent::Delivery(delivery) = *event {
                 unread.push(delivery);
             }
         }

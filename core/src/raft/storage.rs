@@ -232,6 +232,11 @@ pub struct FjallStorage {
     /// Open log keyspaces by group name. A std mutex: it is held only for a map lookup (and for
     /// the rare keyspace creation), never across IO that waits on the disk.
     logs: Mutex<HashMap<String, Keyspace>>,
+    /// By group, the first log index not yet purged, once this process has purged the group: the
+    /// next purge deletes from there by key, without iterating over the tombstones that earlier
+    /// purges left (until compaction drops them, a scan from the log's start reads every one, and
+    /// the purge after each snapshot would slow down as they pile up).
+    purged_below: Mutex<HashMap<String, u64>>,
     /// Set when a snapshot file's fsync failed. fjall poisons itself when its journal sync fails;
     /// this covers the files fjall does not own.
     poisoned: AtomicBool,
@@ -266,6 +271,7 @@ impl FjallStorage {
             db,
             meta,
             logs: Mutex::new(HashMap::new()),
+            purged_below: Mutex::new(HashMap::new()),
             poisoned: AtomicBool::new(false),
             write_lock: Mutex::new(()),
         })
@@ -341,15 +347,29 @@ impl Storage for FjallStorage {
     fn purge(&self, group: &str, upto_index: u64, meta: &[(&str, &[u8])]) -> Result<(), StorageError> {
         self.check_poisoned()?;
         let keyspace = self.log_keyspace(group)?;
-        let keys = Self::keys_in(&keyspace, ..=index_key(upto_index))?;
+        let known = self.purged_below.lock().unwrap_or_else(PoisonError::into_inner).get(group).copied();
+        // The log is contiguous from its first entry to its last: the entries to delete are the
+        // indexes from the first one left up to `upto_index`.
+        let from = match known {
+            // A jump far past the known start (a follower that installed a snapshot) would
+            // write a tombstone for each missing index: look for the first entry instead.
+            Some(from) if upto_index.saturating_sub(from) <= PURGE_BY_INDEX_MAX => from,
+            _ => match keyspace.first_key_value() {
+                Some(guard) => key_index(&guard.key()?)?,
+                None => upto_index.saturating_add(1),
+            },
+        };
         let mut batch = self.db.batch();
         for (key, value) in meta {
             batch.insert(&self.meta, meta_key(group, key), *value);
         }
-        for key in keys {
-            batch.remove(&keyspace, key);
+        for index in from..=upto_index {
+            batch.remove(&keyspace, index_key(index));
         }
         batch.commit()?;
+        let mut purged_below = self.purged_below.lock().unwrap_or_else(PoisonError::into_inner);
+        let below = purged_below.entry(group.to_owned()).or_insert(0);
+        *below = (*below).max(upto_index.saturating_add(1)).max(from);
         Ok(())
     }
 
@@ -514,6 +534,10 @@ fn log_keyspace_options() -> KeyspaceCreateOptions {
                 .separation_threshold(LOG_SEPARATION_THRESHOLD_BYTES),
         ))
 }
+
+/// Most log indexes a purge deletes one by one from where the last purge ended, without first
+/// looking up the first entry present.
+const PURGE_BY_INDEX_MAX: u64 = 1 << 20;
 
 /// Log entries at least this large are stored in blob files (key-value separation).
 const LOG_SEPARATION_THRESHOLD_BYTES: u32 = 4 * 1024;
@@ -960,6 +984,46 @@ mod tests {
         assert_eq!(storage.get_meta("shard-1", "vote").unwrap(), Some(b"v1".to_vec()));
         assert_eq!(storage.load_snapshot("shard-1").unwrap(), Some(b"snap-2".to_vec()));
         assert_eq!(storage.next_incarnation().unwrap(), 3);
+    }
+
+    /// Purges one after another (each from where the last ended, as after every snapshot), after
+    /// a reopen (where the last one ended is not known), and past a gap (a follower's log after it
+    /// installed a snapshot) delete exactly the entries up to their index.
+    fn successive_purges(storage: &dyn Storage) -> Vec<u64> {
+        let g = "shard-2";
+        let indexes = |storage: &dyn Storage| -> Vec<u64> {
+            storage.read_range(g, 0, None).unwrap().into_iter().map(|(i, _)| i).collect()
+        };
+        storage.append(g, (1..=20).map(|i| (i, vec![1])).collect()).unwrap();
+        storage.purge(g, 5, &[]).unwrap();
+        assert_eq!(indexes(storage), (6..=20).collect::<Vec<_>>());
+        storage.purge(g, 12, &[]).unwrap();
+        assert_eq!(indexes(storage), (13..=20).collect::<Vec<_>>());
+        // Purging below what is already gone deletes nothing more.
+        storage.purge(g, 9, &[]).unwrap();
+        assert_eq!(indexes(storage), (13..=20).collect::<Vec<_>>());
+        // The log restarts far ahead, after a snapshot was installed.
+        storage.purge(g, 20, &[]).unwrap();
+        let far = 20 + PURGE_BY_INDEX_MAX * 3;
+        storage.append(g, (far..far + 10).map(|i| (i, vec![2])).collect()).unwrap();
+        storage.purge(g, far + 4, &[]).unwrap();
+        assert_eq!(indexes(storage), (far + 5..far + 10).collect::<Vec<_>>());
+        indexes(storage)
+    }
+
+    #[test]
+    fn successive_purges_delete_exactly_the_prefix() {
+        let dir = tempfile::tempdir().unwrap();
+        let left = {
+            let storage = FjallStorage::open(dir.path()).unwrap();
+            successive_purges(&storage)
+        };
+        assert_eq!(successive_purges(&MemStorage::new()), left);
+        // After a reopen the storage finds the first entry again.
+        let storage = FjallStorage::open(dir.path()).unwrap();
+        let last = *left.last().unwrap();
+        storage.purge("shard-2", last - 1, &[]).unwrap();
+        assert_eq!(storage.first_index("shard-2").unwrap(), Some(last));
     }
 
     #[test]

@@ -31,8 +31,13 @@ use crate::mapping;
 use crate::session::{self, SessionRecord, StoredSubscription, StoredWill};
 use crate::topic;
 
-/// Bytes read from the socket at a time (the buffer grows to a whole packet when needed).
-const READ_CHUNK_BYTES: usize = 8 * 1024;
+/// Room made in the read buffer for one read, at first and at least. A read that fills the room
+/// doubles it for the next one (up to `READ_CHUNK_BYTES_MAX`), a read that uses under a quarter of
+/// it halves it: busy publishers read in large chunks, and an idle connection (most of a device
+/// fleet) keeps a small buffer. The buffer itself grows to a whole packet when needed.
+const READ_CHUNK_BYTES_MIN: usize = 512;
+/// Most room made in the read buffer for one read.
+const READ_CHUNK_BYTES_MAX: usize = 64 * 1024;
 
 /// How long a connection the server closes keeps reading, and discarding, what the client still
 /// sends after the server's DISCONNECT (a lingering close, as HTTP servers do). A socket closed
@@ -59,7 +64,7 @@ where
     S: AsyncRead + AsyncWrite + Send + 'static,
 {
     let (reader, writer) = tokio::io::split(stream);
-    let mut io = Io { reader, writer, buf: BytesMut::with_capacity(READ_CHUNK_BYTES), out: BytesMut::new() };
+    let mut io = Io { reader, writer, buf: BytesMut::new(), chunk_bytes: READ_CHUNK_BYTES_MIN, out: BytesMut::new() };
     let connect = match read_connect(&broker, &mut io).await {
         Ok(connect) => connect,
         Err(reason) => {
@@ -71,8 +76,13 @@ where
     broker.stats.clients_connected.fetch_add(1, Ordering::Relaxed);
     metrics::gauge!("wharf_mqtt_connections").increment(1.0);
     let client = connect.client_id.clone();
-    match Connection::open(Arc::clone(&broker), io, *connect).await {
-        Ok(connection) => connection.run().await,
+    // The futures of a connection's phases are boxed, and nothing large is held across an await
+    // (a match on `open.await` would hold its result while the connection runs), so that an idle
+    // connection holds no room for the phases it is not in: memory per idle connection.
+    let open = Box::pin(Connection::open(Arc::clone(&broker), io, *connect));
+    let opened = open.await.map(Box::new);
+    match opened {
+        Ok(connection) => Box::pin(connection.run()).await,
         Err(error) => tracing::info!(peer, client, %error, "connection refused"),
     }
     broker.stats.clients_connected.fetch_sub(1, Ordering::Relaxed);
@@ -84,14 +94,31 @@ struct Io<S> {
     reader: ReadHalf<S>,
     writer: WriteHalf<S>,
     buf: BytesMut,
+    /// Room made in `buf` for the next read (see `READ_CHUNK_BYTES_MIN`).
+    chunk_bytes: usize,
     out: BytesMut,
 }
 
 impl<S: AsyncRead + AsyncWrite> Io<S> {
     /// Read more bytes; `false` at end of stream or on an error.
     async fn fill(&mut self) -> bool {
-        self.buf.reserve(READ_CHUNK_BYTES);
-        matches!(self.reader.read_buf(&mut self.buf).await, Ok(n) if n > 0)
+        if self.buf.is_empty() && self.buf.capacity() > 2 * self.chunk_bytes {
+            // A burst is over: give its large buffer back.
+            self.buf = BytesMut::new();
+        }
+        self.buf.reserve(self.chunk_bytes);
+        let room = self.buf.capacity() - self.buf.len();
+        match self.reader.read_buf(&mut self.buf).await {
+            Ok(0) | Err(_) => false,
+            Ok(n) => {
+                if n >= room {
+                    self.chunk_bytes = (self.chunk_bytes * 2).min(READ_CHUNK_BYTES_MAX);
+                } else if n < self.chunk_bytes / 4 {
+                    self.chunk_bytes = (self.chunk_bytes / 2).max(READ_CHUNK_BYTES_MIN);
+                }
+                true
+            }
+        }
     }
 
     async fn flush(&mut self) -> std::io::Result<()> {
@@ -223,6 +250,9 @@ enum Source {
 
 /// Something the connection's loop reacts to, sent by its helper tasks.
 #[derive(Debug)]
+///
+/// Events travel boxed ([`EventSender`]): an unbounded channel allocates room for 32 of its items
+/// when it is made, and every connection has one.
 enum Event {
     /// A message for the client.
     Delivery(Delivery),
@@ -237,6 +267,9 @@ enum Event {
     /// An outbound QoS 2 PUBCOMP is recorded: the packet id is free.
     Completed { packet_id: u16, result: CoreResult<()> },
 }
+
+/// Where a connection's events are sent.
+type EventSender = mpsc::UnboundedSender<Box<Event>>;
 
 /// A delivery sent with QoS 1 or 2 and not yet acknowledged by PUBACK / PUBREC.
 #[derive(Debug, Clone, Copy)]
@@ -290,10 +323,12 @@ struct Connection<S> {
     subscriptions: BTreeMap<String, StoredSubscription>,
     consumers: HashMap<u64, (Source, ConsumerTask)>,
     next_consumer_seq: u64,
-    events_tx: mpsc::UnboundedSender<Event>,
-    events: mpsc::UnboundedReceiver<Event>,
-    confirms: mpsc::UnboundedSender<(Option<u16>, QoS, PublishOutcome)>,
-    recorder: mpsc::UnboundedSender<(StateWrite, Recorded)>,
+    events_tx: EventSender,
+    events: mpsc::UnboundedReceiver<Box<Event>>,
+    /// The confirmer and recorder tasks, started on first use: a connection that never publishes
+    /// (or never uses QoS 2) does not pay for them.
+    confirms: Option<mpsc::UnboundedSender<(Option<u16>, QoS, PublishOutcome)>>,
+    recorder: Option<mpsc::UnboundedSender<(StateWrite, Recorded)>>,
     takeover: oneshot::Receiver<()>,
     done: watch::Sender<bool>,
     shutdown: watch::Receiver<bool>,
@@ -421,8 +456,6 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         });
 
         let (events_tx, events) = mpsc::unbounded_channel();
-        let confirms = spawn_confirmer(events_tx.clone());
-        let recorder = spawn_recorder(broker.core().clone(), config.vhost.clone(), events_tx.clone());
         let props = &connect.properties;
         let mut connection = Self {
             version,
@@ -450,8 +483,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             next_consumer_seq: 0,
             events_tx,
             events,
-            confirms,
-            recorder,
+            confirms: None,
+            recorder: None,
             takeover,
             done,
             shutdown: broker.shutdown.subscribe(),
@@ -494,6 +527,29 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         Ok(connection)
     }
 
+    /// Declare a shared subscription's queue again and consume it.
+    async fn reattach_shared(&mut self, filter: String) {
+        let attached = match self.ensure_shared_queue(&filter).await {
+            Ok(queue) => self.consume(Source::Shared(filter.clone()), queue).await,
+            Err(error) => Err(error),
+        };
+        if let Err(error) = attached {
+            tracing::warn!(client = self.client_id, filter, %error, "re-attaching a shared subscription failed");
+        }
+    }
+
+    /// The task confirming this connection's publishes in order, started on first use.
+    fn confirmer(&mut self) -> &mpsc::UnboundedSender<(Option<u16>, QoS, PublishOutcome)> {
+        self.confirms.get_or_insert_with(|| spawn_confirmer(self.events_tx.clone()))
+    }
+
+    /// The task recording this connection's QoS 2 state in order, started on first use.
+    fn recorder(&mut self) -> &mpsc::UnboundedSender<(StateWrite, Recorded)> {
+        self.recorder.get_or_insert_with(|| {
+            spawn_recorder(self.broker.core().clone(), self.broker.config.vhost.clone(), self.events_tx.clone())
+        })
+    }
+
     /// Attach the session queue's consumer and one per shared subscription.
     async fn start_consumers(&mut self) -> CoreResult<()> {
         self.consume(Source::Session, session::session_queue(&self.client_id)).await?;
@@ -523,20 +579,22 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 tokio::select! {
                     event = consumer.recv() => match event {
                         Some(ConsumerEvent::Delivery(delivery)) => {
-                            if events.send(Event::Delivery(delivery)).is_err() {
+                            if events.send(Box::new(Event::Delivery(delivery))).is_err() {
                                 break;
                             }
                         }
                         Some(ConsumerEvent::Cancelled) | None => {
-                            let _ = events.send(Event::ConsumerGone(seq));
+                            let _ = events.send(Box::new(Event::ConsumerGone(seq)));
                             return;
                         }
                     },
                     _ = &mut stopped => break,
                 }
             }
-            // Deliveries not acknowledged return to the queue for the next connection.
-            let _ = consumer.cancel().await;
+            // Deliveries not acknowledged return to the queue for the next connection. (Boxed:
+            // inline, every consumer task would hold room for it while it waits for deliveries.)
+            let cancel = Box::pin(consumer.cancel());
+            let _ = cancel.await;
         });
         self.consumers.insert(seq, (source, ConsumerTask { stop: Some(stop), task }));
         Ok(())
@@ -552,8 +610,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     }
 
     /// The event loop.
-    async fn run(mut self) {
-        let close = loop {
+    /// Serve the connection until it ends. Takes the connection boxed: an async fn holds its
+    /// arguments twice, and this future lives as long as the connection.
+    async fn run(mut self: Box<Self>) {
+        let close = 'session: loop {
             if let Err(error) = self.io.flush().await {
                 tracing::debug!(client = self.client_id, %error, "write failed");
                 break Close::Lost;
@@ -562,7 +622,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             // Packets already buffered go first: a client may send SUBSCRIBE right behind CONNECT
             // in one segment, and a paused reader leaves whole packets behind.
             if !self.input_paused() && !self.io.buf.is_empty() {
-                if let Some(close) = self.handle_input().await {
+                let input = Box::pin(self.handle_input());
+                if let Some(close) = input.await {
                     break close;
                 }
                 if let Err(error) = self.io.flush().await {
@@ -577,19 +638,23 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     if !filled {
                         break Close::Lost;
                     }
-                    if let Some(close) = self.handle_input().await {
+                    // Boxed, as a large future that runs briefly: inline, an idle connection
+                    // would hold room for it while it waits.
+                    // (A separate statement: a temporary lives until its statement ends, and
+                    // one held across the await would be in this future after all.)
+                    let input = Box::pin(self.handle_input());
+                    if let Some(close) = input.await {
                         break close;
                     }
                 }
                 Some(event) = self.events.recv() => {
-                    if let Some(close) = self.handle_event(event).await {
+                    if let Some(close) = self.handle_event(*event).await {
                         break close;
                     }
                     // Take whatever else is ready before writing.
                     while let Ok(event) = self.events.try_recv() {
-                        if let Some(close) = self.handle_event(event).await {
-                            self.finish(close).await;
-                            return;
+                        if let Some(close) = self.handle_event(*event).await {
+                            break 'session close;
                         }
                     }
                 }
@@ -604,7 +669,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 }
             }
         };
-        self.finish(close).await;
+        // Boxed: the teardown's future is large and runs once; inline, every connection would
+        // carry room for it all its life.
+        let finish = Box::pin((*self).finish(close));
+        finish.await;
     }
 
     /// Decode and handle every complete packet in the buffer.
@@ -744,7 +812,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }
         match self.broker.core().publish(&self.broker.config.vhost, message).await {
             Ok(pending) => {
-                let _ = self.confirms.send((packet_id, qos, PublishOutcome::Pending(pending)));
+                let _ = self.confirmer().send((packet_id, qos, PublishOutcome::Pending(pending)));
             }
             Err(error) => self.outcome(packet_id, qos, Err(error)),
         }
@@ -754,7 +822,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
     /// An inbound PUBLISH's outcome known at once: answered through the confirmer too, behind the
     /// ones still committing, so acknowledgements keep the order of the PUBLISHes [MQTT-4.6.0-2].
     fn outcome(&mut self, packet_id: Option<u16>, qos: QoS, result: CoreResult<Published>) {
-        let _ = self.confirms.send((packet_id, qos, PublishOutcome::Known(result)));
+        let _ = self.confirmer().send((packet_id, qos, PublishOutcome::Known(result)));
     }
 
     /// Answer an inbound PUBLISH once its outcome is known.
@@ -827,7 +895,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             value: Some(session::encode_epoch(epoch)),
             owner: Some(session::session_queue(&self.client_id)),
         };
-        let _ = self.recorder.send((write, Recorded::Released { packet_id }));
+        let _ = self.recorder().send((write, Recorded::Released { packet_id }));
         None
     }
 
@@ -851,13 +919,10 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                             // an administrator: declare it again while subscribed.
                             tracing::info!(client = self.client_id, filter, "shared subscription queue deleted");
                             if self.subscriptions.contains_key(&filter) {
-                                let attached = match self.ensure_shared_queue(&filter).await {
-                                    Ok(queue) => self.consume(Source::Shared(filter.clone()), queue).await,
-                                    Err(error) => Err(error),
-                                };
-                                if let Err(error) = attached {
-                                    tracing::warn!(client = self.client_id, filter, %error, "re-attaching a shared subscription failed");
-                                }
+                                // Boxed: rare, and its future would otherwise enlarge every
+                                // connection's.
+                                let reattach = Box::pin(self.reattach_shared(filter));
+                                reattach.await;
                             }
                         }
                     }
@@ -1076,7 +1141,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             owner: Some(session::session_queue(&self.client_id)),
         };
         let received = Recorded::Received { packet_id, consumer: inflight.consumer, position: inflight.position };
-        let _ = self.recorder.send((write, received));
+        let _ = self.recorder().send((write, received));
         None
     }
 
@@ -1089,7 +1154,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                 value: None,
                 owner: Some(session::session_queue(&self.client_id)),
             };
-            let _ = self.recorder.send((write, Recorded::Completed { packet_id }));
+            let _ = self.recorder().send((write, Recorded::Completed { packet_id }));
         }
         None
     }
@@ -1405,7 +1470,7 @@ enum PublishOutcome {
 }
 
 /// A task awaiting the commits of a connection's inbound PUBLISHes, in order, and reporting them.
-fn spawn_confirmer(events: mpsc::UnboundedSender<Event>) -> mpsc::UnboundedSender<(Option<u16>, QoS, PublishOutcome)> {
+fn spawn_confirmer(events: EventSender) -> mpsc::UnboundedSender<(Option<u16>, QoS, PublishOutcome)> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(Option<u16>, QoS, PublishOutcome)>();
     tokio::spawn(async move {
         while let Some((packet_id, qos, outcome)) = rx.recv().await {
@@ -1413,7 +1478,7 @@ fn spawn_confirmer(events: mpsc::UnboundedSender<Event>) -> mpsc::UnboundedSende
                 PublishOutcome::Pending(pending) => pending.confirm().await,
                 PublishOutcome::Known(result) => result,
             };
-            if events.send(Event::Published { packet_id, qos, result }).is_err() {
+            if events.send(Box::new(Event::Published { packet_id, qos, result })).is_err() {
                 break;
             }
         }
@@ -1441,7 +1506,7 @@ const RECORD_BATCH_MAX: usize = 256;
 fn spawn_recorder(
     core: wharf_core::Core,
     vhost: String,
-    events: mpsc::UnboundedSender<Event>,
+    events: EventSender,
 ) -> mpsc::UnboundedSender<(StateWrite, Recorded)> {
     let (tx, mut rx) = mpsc::unbounded_channel::<(StateWrite, Recorded)>();
     tokio::spawn(async move {
@@ -1475,7 +1540,7 @@ fn spawn_recorder(
                     Recorded::Received { packet_id, .. } => Event::Received { packet_id, result },
                     Recorded::Completed { packet_id } => Event::Completed { packet_id, result },
                 };
-                if events.send(event).is_err() {
+                if events.send(Box::new(event)).is_err() {
                     return;
                 }
             }
