@@ -183,6 +183,30 @@ print(f"| {title} | {peer} | {unit} | {ours:,.0f} | {theirs:,.0f} | {ratio:.2f} 
         "$title" "$peer" "$metric" "$ours" "$theirs" "$lost_ours" "$lost_theirs")")
 }
 
+# idle_bytes BROKER PID PORT: broker memory (RSS) per idle MQTT connection, bytes. Measured first,
+# on brokers that have done nothing yet: after the other scenarios the allocators hold freed memory
+# that the connections would reuse, and the growth of RSS would understate what they cost.
+idle_bytes() {
+    local broker=$1 pid=$2 port=$3 before during bench deadline
+    before=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+    log "== idle connections: $broker"
+    "$BENCH" bench mqtt --port "$port" --qos 0 --count 0 --idle-connections "$IDLE" --hold-secs 5 --json \
+        >"$OUT/idle-$broker.json" 2>"$WORK/idle-$broker.err" &
+    bench=$!
+    deadline=$((SECONDS + 300))
+    until grep -q '^holding' "$WORK/idle-$broker.err"; do
+        kill -0 "$bench" 2>/dev/null || { cat "$WORK/idle-$broker.err" >&2; return 1; }
+        [ $SECONDS -lt $deadline ] || { log "idle connections: no hold after 300 s"; return 1; }
+        sleep 0.2
+    done
+    sleep 2
+    during=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
+    wait "$bench"
+    echo $(((during - before) * 1024 / IDLE))
+}
+IDLE_WHARF=$(idle_bytes wharf "$WHARF_PID" $WHARF_MQTT)
+IDLE_MOSQ=$(idle_bytes mosquitto "$MOSQ_PID" $MOSQ_MQTT)
+
 MQTT_2x2=(--publishers 2 --subscribers 2 --size-bytes 256 --count "$COUNT")
 for qos in 0 1 2; do
     run "mqtt-qos$qos" wharf mqtt $WHARF_MQTT --qos $qos "${MQTT_2x2[@]}"
@@ -204,27 +228,6 @@ AMQP_RATE=(--confirms --publishers 2 --subscribers 2 --rate-per-sec "$RATE" --du
 run amqp-rate wharf amqp $WHARF_AMQP "${AMQP_RATE[@]}"
 run amqp-rate rabbitmq-quorum amqp $RMQ_AMQP --queue-type quorum "${AMQP_RATE[@]}"
 
-# idle_bytes BROKER PID PORT: broker memory (RSS) per idle MQTT connection, bytes.
-idle_bytes() {
-    local broker=$1 pid=$2 port=$3 before during bench deadline
-    before=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
-    log "== idle connections: $broker"
-    "$BENCH" bench mqtt --port "$port" --qos 0 --count 0 --idle-connections "$IDLE" --hold-secs 5 --json \
-        >"$OUT/idle-$broker.json" 2>"$WORK/idle-$broker.err" &
-    bench=$!
-    deadline=$((SECONDS + 300))
-    until grep -q '^holding' "$WORK/idle-$broker.err"; do
-        kill -0 "$bench" 2>/dev/null || { cat "$WORK/idle-$broker.err" >&2; return 1; }
-        [ $SECONDS -lt $deadline ] || { log "idle connections: no hold after 300 s"; return 1; }
-        sleep 0.2
-    done
-    sleep 2
-    during=$(awk '/VmRSS/ {print $2}' "/proc/$pid/status")
-    wait "$bench"
-    echo $(((during - before) * 1024 / IDLE))
-}
-IDLE_WHARF=$(idle_bytes wharf "$WHARF_PID" $WHARF_MQTT)
-IDLE_MOSQ=$(idle_bytes mosquitto "$MOSQ_PID" $MOSQ_MQTT)
 
 row "MQTT QoS 0, 2 -> 2, 256 B" mqtt-qos0 mosquitto received_per_sec
 row "MQTT QoS 1, 2 -> 2, 256 B" mqtt-qos1 mosquitto received_per_sec
