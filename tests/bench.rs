@@ -57,6 +57,18 @@ fn bench_mqtt_qos2_fan_out_expects_a_copy_per_subscriber() {
 }
 
 #[test]
+fn bench_mqtt_with_idempotency_keys_publishes_over_mqtt5_and_loses_nothing() {
+    let broker = Broker::start();
+    for qos in ["1", "2"] {
+        let args = ["--qos", qos, "--count", "300", "--publishers", "2", "--subscribers", "2", "--idempotency-keys"];
+        let report = bench(&broker, "mqtt", &args);
+        // Every key is new: no duplicate verdict (which would count as refused).
+        assert_complete(&report, 300, 300);
+        assert_eq!(count(&report, "refused"), 0, "{report}");
+    }
+}
+
+#[test]
 fn bench_amqp_confirms_reports_every_message_received_and_none_lost() {
     let broker = Broker::start();
     let report = bench(&broker, "amqp", &["--confirms", "--count", "500", "--publishers", "2", "--subscribers", "2"]);

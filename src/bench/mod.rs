@@ -115,6 +115,11 @@ pub struct MqttArgs {
     /// when holding starts, for whoever samples the broker's memory).
     #[arg(long, default_value_t = 0)]
     pub hold_secs: u64,
+    /// Publishers speak MQTT 5 and give each message an `idempotency-key` user property unique to
+    /// the run (Wharf's exactly-once registry); a PUBACK or PUBREC whose `idempotency-verdict` says
+    /// `duplicate` counts as refused. Subscribers stay on MQTT 3.1.1.
+    #[arg(long)]
+    pub idempotency_keys: bool,
 }
 
 /// `wharf bench amqp`.
@@ -340,7 +345,8 @@ pub fn read_stamp(payload: &[u8]) -> Option<(u64, u32, u64)> {
 pub struct Counters {
     /// Publishes handed to the broker (QoS 0, no confirms) or acknowledged by it.
     pub sent: AtomicU64,
-    /// Publishes the broker refused (negative confirm).
+    /// Publishes the broker refused (negative confirm) or, with MQTT idempotency keys, answered as
+    /// duplicates.
     pub refused: AtomicU64,
     /// Messages received by subscribers, duplicates included.
     pub received: AtomicU64,

@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
-use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS};
+use rumqttc::{AsyncClient, Event, EventLoop, MqttOptions, Outgoing, Packet, QoS, v5};
 use tokio::sync::watch;
 
 use super::{Counters, Layout, MqttArgs, Receiver, Report, Running, Schedule, progress, stamp};
@@ -85,12 +85,20 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Report> {
     let reporter = tokio::spawn(progress(Arc::clone(&counters), start, stop_rx.clone()));
     let mut publishers = Vec::new();
     for index in 0..common.publishers {
-        let (client, events) = connect(&args, &format!("{prefix}-pub-{index}")).await?;
         let topic = topic(common.destination_of(index));
         let schedule = Schedule::new(&common, index, start);
         let counters = Arc::clone(&counters);
         let size = common.size_bytes;
-        publishers.push(tokio::spawn(publish(client, events, topic, qos, schedule, epoch, index, size, counters)));
+        if !args.idempotency_keys {
+            let (client, events) = connect(&args, &format!("{prefix}-pub-{index}")).await?;
+            publishers.push(tokio::spawn(publish(client, events, topic, qos, schedule, epoch, index, size, counters)));
+        } else {
+            let (client, events) = connect_v5(&args, &format!("{prefix}-pub5-{index}")).await?;
+            let keys = format!("{prefix}-{index}");
+            publishers.push(tokio::spawn(publish_v5(
+                client, events, topic, args.qos, schedule, epoch, index, size, keys, counters,
+            )));
+        }
     }
     let copies = match common.layout {
         Layout::OneToOne => 1,
@@ -180,24 +188,173 @@ async fn publish(
             }
         }
     });
+    let client = Publisher::V3(client, qos);
+    let published = publish_on_schedule(&mut schedule, (epoch, index, size), &event_loop, &client, &topic).await?;
+    wind_up(&acked, published, event_loop, &done_tx).await?;
+    drop(client);
+    Ok(())
+}
+
+/// A publisher's client: MQTT 3.1.1, or MQTT 5 with an idempotency key per message.
+enum Publisher {
+    V3(AsyncClient, QoS),
+    V5 { client: v5::AsyncClient, qos: v5::mqttbytes::QoS, keys: String },
+}
+
+impl Publisher {
+    /// Queue message `seq` for publishing.
+    async fn publish(&self, topic: &str, seq: u64, payload: Vec<u8>) -> anyhow::Result<()> {
+        match self {
+            Self::V3(client, qos) => client.publish(topic, *qos, false, payload).await.context("publish"),
+            Self::V5 { client, qos, keys } => {
+                let properties = v5::mqttbytes::v5::PublishProperties {
+                    user_properties: vec![("idempotency-key".into(), format!("{keys}-{seq}"))],
+                    ..Default::default()
+                };
+                client.publish_with_properties(topic, *qos, false, payload, properties).await.context("publish")
+            }
+        }
+    }
+}
+
+/// Publish each message when it is due (stamped from `epoch` as publisher `index`, `size`
+/// bytes), until the schedule ends or the connection fails; returns how many were published.
+async fn publish_on_schedule(
+    schedule: &mut Schedule,
+    (epoch, index, size): (Instant, u32, usize),
+    event_loop: &tokio::task::JoinHandle<anyhow::Result<()>>,
+    client: &Publisher,
+    topic: &str,
+) -> anyhow::Result<u64> {
     let mut seq = 0;
     while let Some(due) = schedule.next().await {
-        let payload = stamp(epoch, due, index, seq, size);
-        client.publish(topic.clone(), qos, false, payload).await.context("publish")?;
+        client.publish(topic, seq, stamp(epoch, due, index, seq, size)).await?;
         seq += 1;
         if event_loop.is_finished() {
             break;
         }
     }
-    // Every publish acknowledged (or written, at QoS 0), or the connection failed.
+    Ok(seq)
+}
+
+/// After a publisher's last publish: wait until every publish is acknowledged (or written, at
+/// QoS 0) or the connection failed, then stop its event loop. The connection just closes: every
+/// publish is acknowledged already (a lost connection shows as publishes never counted as sent).
+async fn wind_up(
+    acked: &std::sync::atomic::AtomicU64,
+    published: u64,
+    event_loop: tokio::task::JoinHandle<anyhow::Result<()>>,
+    done: &watch::Sender<bool>,
+) -> anyhow::Result<()> {
     let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.load(Ordering::Relaxed) < seq && !event_loop.is_finished() && Instant::now() < deadline {
+    while acked.load(Ordering::Relaxed) < published && !event_loop.is_finished() && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    // The connection just closes: every publish is acknowledged already (a lost connection shows
-    // as publishes never counted as sent).
-    done_tx.send_replace(true);
-    event_loop.await.context("publisher event loop")??;
+    done.send_replace(true);
+    event_loop.await.context("publisher event loop")?
+}
+
+/// An MQTT 5 client and its event loop, CONNACK received (publishers with idempotency keys).
+async fn connect_v5(args: &MqttArgs, client_id: &str) -> anyhow::Result<(v5::AsyncClient, v5::EventLoop)> {
+    let mut options = v5::MqttOptions::new(client_id, args.common.host.clone(), args.port);
+    options.set_keep_alive(Duration::from_secs(30));
+    options.set_clean_start(true);
+    options.set_outgoing_inflight_upper_limit(args.inflight.max(1));
+    if let Some(username) = &args.username {
+        options.set_credentials(username.clone(), args.password.clone().unwrap_or_default());
+    }
+    let (client, mut events) = v5::AsyncClient::new(options, usize::from(args.inflight.max(1)));
+    tokio::time::timeout(SETUP_TIMEOUT, async {
+        loop {
+            match events.poll().await {
+                Ok(v5::Event::Incoming(v5::Incoming::ConnAck(_))) => return Ok(()),
+                Ok(_) => {}
+                Err(error) => bail!("{client_id} could not connect to {}:{}: {error}", args.common.host, args.port),
+            }
+        }
+    })
+    .await
+    .with_context(|| format!("{client_id}: no CONNACK in time"))??;
+    Ok((client, events))
+}
+
+/// Whether an MQTT 5 acknowledgement's user properties carry Wharf's duplicate verdict.
+fn is_duplicate_verdict(user_properties: &[(String, String)]) -> bool {
+    user_properties.iter().any(|(key, value)| key == "idempotency-verdict" && value == "duplicate")
+}
+
+/// One MQTT 5 publisher: as [`publish`], each message with the `idempotency-key` user property
+/// `<keys>-<sequence>`.
+#[expect(clippy::too_many_arguments, reason = "one publisher's whole setting, passed once to its task")]
+async fn publish_v5(
+    client: v5::AsyncClient,
+    mut events: v5::EventLoop,
+    topic: String,
+    qos: u8,
+    mut schedule: Schedule,
+    epoch: Instant,
+    index: u32,
+    size: usize,
+    keys: String,
+    counters: Arc<Counters>,
+) -> anyhow::Result<()> {
+    use v5::mqttbytes::QoS as QoS5;
+    let qos = match qos {
+        0 => QoS5::AtMostOnce,
+        1 => QoS5::AtLeastOnce,
+        _ => QoS5::ExactlyOnce,
+    };
+    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (done_tx, mut done_rx) = watch::channel(false);
+    let loop_acked = Arc::clone(&acked);
+    let loop_counters = Arc::clone(&counters);
+    let event_loop = tokio::spawn(async move {
+        // A QoS 2 exchange's verdict comes on its PUBREC; it counts when PUBCOMP completes it.
+        let mut duplicate_pkids = std::collections::HashSet::new();
+        let count = |duplicate: bool| {
+            loop_acked.fetch_add(1, Ordering::Relaxed);
+            let counter = if duplicate { &loop_counters.refused } else { &loop_counters.sent };
+            counter.fetch_add(1, Ordering::Relaxed);
+        };
+        loop {
+            tokio::select! {
+                event = events.poll() => match event {
+                    Ok(v5::Event::Incoming(v5::Incoming::PubAck(ack))) if qos == QoS5::AtLeastOnce => {
+                        count(ack.properties.is_some_and(|p| is_duplicate_verdict(&p.user_properties)));
+                    }
+                    Ok(v5::Event::Incoming(v5::Incoming::PubRec(rec))) if qos == QoS5::ExactlyOnce => {
+                        if rec.properties.is_some_and(|p| is_duplicate_verdict(&p.user_properties)) {
+                            duplicate_pkids.insert(rec.pkid);
+                        }
+                    }
+                    Ok(v5::Event::Incoming(v5::Incoming::PubComp(comp))) if qos == QoS5::ExactlyOnce => {
+                        count(duplicate_pkids.remove(&comp.pkid));
+                    }
+                    Ok(v5::Event::Outgoing(Outgoing::Publish(_))) if qos == QoS5::AtMostOnce => count(false),
+                    Ok(_) => {}
+                    Err(error) => return Err(anyhow::anyhow!("publisher {index}: {error}")),
+                },
+                _ = done_rx.changed() => return Ok(()),
+            }
+        }
+    });
+    let client = Publisher::V5 { client, qos, keys };
+    let published = publish_on_schedule(&mut schedule, (epoch, index, size), &event_loop, &client, &topic).await?;
+    wind_up(&acked, published, event_loop, &done_tx).await?;
     drop(client);
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_wharfs_duplicate_verdict_counts_as_a_duplicate() {
+        let property = |key: &str, value: &str| vec![(key.to_owned(), value.to_owned())];
+        assert!(is_duplicate_verdict(&property("idempotency-verdict", "duplicate")));
+        assert!(!is_duplicate_verdict(&property("idempotency-verdict", "new")));
+        assert!(!is_duplicate_verdict(&property("other", "duplicate")));
+        assert!(!is_duplicate_verdict(&[]));
+    }
 }
