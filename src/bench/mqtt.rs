@@ -1,9 +1,10 @@
-//! `wharf bench mqtt`: MQTT 3.1.1 publishers and subscribers on rumqttc. A QoS 1/2 publish counts
-//! as sent when the broker acknowledged it (PUBACK, PUBCOMP); a QoS 0 publish when it was written.
+//! `wharf bench mqtt`: MQTT 3.1.1 publishers and subscribers on rumqttc (publishers on MQTT 5
+//! with `--idempotency-keys`). A QoS 1/2 publish counts as sent when the broker acknowledged it
+//! (PUBACK, PUBCOMP); a QoS 0 publish when it was written.
 //! Topics are `<prefix>/<destination>`; each subscriber subscribes to its destination's topic.
 
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
@@ -87,18 +88,24 @@ pub async fn run(args: MqttArgs) -> anyhow::Result<Report> {
     for index in 0..common.publishers {
         let topic = topic(common.destination_of(index));
         let schedule = Schedule::new(&common, index, start);
-        let counters = Arc::clone(&counters);
-        let size = common.size_bytes;
-        if !args.idempotency_keys {
-            let (client, events) = connect(&args, &format!("{prefix}-pub-{index}")).await?;
-            publishers.push(tokio::spawn(publish(client, events, topic, qos, schedule, epoch, index, size, counters)));
-        } else {
+        let acks = Acks { acked: Arc::new(AtomicU64::new(0)), counters: Arc::clone(&counters) };
+        let (done, done_rx) = watch::channel(false);
+        let (client, event_loop) = if args.idempotency_keys {
             let (client, events) = connect_v5(&args, &format!("{prefix}-pub5-{index}")).await?;
-            let keys = format!("{prefix}-{index}");
-            publishers.push(tokio::spawn(publish_v5(
-                client, events, topic, args.qos, schedule, epoch, index, size, keys, counters,
-            )));
-        }
+            let qos = match qos {
+                QoS::AtMostOnce => v5::mqttbytes::QoS::AtMostOnce,
+                QoS::AtLeastOnce => v5::mqttbytes::QoS::AtLeastOnce,
+                QoS::ExactlyOnce => v5::mqttbytes::QoS::ExactlyOnce,
+            };
+            let event_loop = tokio::spawn(count_acks_v5(events, qos, acks.clone(), done_rx, index));
+            (Publisher::V5 { client, qos, keys: format!("{prefix}-{index}") }, event_loop)
+        } else {
+            let (client, events) = connect(&args, &format!("{prefix}-pub-{index}")).await?;
+            let event_loop = tokio::spawn(count_acks(events, qos, acks.clone(), done_rx, index));
+            (Publisher::V3(client, qos), event_loop)
+        };
+        let stamping = (epoch, index, common.size_bytes);
+        publishers.push(tokio::spawn(publish(client, event_loop, acks, done, topic, schedule, stamping)));
     }
     let copies = match common.layout {
         Layout::OneToOne => 1,
@@ -147,50 +154,73 @@ async fn connect(args: &MqttArgs, client_id: &str) -> anyhow::Result<(AsyncClien
     Ok((client, events))
 }
 
-/// One publisher: publish on schedule while its event loop counts acknowledgements, then wait
-/// for the last ones.
-#[expect(clippy::too_many_arguments, reason = "one publisher's whole setting, passed once to its task")]
-async fn publish(
-    client: AsyncClient,
-    mut events: EventLoop,
-    topic: String,
-    qos: QoS,
-    mut schedule: Schedule,
-    epoch: Instant,
-    index: u32,
-    size: usize,
+/// What a publisher's event loop counts: its publishes acknowledged by the broker (or written, at
+/// QoS 0), each as sent or, given a duplicate verdict, as refused.
+#[derive(Clone)]
+struct Acks {
+    acked: Arc<AtomicU64>,
     counters: Arc<Counters>,
+}
+
+impl Acks {
+    fn count(&self, duplicate: bool) {
+        self.acked.fetch_add(1, Ordering::Relaxed);
+        let counter = if duplicate { &self.counters.refused } else { &self.counters.sent };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// An MQTT 3.1.1 publisher's event loop: counts PUBACKs, PUBCOMPs or written QoS 0 publishes
+/// until `done`.
+async fn count_acks(
+    mut events: EventLoop,
+    qos: QoS,
+    acks: Acks,
+    mut done: watch::Receiver<bool>,
+    index: u32,
 ) -> anyhow::Result<()> {
-    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (done_tx, mut done_rx) = watch::channel(false);
-    let loop_acked = Arc::clone(&acked);
-    let loop_counters = Arc::clone(&counters);
-    let event_loop = tokio::spawn(async move {
-        loop {
-            tokio::select! {
-                event = events.poll() => match event {
-                    Ok(Event::Incoming(Packet::PubAck(_))) if qos == QoS::AtLeastOnce => {
-                        loop_acked.fetch_add(1, Ordering::Relaxed);
-                        loop_counters.sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Event::Incoming(Packet::PubComp(_))) if qos == QoS::ExactlyOnce => {
-                        loop_acked.fetch_add(1, Ordering::Relaxed);
-                        loop_counters.sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => {
-                        loop_acked.fetch_add(1, Ordering::Relaxed);
-                        loop_counters.sent.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(_) => {}
-                    Err(error) => return Err(anyhow::anyhow!("publisher {index}: {error}")),
-                },
-                _ = done_rx.changed() => return Ok(()),
-            }
+    loop {
+        tokio::select! {
+            event = events.poll() => match event {
+                Ok(Event::Incoming(Packet::PubAck(_))) if qos == QoS::AtLeastOnce => acks.count(false),
+                Ok(Event::Incoming(Packet::PubComp(_))) if qos == QoS::ExactlyOnce => acks.count(false),
+                Ok(Event::Outgoing(Outgoing::Publish(_))) if qos == QoS::AtMostOnce => acks.count(false),
+                Ok(_) => {}
+                Err(error) => return Err(anyhow::anyhow!("publisher {index}: {error}")),
+            },
+            _ = done.changed() => return Ok(()),
         }
-    });
-    let client = Publisher::V3(client, qos);
-    let published = publish_on_schedule(&mut schedule, (epoch, index, size), &event_loop, &client, &topic).await?;
-    wind_up(&acked, published, event_loop, &done_tx).await?;
+    }
+}
+
+/// One publisher: publish on schedule while its event loop counts acknowledgements, then wait
+/// for the last ones. `stamping` is the stamps' epoch, the publisher's index and the payload size.
+async fn publish(
+    client: Publisher,
+    event_loop: tokio::task::JoinHandle<anyhow::Result<()>>,
+    acks: Acks,
+    done: watch::Sender<bool>,
+    topic: String,
+    mut schedule: Schedule,
+    (epoch, index, size): (Instant, u32, usize),
+) -> anyhow::Result<()> {
+    let mut published = 0;
+    while let Some(due) = schedule.next().await {
+        client.publish(&topic, published, stamp(epoch, due, index, published, size)).await?;
+        published += 1;
+        if event_loop.is_finished() {
+            break;
+        }
+    }
+    // Every publish acknowledged (or written, at QoS 0), or the connection failed.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while acks.acked.load(Ordering::Relaxed) < published && !event_loop.is_finished() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // The connection just closes: every publish is acknowledged already (a lost connection shows
+    // as publishes never counted as sent).
+    done.send_replace(true);
+    event_loop.await.context("publisher event loop")??;
     drop(client);
     Ok(())
 }
@@ -215,43 +245,6 @@ impl Publisher {
             }
         }
     }
-}
-
-/// Publish each message when it is due (stamped from `epoch` as publisher `index`, `size`
-/// bytes), until the schedule ends or the connection fails; returns how many were published.
-async fn publish_on_schedule(
-    schedule: &mut Schedule,
-    (epoch, index, size): (Instant, u32, usize),
-    event_loop: &tokio::task::JoinHandle<anyhow::Result<()>>,
-    client: &Publisher,
-    topic: &str,
-) -> anyhow::Result<u64> {
-    let mut seq = 0;
-    while let Some(due) = schedule.next().await {
-        client.publish(topic, seq, stamp(epoch, due, index, seq, size)).await?;
-        seq += 1;
-        if event_loop.is_finished() {
-            break;
-        }
-    }
-    Ok(seq)
-}
-
-/// After a publisher's last publish: wait until every publish is acknowledged (or written, at
-/// QoS 0) or the connection failed, then stop its event loop. The connection just closes: every
-/// publish is acknowledged already (a lost connection shows as publishes never counted as sent).
-async fn wind_up(
-    acked: &std::sync::atomic::AtomicU64,
-    published: u64,
-    event_loop: tokio::task::JoinHandle<anyhow::Result<()>>,
-    done: &watch::Sender<bool>,
-) -> anyhow::Result<()> {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while acked.load(Ordering::Relaxed) < published && !event_loop.is_finished() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    done.send_replace(true);
-    event_loop.await.context("publisher event loop")?
 }
 
 /// An MQTT 5 client and its event loop, CONNACK received (publishers with idempotency keys).
@@ -283,66 +276,38 @@ fn is_duplicate_verdict(user_properties: &[(String, String)]) -> bool {
     user_properties.iter().any(|(key, value)| key == "idempotency-verdict" && value == "duplicate")
 }
 
-/// One MQTT 5 publisher: as [`publish`], each message with the `idempotency-key` user property
-/// `<keys>-<sequence>`.
-#[expect(clippy::too_many_arguments, reason = "one publisher's whole setting, passed once to its task")]
-async fn publish_v5(
-    client: v5::AsyncClient,
+/// An MQTT 5 publisher's event loop: as [`count_acks`], telling duplicate verdicts apart.
+async fn count_acks_v5(
     mut events: v5::EventLoop,
-    topic: String,
-    qos: u8,
-    mut schedule: Schedule,
-    epoch: Instant,
+    qos: v5::mqttbytes::QoS,
+    acks: Acks,
+    mut done: watch::Receiver<bool>,
     index: u32,
-    size: usize,
-    keys: String,
-    counters: Arc<Counters>,
 ) -> anyhow::Result<()> {
     use v5::mqttbytes::QoS as QoS5;
-    let qos = match qos {
-        0 => QoS5::AtMostOnce,
-        1 => QoS5::AtLeastOnce,
-        _ => QoS5::ExactlyOnce,
-    };
-    let acked = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (done_tx, mut done_rx) = watch::channel(false);
-    let loop_acked = Arc::clone(&acked);
-    let loop_counters = Arc::clone(&counters);
-    let event_loop = tokio::spawn(async move {
-        // A QoS 2 exchange's verdict comes on its PUBREC; it counts when PUBCOMP completes it.
-        let mut duplicate_pkids = std::collections::HashSet::new();
-        let count = |duplicate: bool| {
-            loop_acked.fetch_add(1, Ordering::Relaxed);
-            let counter = if duplicate { &loop_counters.refused } else { &loop_counters.sent };
-            counter.fetch_add(1, Ordering::Relaxed);
-        };
-        loop {
-            tokio::select! {
-                event = events.poll() => match event {
-                    Ok(v5::Event::Incoming(v5::Incoming::PubAck(ack))) if qos == QoS5::AtLeastOnce => {
-                        count(ack.properties.is_some_and(|p| is_duplicate_verdict(&p.user_properties)));
+    // A QoS 2 exchange's verdict comes on its PUBREC; it counts when PUBCOMP completes it.
+    let mut duplicate_pkids = std::collections::HashSet::new();
+    loop {
+        tokio::select! {
+            event = events.poll() => match event {
+                Ok(v5::Event::Incoming(v5::Incoming::PubAck(ack))) if qos == QoS5::AtLeastOnce => {
+                    acks.count(ack.properties.is_some_and(|p| is_duplicate_verdict(&p.user_properties)));
+                }
+                Ok(v5::Event::Incoming(v5::Incoming::PubRec(rec))) if qos == QoS5::ExactlyOnce => {
+                    if rec.properties.is_some_and(|p| is_duplicate_verdict(&p.user_properties)) {
+                        duplicate_pkids.insert(rec.pkid);
                     }
-                    Ok(v5::Event::Incoming(v5::Incoming::PubRec(rec))) if qos == QoS5::ExactlyOnce => {
-                        if rec.properties.is_some_and(|p| is_duplicate_verdict(&p.user_properties)) {
-                            duplicate_pkids.insert(rec.pkid);
-                        }
-                    }
-                    Ok(v5::Event::Incoming(v5::Incoming::PubComp(comp))) if qos == QoS5::ExactlyOnce => {
-                        count(duplicate_pkids.remove(&comp.pkid));
-                    }
-                    Ok(v5::Event::Outgoing(Outgoing::Publish(_))) if qos == QoS5::AtMostOnce => count(false),
-                    Ok(_) => {}
-                    Err(error) => return Err(anyhow::anyhow!("publisher {index}: {error}")),
-                },
-                _ = done_rx.changed() => return Ok(()),
-            }
+                }
+                Ok(v5::Event::Incoming(v5::Incoming::PubComp(comp))) if qos == QoS5::ExactlyOnce => {
+                    acks.count(duplicate_pkids.remove(&comp.pkid));
+                }
+                Ok(v5::Event::Outgoing(Outgoing::Publish(_))) if qos == QoS5::AtMostOnce => acks.count(false),
+                Ok(_) => {}
+                Err(error) => return Err(anyhow::anyhow!("publisher {index}: {error}")),
+            },
+            _ = done.changed() => return Ok(()),
         }
-    });
-    let client = Publisher::V5 { client, qos, keys };
-    let published = publish_on_schedule(&mut schedule, (epoch, index, size), &event_loop, &client, &topic).await?;
-    wind_up(&acked, published, event_loop, &done_tx).await?;
-    drop(client);
-    Ok(())
+    }
 }
 
 #[cfg(test)]

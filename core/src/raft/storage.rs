@@ -367,9 +367,9 @@ impl Storage for FjallStorage {
             batch.remove(&keyspace, index_key(index));
         }
         batch.commit()?;
-        let mut purged_below = self.purged_below.lock().unwrap_or_else(PoisonError::into_inner);
-        let below = purged_below.entry(group.to_owned()).or_insert(0);
-        *below = (*below).max(upto_index.saturating_add(1)).max(from);
+        // `from` is never below what was purged before, so this never moves back.
+        let below = from.max(upto_index.saturating_add(1));
+        self.purged_below.lock().unwrap_or_else(PoisonError::into_inner).insert(group.to_owned(), below);
         Ok(())
     }
 

@@ -249,10 +249,10 @@ enum Source {
 }
 
 /// Something the connection's loop reacts to, sent by its helper tasks.
-#[derive(Debug)]
 ///
 /// Events travel boxed ([`EventSender`]): an unbounded channel allocates room for 32 of its items
 /// when it is made, and every connection has one.
+#[derive(Debug)]
 enum Event {
     /// A message for the client.
     Delivery(Delivery),
@@ -609,9 +609,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
         }
     }
 
-    /// The event loop.
-    /// Serve the connection until it ends. Takes the connection boxed: an async fn holds its
-    /// arguments twice, and this future lives as long as the connection.
+    /// The event loop: serve the connection until it ends. Takes the connection boxed: an async
+    /// fn holds its arguments twice, and this future lives as long as the connection.
     async fn run(mut self: Box<Self>) {
         let close = 'session: loop {
             if let Err(error) = self.io.flush().await {
