@@ -4,8 +4,10 @@
 #   - Mosquitto's command-line clients (mosquitto_pub, mosquitto_sub) from the distribution's
 #     mosquitto-clients package, with apt-get (as root, or through sudo);
 #   - MQTT.js (npm package mqtt, pinned) under target/conformance-node, with the machine's Node.js;
-#   - a Python venv at target/conformance-venv with paho-mqtt 2.1.x, and cryptography (used to
-#     make a TLS certificate when the openssl command is missing), from PyPI.
+#   - a Python venv at target/conformance-venv with paho-mqtt 2.1.x, pika 1.3.x, grpcio,
+#     grpcio-tools and grpcio-status (the native API from Python, stubs generated from the .proto),
+#     and cryptography (used to make a TLS certificate when the openssl command is missing), from
+#     PyPI.
 # The tests find the venv at <workspace>/target/conformance-venv/bin/python and fail, naming this
 # script, when something is missing.
 set -euo pipefail
@@ -15,6 +17,7 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 VENV=target/conformance-venv
 PAHO_REQUIREMENT='paho-mqtt>=2.1,<2.2'
 PIKA_REQUIREMENT='pika>=1.3,<1.4'
+GRPC_REQUIREMENTS=('grpcio>=1.60,<2' 'grpcio-tools>=1.60,<2' 'grpcio-status>=1.60,<2')
 
 as_root() {
     if [ "$(id -u)" -eq 0 ]; then
@@ -42,6 +45,9 @@ venv_ready() {
 import sys
 import cryptography  # noqa: F401
 import pika  # noqa: F401
+import grpc  # noqa: F401
+import grpc_status  # noqa: F401
+import grpc_tools  # noqa: F401
 import paho.mqtt
 sys.exit(0 if paho.mqtt.__version__.startswith("2.1.") else 1)
 EOF
@@ -73,9 +79,9 @@ else
             "$python" -m virtualenv "$VENV"
         fi
     fi
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$PAHO_REQUIREMENT" "$PIKA_REQUIREMENT" cryptography
+    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check "$PAHO_REQUIREMENT" "$PIKA_REQUIREMENT" "${GRPC_REQUIREMENTS[@]}" cryptography
     if ! venv_ready; then
-        echo "conformance/setup.sh: $VENV still lacks paho-mqtt 2.1 or cryptography" >&2
+        echo "conformance/setup.sh: $VENV still lacks paho-mqtt 2.1, pika, grpcio or cryptography" >&2
         exit 1
     fi
     echo "python venv: ready ($VENV, paho-mqtt $("$VENV/bin/python" -c 'import paho.mqtt; print(paho.mqtt.__version__)'))"

@@ -1,17 +1,20 @@
 //! The protocol listeners: MQTT over plain TCP, TLS (rustls, optional client certificates) and
-//! WebSocket (path `/mqtt`, subprotocol `mqtt`); AMQP 0-9-1 over TCP and TLS. Accepts connections
-//! up to the configured maximum and hands each byte stream to its front-end (`wharf_mqtt::serve`,
-//! `wharf_amqp::serve`); owns sockets and nothing else.
+//! WebSocket (path `/mqtt`, subprotocol `mqtt`); AMQP 0-9-1 over TCP and TLS; the native gRPC API
+//! over HTTP/2 (TLS when configured). Accepts connections up to the configured maximum and hands
+//! each byte stream to its front-end (`wharf_mqtt::serve`, `wharf_amqp::serve`, the tonic server
+//! of `wharf_native`); owns sockets and nothing else.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context as TaskContext, Poll};
 use std::time::Duration;
 
 use anyhow::Context;
 use futures_util::{FutureExt, SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc, watch};
 use tokio::task::JoinSet;
 use tokio_rustls::TlsAcceptor;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -35,13 +38,15 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 const WEBSOCKET_BRIDGE_BYTES: usize = 64 * 1024;
 
 /// Which kind of listener.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 enum Kind {
     MqttTcp,
     MqttTls,
     MqttWebSocket,
     AmqpTcp,
     AmqpTls,
+    /// gRPC: accepted connections go to the tonic server through a channel.
+    Native(mpsc::Sender<NativeIo>),
 }
 
 /// The protocol front-ends connections are handed to.
@@ -51,6 +56,8 @@ pub struct FrontEnds {
     pub mqtt: Arc<Broker>,
     /// AMQP 0-9-1.
     pub amqp: Arc<wharf_amqp::Broker>,
+    /// The native gRPC API.
+    pub native: Arc<wharf_native::Native>,
 }
 
 /// TLS acceptors, one per protocol (they differ in ALPN).
@@ -58,6 +65,7 @@ pub struct FrontEnds {
 struct Acceptors {
     mqtt: TlsAcceptor,
     amqp: TlsAcceptor,
+    native: TlsAcceptor,
 }
 
 /// The running listeners.
@@ -76,7 +84,13 @@ impl Listeners {
         let tls = tls_config(settings)?.map(|config| {
             let mut mqtt = config.clone();
             mqtt.alpn_protocols = vec![b"mqtt".to_vec()];
-            Acceptors { mqtt: TlsAcceptor::from(Arc::new(mqtt)), amqp: TlsAcceptor::from(Arc::new(config)) }
+            let mut native = config.clone();
+            native.alpn_protocols = vec![b"h2".to_vec()];
+            Acceptors {
+                mqtt: TlsAcceptor::from(Arc::new(mqtt)),
+                amqp: TlsAcceptor::from(Arc::new(config)),
+                native: TlsAcceptor::from(Arc::new(native)),
+            }
         });
         let mut plan: Vec<(&'static str, &str, Kind)> = vec![
             ("mqtt", &settings.mqtt, Kind::MqttTcp),
@@ -86,6 +100,11 @@ impl Listeners {
         if tls.is_some() {
             plan.push(("mqtt_tls", &settings.mqtt_tls, Kind::MqttTls));
             plan.push(("amqp_tls", &settings.amqp_tls, Kind::AmqpTls));
+        }
+        if !settings.native.is_empty() {
+            let (connections, incoming) = mpsc::channel(NATIVE_ACCEPTED_BUFFERED);
+            tasks.spawn(serve_native(Arc::clone(&front_ends.native), incoming, stopped.clone()));
+            plan.push(("native", &settings.native, Kind::Native(connections)));
         }
         for (name, address, kind) in plan {
             if address.is_empty() {
@@ -186,17 +205,34 @@ async fn accept_loop(
         let peer = peer.to_string();
         // One spawn per kind: a task is as large as its future, so a plain MQTT connection must
         // not carry room for a TLS stream or an AMQP connection (memory per idle connection).
-        match kind {
+        match &kind {
+            Kind::Native(connections) => match tls.clone() {
+                None => {
+                    let _ = connections.send(NativeIo { stream: NativeStream::Tcp(stream), _permit: permit }).await;
+                }
+                Some(tls) => {
+                    let connections = connections.clone();
+                    tokio::spawn(async move {
+                        match tokio::time::timeout(HANDSHAKE_TIMEOUT, tls.native.accept(stream)).await {
+                            Ok(Ok(stream)) => {
+                                let stream = NativeStream::Tls(Box::new(stream));
+                                let _ = connections.send(NativeIo { stream, _permit: permit }).await;
+                            }
+                            Ok(Err(error)) => debug!(peer, %error, "TLS handshake failed"),
+                            Err(_) => debug!(peer, "TLS handshake timed out"),
+                        }
+                    });
+                }
+            },
             Kind::MqttTcp => spawn_holding(permit, wharf_mqtt::serve(front_ends.mqtt, stream, peer)),
             Kind::AmqpTcp => spawn_holding(permit, wharf_amqp::serve(front_ends.amqp, stream, peer)),
             Kind::MqttTls | Kind::AmqpTls => {
                 let Some(tls) = tls.clone() else { continue };
+                let is_mqtt = matches!(kind, Kind::MqttTls);
                 spawn_holding(permit, async move {
-                    let acceptor = if matches!(kind, Kind::MqttTls) { tls.mqtt } else { tls.amqp };
+                    let acceptor = if is_mqtt { tls.mqtt } else { tls.amqp };
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(stream)) if matches!(kind, Kind::MqttTls) => {
-                            wharf_mqtt::serve(front_ends.mqtt, stream, peer).await
-                        }
+                        Ok(Ok(stream)) if is_mqtt => wharf_mqtt::serve(front_ends.mqtt, stream, peer).await,
                         Ok(Ok(stream)) => wharf_amqp::serve(front_ends.amqp, stream, peer).await,
                         Ok(Err(error)) => debug!(peer, %error, "TLS handshake failed"),
                         Err(_) => debug!(peer, "TLS handshake timed out"),
@@ -204,6 +240,121 @@ async fn accept_loop(
                 });
             }
             Kind::MqttWebSocket => spawn_holding(permit, serve_websocket(front_ends.mqtt, stream, peer)),
+        }
+    }
+}
+
+/// How long calls in flight on native connections may take to finish once the listeners stop.
+const NATIVE_DRAIN: Duration = Duration::from_secs(2);
+
+/// Accepted native connections waiting for the gRPC server.
+const NATIVE_ACCEPTED_BUFFERED: usize = 64;
+
+/// Serve the native gRPC API on the connections the accept loop hands over, until stopped.
+async fn serve_native(
+    native: Arc<wharf_native::Native>,
+    incoming: mpsc::Receiver<NativeIo>,
+    mut stopped: watch::Receiver<bool>,
+) {
+    let config = native.config();
+    let keepalive = (config.keepalive_secs > 0).then(|| Duration::from_secs(config.keepalive_secs.into()));
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(incoming).map(Ok::<_, std::io::Error>);
+    let mut drained = stopped.clone();
+    let server = tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(config.streams_per_connection_max))
+        .http2_keepalive_interval(keepalive)
+        .http2_keepalive_timeout(Some(Duration::from_secs(config.keepalive_timeout_secs.into())))
+        .add_service(native.service())
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stopped.wait_for(|stop| *stop).await;
+        });
+    // A graceful stop waits for clients to close their connections, which idle clients never
+    // do: calls in flight get a moment to finish, then the connections are dropped.
+    let drain = async move {
+        let _ = drained.wait_for(|stop| *stop).await;
+        tokio::time::sleep(NATIVE_DRAIN).await;
+    };
+    tokio::select! {
+        served = server => if let Err(error) = served {
+            warn!(%error, "the native gRPC server failed");
+        },
+        () = drain => debug!("native connections still open after the drain: dropped"),
+    }
+}
+
+/// A native connection's byte stream, holding its `listeners.connections_max` permit.
+struct NativeIo {
+    stream: NativeStream,
+    _permit: OwnedSemaphorePermit,
+}
+
+impl std::fmt::Debug for NativeIo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("NativeIo")
+    }
+}
+
+enum NativeStream {
+    Tcp(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+}
+
+impl tonic::transport::server::Connected for NativeIo {
+    type ConnectInfo = ();
+
+    fn connect_info(&self) -> Self::ConnectInfo {}
+}
+
+impl AsyncRead for NativeIo {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match &mut self.stream {
+            NativeStream::Tcp(stream) => Pin::new(stream).poll_read(cx, buf),
+            NativeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_read(cx, buf),
+        }
+    }
+}
+
+impl AsyncWrite for NativeIo {
+    fn poll_write(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>, buf: &[u8]) -> Poll<std::io::Result<usize>> {
+        match &mut self.stream {
+            NativeStream::Tcp(stream) => Pin::new(stream).poll_write(cx, buf),
+            NativeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut TaskContext<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match &mut self.stream {
+            NativeStream::Tcp(stream) => Pin::new(stream).poll_write_vectored(cx, bufs),
+            NativeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_write_vectored(cx, bufs),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.stream {
+            NativeStream::Tcp(stream) => stream.is_write_vectored(),
+            NativeStream::Tls(stream) => stream.is_write_vectored(),
+        }
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.stream {
+            NativeStream::Tcp(stream) => Pin::new(stream).poll_flush(cx),
+            NativeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
+        match &mut self.stream {
+            NativeStream::Tcp(stream) => Pin::new(stream).poll_shutdown(cx),
+            NativeStream::Tls(stream) => Pin::new(stream.as_mut()).poll_shutdown(cx),
         }
     }
 }

@@ -142,13 +142,25 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
             return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
         }
     };
-    let front_ends = FrontEnds { mqtt: broker.clone(), amqp: amqp.clone() };
+    let native = match wharf_native::Native::start(core.clone(), settings.native.clone()) {
+        Ok(native) => native,
+        Err(error) => {
+            error!("starting the native front-end: {error}");
+            broker.shutdown();
+            amqp.shutdown();
+            let _ = stop_admin.send(());
+            let _ = core.shutdown().await;
+            return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
+        }
+    };
+    let front_ends = FrontEnds { mqtt: broker.clone(), amqp: amqp.clone(), native: native.clone() };
     let listeners = match Listeners::start(&settings.listeners, front_ends).await {
         Ok(listeners) => listeners,
         Err(error) => {
             error!("{error:#}");
             broker.shutdown();
             amqp.shutdown();
+            native.shutdown();
             let _ = stop_admin.send(());
             let _ = core.shutdown().await;
             return Ok(ExitCode::from(EXIT_INVALID_CONFIG));
@@ -170,6 +182,8 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
 
     let shutdown = async {
         info!("stopping the protocol listeners and closing client connections");
+        // Streams end first: the gRPC server's graceful stop waits for open calls.
+        native.shutdown();
         listeners.stop().await;
         broker.shutdown();
         amqp.shutdown();

@@ -17,6 +17,7 @@ use wharf_amqp::AmqpConfig;
 use wharf_core::alarms::AlarmConfig;
 use wharf_core::{CoreConfig, Limits, StorageKind};
 use wharf_mqtt::MqttConfig;
+use wharf_native::NativeConfig;
 
 /// Prefix of environment variables read as settings: `WHARF__CORE__SHARD_COUNT=8` sets
 /// `core.shard_count`. The double underscore separates the prefix, the section and the key, because
@@ -71,6 +72,8 @@ pub struct Settings {
     pub mqtt: MqttConfig,
     /// `[amqp]`: the AMQP 0-9-1 front-end's behaviour and limits.
     pub amqp: AmqpConfig,
+    /// `[native]`: the native gRPC front-end's limits.
+    pub native: NativeConfig,
     /// `[alarms]`: memory and disk alarms (publishers are held back while one is raised).
     pub alarms: AlarmConfig,
     /// `[log]`: logging.
@@ -228,6 +231,8 @@ pub struct ListenerSettings {
     pub amqp: String,
     /// AMQP 0-9-1 over TLS; started only when `tls_cert_file` is set.
     pub amqp_tls: String,
+    /// The native gRPC API (HTTP/2); TLS (ALPN h2) when `tls_cert_file` is set.
+    pub native: String,
     /// PEM certificate chain of the TLS listeners ("" for no TLS).
     pub tls_cert_file: String,
     /// PEM private key of the TLS listeners.
@@ -247,6 +252,7 @@ impl Default for ListenerSettings {
             mqtt_tls: "0.0.0.0:8883".into(),
             amqp: "[::]:5672".into(),
             amqp_tls: "[::]:5671".into(),
+            native: "[::]:7654".into(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
@@ -327,6 +333,9 @@ impl Settings {
         self.amqp
             .validate()
             .map_err(|(key, reason)| SettingsError::Invalid { key: key.into(), reason: reason.into() })?;
+        self.native
+            .validate()
+            .map_err(|(key, reason)| SettingsError::Invalid { key: key.into(), reason: reason.into() })?;
         self.core_config()
             .validate()
             .map_err(|error| SettingsError::Invalid { key: settings_key(error.key), reason: error.reason })
@@ -340,6 +349,7 @@ impl Settings {
             ("listeners.mqtt_tls", &listeners.mqtt_tls),
             ("listeners.amqp", &listeners.amqp),
             ("listeners.amqp_tls", &listeners.amqp_tls),
+            ("listeners.native", &listeners.native),
         ] {
             if !address.is_empty() && address.parse::<SocketAddr>().is_err() {
                 return Err(SettingsError::Invalid {
@@ -503,6 +513,12 @@ pub fn default_file() -> String {
     );
     entry(
         &mut out,
+        "The native gRPC API (HTTP/2); TLS (ALPN h2) when tls_cert_file is set.",
+        "native",
+        toml_string(&listeners.native),
+    );
+    entry(
+        &mut out,
         "PEM certificate chain of the TLS listeners.",
         "tls_cert_file",
         toml_string(&listeners.tls_cert_file),
@@ -629,6 +645,47 @@ pub fn default_file() -> String {
          \"/payments\" = \"message-id\"",
         "idempotency_key",
         toml_string(amqp.idempotency_key.as_str()),
+    );
+
+    section(&mut out, "native");
+    let native = &settings.native;
+    entry(
+        &mut out,
+        "Largest gRPC message accepted or sent, bytes (refused before decoding).",
+        "grpc_message_size_max_bytes",
+        native.grpc_message_size_max_bytes,
+    );
+    entry(
+        &mut out,
+        "Concurrent calls per connection (HTTP/2 max concurrent streams).",
+        "streams_per_connection_max",
+        native.streams_per_connection_max,
+    );
+    entry(&mut out, "Messages in one PublishBatch call.", "batch_messages_max", native.batch_messages_max);
+    entry(
+        &mut out,
+        "Transactions begun and not finished on this node, all clients together.",
+        "transactions_open_max",
+        native.transactions_open_max,
+    );
+    entry(
+        &mut out,
+        "Seconds an open (not prepared) transaction may go without a call before it is discarded.",
+        "txn_idle_secs",
+        native.txn_idle_secs,
+    );
+    entry(
+        &mut out,
+        "Deliveries a consumer may be granted and not yet sent.",
+        "consumer_credit_max",
+        native.consumer_credit_max,
+    );
+    entry(&mut out, "HTTP/2 keepalive ping interval, seconds (0: none).", "keepalive_secs", native.keepalive_secs);
+    entry(
+        &mut out,
+        "Time a client has to answer a keepalive ping, seconds.",
+        "keepalive_timeout_secs",
+        native.keepalive_timeout_secs,
     );
 
     section(&mut out, "alarms");

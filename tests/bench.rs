@@ -1,6 +1,6 @@
 //! `wharf bench` against a Wharf it starts (the conformance harness's `Broker`): its counts are
 //! checked, not its speed. A run of N messages at QoS 1 / with confirms reports N sent, N
-//! received, none lost or duplicated; fan-out multiplies what is expected; a rate caps what is
+//! received, none lost or duplicated (MQTT, AMQP and the native API); fan-out multiplies what is expected; a rate caps what is
 //! sent; a broker that is not there is a clear failure.
 
 #[path = "../conformance/mqtt/harness.rs"]
@@ -18,6 +18,7 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(120);
 fn bench(broker: &Broker, protocol: &str, args: &[&str]) -> serde_json::Value {
     let port = match protocol {
         "mqtt" => broker.mqtt_port(),
+        "native" => broker.native_port(),
         _ => broker.amqp_port(),
     };
     let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
@@ -101,6 +102,35 @@ fn bench_amqp_fan_in_consumers_share_one_queue() {
     let args = ["--confirms", "--count", "300", "--publishers", "3", "--subscribers", "2", "--layout", "fan-in"];
     let report = bench(&broker, "amqp", &args);
     assert_complete(&report, 300, 300);
+}
+
+#[test]
+fn bench_native_reports_every_message_received_and_none_lost() {
+    let broker = Broker::start();
+    let report = bench(&broker, "native", &["--count", "500", "--publishers", "2", "--subscribers", "2"]);
+    assert_complete(&report, 500, 500);
+    assert_eq!(report["protocol"], "native");
+}
+
+#[test]
+fn bench_native_fan_out_with_idempotency_keys_small_credit_and_batches() {
+    let broker = Broker::start();
+    let args = [
+        "--count",
+        "300",
+        "--subscribers",
+        "3",
+        "--layout",
+        "fan-out",
+        "--idempotency-keys",
+        "--credit",
+        "7",
+        "--batch",
+        "16",
+    ];
+    let report = bench(&broker, "native", &args);
+    assert_complete(&report, 300, 900);
+    assert_eq!(count(&report, "refused"), 0, "every key is new: {report}");
 }
 
 #[test]

@@ -100,6 +100,8 @@ struct Ports {
     tls: Option<u16>,
     /// The AMQP-over-TLS listener, picked with `tls` (without a certificate it is not started).
     amqp_tls: Option<u16>,
+    /// The native gRPC API (TLS when the broker has a certificate).
+    native: u16,
 }
 
 impl Ports {
@@ -107,7 +109,7 @@ impl Ports {
         // Every port's listener is held until all are picked, so no two of them are the same (a
         // port released at once can be handed out again by the next bind).
         let held: Vec<TcpListener> =
-            (0..6).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
+            (0..7).map(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port")).collect();
         let ports: Vec<u16> = held.iter().map(|l| l.local_addr().expect("local address").port()).collect();
         Self {
             admin: ports[0],
@@ -116,6 +118,7 @@ impl Ports {
             amqp: ports[3],
             tls: tls.then_some(ports[4]),
             amqp_tls: tls.then_some(ports[5]),
+            native: ports[6],
         }
     }
 }
@@ -221,6 +224,16 @@ impl Broker {
         self.ports.amqp
     }
 
+    /// The native gRPC API's port.
+    pub fn native_port(&self) -> u16 {
+        self.ports.native
+    }
+
+    /// The native API's endpoint (`http://127.0.0.1:port`).
+    pub fn native_url(&self) -> String {
+        format!("http://{}", loopback(self.ports.native))
+    }
+
     /// The admin HTTP port (`/metrics`, `/readyz`).
     pub fn admin_port(&self) -> u16 {
         self.ports.admin
@@ -258,6 +271,7 @@ impl Broker {
             .env("WHARF__LISTENERS__MQTT", loopback(self.ports.mqtt).to_string())
             .env("WHARF__LISTENERS__MQTT_WS", loopback(self.ports.ws).to_string())
             .env("WHARF__LISTENERS__AMQP", loopback(self.ports.amqp).to_string())
+            .env("WHARF__LISTENERS__NATIVE", loopback(self.ports.native).to_string())
             // Replaced by a picked port below when the broker has a certificate.
             .env("WHARF__LISTENERS__AMQP_TLS", "127.0.0.1:0")
             // $SYS publications are off unless a test turns them on (it may override below).

@@ -57,6 +57,24 @@ impl CoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(self, Self::NotLeader { .. } | Self::Overloaded(_) | Self::Unavailable(_))
     }
+
+    /// A stable, machine-readable name of the error's kind, for front-ends whose wire protocol
+    /// carries one (the native API's error detail).
+    pub fn code(&self) -> &'static str {
+        match self {
+            Self::NotFound(_) => "NOT_FOUND",
+            Self::PreconditionFailed(_) => "PRECONDITION_FAILED",
+            Self::AccessRefused(_) => "ACCESS_REFUSED",
+            Self::ResourceLocked(_) => "RESOURCE_LOCKED",
+            Self::InvalidArgument(_) => "INVALID_ARGUMENT",
+            Self::LimitExceeded { .. } => "LIMIT_EXCEEDED",
+            Self::NotLeader { .. } => "NOT_LEADER",
+            Self::Overloaded(_) => "OVERLOADED",
+            Self::Unavailable(_) => "UNAVAILABLE",
+            Self::Storage(_) => "STORAGE",
+            Self::Internal(_) => "INTERNAL",
+        }
+    }
 }
 
 /// Every limit key an error may name; deserialising maps a key back onto its static name.
@@ -111,6 +129,13 @@ mod tests {
         assert!(CoreError::Overloaded("x".into()).is_retryable());
         assert!(!CoreError::NotFound("x".into()).is_retryable());
         assert!(!CoreError::Storage("x".into()).is_retryable());
+    }
+
+    #[test]
+    fn codes_name_the_kind() {
+        assert_eq!(CoreError::NotFound("x".into()).code(), "NOT_FOUND");
+        assert_eq!(CoreError::LimitExceeded { limit: "limits.queues_max", value: 3, max: 2 }.code(), "LIMIT_EXCEEDED");
+        assert_eq!(CoreError::NotLeader { leader: Some(2) }.code(), "NOT_LEADER");
     }
 
     #[test]

@@ -407,3 +407,54 @@ impl std::fmt::Display for TxnId {
         write!(f, "txn-{}.{}.{}", self.node, self.incarnation, self.seq)
     }
 }
+
+impl std::str::FromStr for TxnId {
+    type Err = crate::error::CoreError;
+
+    /// The inverse of `Display` (`txn-<node>.<incarnation>.<seq>`), for front-ends that hand ids
+    /// to clients as text.
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = || crate::error::CoreError::InvalidArgument(format!("'{text}' is not a transaction id"));
+        let (node, incarnation, seq) = text.strip_prefix("txn-").and_then(three_numbers).ok_or_else(invalid)?;
+        Ok(Self { node, incarnation, seq })
+    }
+}
+
+impl std::str::FromStr for ConnectionId {
+    type Err = crate::error::CoreError;
+
+    /// The inverse of `Display` (`<node>.<incarnation>.<seq>`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (node, incarnation, seq) = three_numbers(text)
+            .ok_or_else(|| crate::error::CoreError::InvalidArgument(format!("'{text}' is not a connection id")))?;
+        Ok(Self { node, incarnation, seq })
+    }
+}
+
+/// `a.b.c` as three decimal numbers.
+fn three_numbers(text: &str) -> Option<(u64, u64, u64)> {
+    let mut parts = text.split('.').map(|part| part.parse::<u64>().ok());
+    let numbers = (parts.next()??, parts.next()??, parts.next()??);
+    parts.next().is_none().then_some(numbers)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ids_parse_back_from_their_text() {
+        let txn = TxnId { node: 1, incarnation: 7, seq: 42 };
+        assert_eq!(txn.to_string().parse::<TxnId>(), Ok(txn));
+        let connection = ConnectionId { node: 3, incarnation: 2, seq: 9 };
+        assert_eq!(connection.to_string().parse::<ConnectionId>(), Ok(connection));
+        let consumer = crate::queue::ConsumerId { connection, seq: 5 };
+        assert_eq!(consumer.to_string().parse::<crate::queue::ConsumerId>(), Ok(consumer));
+        for bad in ["", "txn-", "txn-1.2", "txn-1.2.3.4", "txn-a.b.c", "1.2.3", "txn-1.2.-3"] {
+            assert!(bad.parse::<TxnId>().is_err(), "{bad}");
+        }
+        for bad in ["1.2.3", "1.2/3", "1.2.3/x", "/4"] {
+            assert!(bad.parse::<crate::queue::ConsumerId>().is_err(), "{bad}");
+        }
+    }
+}

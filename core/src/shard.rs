@@ -117,7 +117,7 @@ pub enum ShardCommand {
         /// New prefetch.
         prefetch: u32,
     },
-    /// Grant a no-ack consumer more credit.
+    /// Grant a no-ack or credit-limited consumer more credit.
     Credit {
         /// Consumer.
         consumer: ConsumerId,

@@ -933,6 +933,54 @@ async fn a_transaction_past_its_timeout_aborts() {
 }
 
 #[tokio::test]
+async fn an_explicitly_prepared_transaction_waits_for_its_decision() {
+    let storage = MemStorage::new();
+    let mut config = config();
+    config.limits.txn_timeout_ms = 400;
+    let core = common::open_on(config, &storage).await;
+    let (a, b) = queues_on_two_shards(&core, "explicit").await;
+    core.publish_confirmed("/", Message::new("", &a, "input")).await.expect("input");
+    let id = consumer_id(&core, 1);
+    let mut consumer = core.consume("/", &a, id, ConsumeOptions::default()).await.expect("consume");
+    let input = next(&mut consumer).await;
+
+    // Prepared: the output is invisible and the input locked, until commit.
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[input.position]);
+    txn.publish("/", Message::new("", &b, "output"));
+    let prepared = core.prepare_txn(txn, None).await.expect("prepare");
+    assert_eq!(prepared.timeout_ms(), 400);
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 0, "invisible while prepared");
+    let committed = core.finish_txn(prepared, true).await.expect("commit").expect("committed");
+    assert_eq!(committed.published.len(), 1);
+    assert_eq!(committed.published[0].positions.len(), 1, "{committed:?}");
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 1, "visible once committed");
+    assert!(core.settle(id, &[input.position], Outcome::Ack).await.expect("settle").len() == 1, "acked by the txn");
+
+    // Rolled back: nothing published, nothing acked.
+    core.publish_confirmed("/", Message::new("", &a, "second")).await.expect("second");
+    let second = next(&mut consumer).await;
+    let mut txn = core.begin_txn();
+    txn.ack(id, &[second.position]);
+    txn.publish("/", Message::new("", &b, "never"));
+    let prepared = core.prepare_txn(txn, None).await.expect("prepare");
+    assert!(core.finish_txn(prepared, false).await.expect("abort").is_none());
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 1, "no second output");
+    assert!(core.settle(id, &[second.position], Outcome::Ack).await.expect("settle").is_empty(), "still held");
+
+    // Left past its deadline: rolled back whatever the late caller asks.
+    let mut txn = core.begin_txn();
+    txn.publish("/", Message::new("", &a, "late"));
+    txn.publish("/", Message::new("", &b, "late"));
+    let prepared = core.prepare_txn(txn, None).await.expect("prepare");
+    tokio::time::sleep(Duration::from_millis(900)).await;
+    assert!(core.finish_txn(prepared, true).await.expect("late commit").is_none(), "rolled back");
+    assert_eq!(core.queue_status("/", &b).expect("status").0, 1);
+    consumer.cancel().await.expect("cancel");
+    core.shutdown().await.expect("shutdown");
+}
+
+#[tokio::test]
 async fn half_messages_are_invisible_until_their_producer_commits() {
     let storage = MemStorage::new();
     let core = open(&storage).await;

@@ -35,11 +35,7 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<Report> {
     // The topology: one queue per consumer (one-to-one, fan-out) or one shared queue (fan-in).
     let admin = connect(&args).await?;
     let setup = admin.create_channel().await.context("channel")?;
-    let queue_count = match common.layout {
-        Layout::OneToOne | Layout::FanOut => common.subscribers,
-        Layout::FanIn => 1,
-    };
-    let queues: Vec<String> = (0..queue_count).map(|index| format!("{prefix}-{index}")).collect();
+    let queues = common.queue_names(&prefix);
     let mut arguments = FieldTable::default();
     if let Some(kind) = &args.queue_type {
         arguments.insert("x-queue-type".into(), AMQPValue::LongString(kind.as_str().into()));
@@ -127,10 +123,7 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<Report> {
     let reporter = tokio::spawn(progress(Arc::clone(&counters), start, stop_rx.clone()));
     let mut publishers = Vec::new();
     for index in 0..common.publishers {
-        let (exchange, routing_key) = match &exchange {
-            Some(exchange) => (exchange.clone(), String::new()),
-            None => (String::new(), queues[common.destination_of(index) as usize % queues.len()].clone()),
-        };
+        let (exchange, routing_key) = common.address_of(index, exchange.as_deref(), &queues);
         let connection = connect(&args).await?;
         let schedule = Schedule::new(&common, index, start);
         let target = Target { exchange, routing_key, prefix: prefix.clone() };
@@ -144,12 +137,8 @@ pub async fn run(args: AmqpArgs) -> anyhow::Result<Report> {
             Arc::clone(&counters),
         )));
     }
-    let copies = match common.layout {
-        Layout::FanOut => u64::from(common.subscribers),
-        Layout::OneToOne | Layout::FanIn => 1,
-    };
     let running = Running { counters, start, publishers, subscribers: consumers, stop: stop_tx, reporter };
-    let outcome = running.finish(copies, common.drain_secs).await?;
+    let outcome = running.finish(common.queue_copies(), common.drain_secs).await?;
     // Leave nothing behind on the broker.
     for queue in &queues {
         let _ = within("queue.delete", setup.queue_delete(queue.as_str().into(), QueueDeleteOptions::default())).await;

@@ -1,11 +1,12 @@
-//! `wharf bench`: a load generator for MQTT and AMQP 0-9-1 brokers (Wharf or any other), like
-//! RabbitMQ's perf-test or emqtt-bench. Publishers stamp every message with its send time, its
+//! `wharf bench`: a load generator for MQTT and AMQP 0-9-1 brokers (Wharf or any other) and for
+//! Wharf's native gRPC API, like RabbitMQ's perf-test or emqtt-bench. Publishers stamp every message with its send time, its
 //! publisher and its sequence number; subscribers use the stamp to count what was lost or
 //! duplicated and to record end-to-end latency in HDR histograms. Talks only to the broker it
 //! is pointed at; prints a progress line on stderr and the report (text or `--json`) on stdout.
 
 mod amqp;
 mod mqtt;
+mod native;
 
 use std::collections::HashSet;
 use std::process::ExitCode;
@@ -32,6 +33,8 @@ pub enum BenchCommand {
     Mqtt(MqttArgs),
     /// Benchmark an AMQP 0-9-1 broker.
     Amqp(AmqpArgs),
+    /// Benchmark Wharf's native gRPC API.
+    Native(NativeArgs),
 }
 
 /// How messages flow from publishers to subscribers.
@@ -162,6 +165,36 @@ pub struct AmqpArgs {
     pub idempotency_keys: bool,
 }
 
+/// `wharf bench native`.
+#[derive(Debug, Clone, Args)]
+pub struct NativeArgs {
+    #[command(flatten)]
+    pub common: CommonArgs,
+    /// Native API port.
+    #[arg(long, default_value_t = 7654)]
+    pub port: u16,
+    /// Virtual host.
+    #[arg(long, default_value = "/")]
+    pub vhost: String,
+    /// Most messages outstanding per publisher (in calls multiplexed on its connection).
+    #[arg(long, default_value_t = 1000)]
+    pub inflight: usize,
+    /// Messages per call: 1 publishes with Publish, more with PublishBatch (at a fixed rate,
+    /// each message is sent as soon as it is due, whatever this says).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=1000))]
+    pub batch: u32,
+    /// Credit of each consumer (granted again as deliveries are read).
+    #[arg(long, default_value_t = 1000)]
+    pub credit: u32,
+    /// Acknowledge deliveries in settles of this many (held ones are settled after 20 ms idle).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub ack_every: u32,
+    /// Give each message an idempotency key unique to the run (a duplicate verdict counts as
+    /// refused).
+    #[arg(long)]
+    pub idempotency_keys: bool,
+}
+
 /// Run `wharf bench`.
 pub fn run(command: BenchCommand) -> ExitCode {
     let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
@@ -174,6 +207,7 @@ pub fn run(command: BenchCommand) -> ExitCode {
     let (json, result) = match command {
         BenchCommand::Mqtt(args) => (args.common.json, runtime.block_on(mqtt::run(args))),
         BenchCommand::Amqp(args) => (args.common.json, runtime.block_on(amqp::run(args))),
+        BenchCommand::Native(args) => (args.common.json, runtime.block_on(native::run(args))),
     };
     match result {
         Ok(report) => {
@@ -223,6 +257,33 @@ impl CommonArgs {
         match self.layout {
             Layout::OneToOne => publisher % self.subscribers,
             Layout::FanOut | Layout::FanIn => 0,
+        }
+    }
+
+    /// The run's queues (AMQP, native): one per subscriber (one-to-one, fan-out) or one shared
+    /// by every consumer (fan-in).
+    fn queue_names(&self, prefix: &str) -> Vec<String> {
+        let count = match self.layout {
+            Layout::OneToOne | Layout::FanOut => self.subscribers,
+            Layout::FanIn => 1,
+        };
+        (0..count).map(|index| format!("{prefix}-{index}")).collect()
+    }
+
+    /// Where publisher `publisher` sends (exchange, routing key): the fan-out exchange, else its
+    /// queue through the default exchange.
+    fn address_of(&self, publisher: u32, fanout: Option<&str>, queues: &[String]) -> (String, String) {
+        match fanout {
+            Some(exchange) => (exchange.to_owned(), String::new()),
+            None => (String::new(), queues[self.destination_of(publisher) as usize % queues.len()].clone()),
+        }
+    }
+
+    /// Deliveries each message sent makes with one queue per consumer (or one shared).
+    fn queue_copies(&self) -> u64 {
+        match self.layout {
+            Layout::FanOut => u64::from(self.subscribers),
+            Layout::OneToOne | Layout::FanIn => 1,
         }
     }
 
@@ -385,7 +446,7 @@ impl Receiver {
 /// The result of a run.
 #[derive(Debug, Serialize)]
 pub struct Report {
-    /// `mqtt` or `amqp`.
+    /// `mqtt`, `amqp` or `native`.
     pub protocol: &'static str,
     /// The scenario, in words (`qos 1`, `confirms, persistent`).
     pub mode: String,

@@ -35,6 +35,11 @@ pub struct ConsumeOptions {
     /// No other consumer may attach to the queue while this one is (AMQP exclusive consume);
     /// refused with `AccessRefused` when others are attached.
     pub exclusive: bool,
+    /// Explicit credit: each partition delivers at most this many messages (in either mode, on
+    /// top of the prefetch) until [`Core::grant_credit`] grants more, so that a consumer holds
+    /// nothing it was not granted (the native API's flow control). `None`: no-ack consumers are
+    /// granted credit automatically as they read, ack-mode ones are bounded by prefetch alone.
+    pub credit: Option<u32>,
 }
 
 /// Where deliveries of locally attached consumers go. Apply runs on the Raft state machine task,
@@ -118,6 +123,7 @@ impl Consumer {
         let event = *self.rx.recv().await?;
         if let ConsumerEvent::Delivery(delivery) = &event
             && self.options.no_ack
+            && self.options.credit.is_none()
         {
             let key = (delivery.position.queue, delivery.position.partition);
             let received = self.since_credit.entry(key).or_insert(0);

@@ -25,7 +25,7 @@ use tokio::task::JoinHandle;
 use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent, Stopped};
 use self::proposer::{Proposer, ReplyReceiver, wait};
-pub use self::txn::{CheckBack, Txn, TxnCommitted, TxnStop};
+pub use self::txn::{CheckBack, PreparedTxn, Txn, TxnCommitted, TxnStop};
 use crate::alarms::AlarmMonitor;
 pub use crate::catalogue::state::StateWrite;
 use crate::catalogue::{
@@ -890,9 +890,10 @@ impl Core {
             let rules = AttachRules {
                 prefetch: options.prefetch,
                 no_ack: options.no_ack,
-                credit: credit_window,
+                credit: options.credit.unwrap_or(credit_window),
                 priority: options.priority,
                 exclusive: options.exclusive,
+                credit_limited: options.credit.is_some(),
             };
             let command = ShardCommand::Attach { consumer: id, target, rules };
             let result = match self.shard_for(target).call(command, 64).await {
@@ -940,6 +941,19 @@ impl Core {
         self.on_shards(consumer.targets.iter().map(|&target| {
             (self.shard_index(target), ShardCommand::SetPrefetch { consumer: consumer.id, target, prefetch })
         }))
+        .await?;
+        Ok(())
+    }
+
+    /// Grant a consumer attached with explicit credit ([`ConsumeOptions::credit`]) `credit` more
+    /// deliveries on each partition of its queue.
+    pub async fn grant_credit(&self, consumer: &Consumer, credit: u32) -> CoreResult<()> {
+        self.check_open()?;
+        self.on_shards(
+            consumer.targets.iter().map(|&target| {
+                (self.shard_index(target), ShardCommand::Credit { consumer: consumer.id, target, credit })
+            }),
+        )
         .await?;
         Ok(())
     }

@@ -75,6 +75,40 @@ pub struct TxnCommitted {
     pub published: Vec<Published>,
 }
 
+/// A transaction prepared on every participant ([`Core::prepare_txn`]), waiting for the decision
+/// of [`Core::finish_txn`].
+pub struct PreparedTxn {
+    id: TxnId,
+    participants: Vec<usize>,
+    routed: Vec<RoutedPublish>,
+    timeout_ms: u64,
+    checked_back: bool,
+}
+
+impl PreparedTxn {
+    /// Its id.
+    pub fn id(&self) -> TxnId {
+        self.id
+    }
+
+    /// How long the broker waits for the decision before it rolls the transaction back
+    /// (`limits.txn_timeout_ms`, or `limits.half_message_age_max_ms` with a check-back group).
+    pub fn timeout_ms(&self) -> u64 {
+        self.timeout_ms
+    }
+}
+
+impl std::fmt::Debug for PreparedTxn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PreparedTxn")
+            .field("id", &self.id)
+            .field("participants", &self.participants)
+            .field("publishes", &self.routed.len())
+            .field("checked_back", &self.checked_back)
+            .finish()
+    }
+}
+
 /// A check-back question: a half message's producer stayed silent, and the broker asks its group
 /// whether the producer's local transaction committed.
 #[derive(Debug)]
@@ -251,33 +285,84 @@ impl Core {
         })
     }
 
-    /// A half message (RocketMQ's transactional message): prepared on its queues now, invisible to
-    /// consumers, until its producer ends it with [`Core::end_half`] after running its own local
-    /// transaction. If the producer stays silent, the broker asks the producer's group every
-    /// `limits.half_message_check_interval_ms` through the handler registered with
-    /// [`Core::register_check_back`], and rolls the message back once it is older than
-    /// `limits.half_message_age_max_ms`.
-    pub async fn prepare_half(&self, vhost: &str, message: Message, group: &str) -> CoreResult<TxnId> {
+    /// Prepare a transaction (the first phase of two-phase commit) and leave its decision to the
+    /// caller ([`Core::finish_txn`]): every participant durably records the staged operations,
+    /// invisible to consumers, and locks the acknowledged deliveries. With a `check_back_group` it
+    /// is a half message: if its producer stays silent the broker asks that group every
+    /// `limits.half_message_check_interval_ms` (through [`Core::register_check_back`]) and rolls
+    /// it back once older than `limits.half_message_age_max_ms`. Without one it is aborted once
+    /// older than `limits.txn_timeout_ms`. A refusal by any participant aborts it at once.
+    pub async fn prepare_txn(&self, txn: Txn, check_back_group: Option<&str>) -> CoreResult<PreparedTxn> {
         self.check_open()?;
         let limits = &self.inner.config.limits;
-        let id = self.begin_txn().id;
-        let (per_shard, _) = self.stage(vec![(vhost.to_owned(), message)], Vec::new())?;
-        if per_shard.is_empty() {
-            return Err(CoreError::PreconditionFailed(format!("half message {id} routes to no queue")));
+        if txn.len() as u64 > u64::from(limits.txn_operations_max) {
+            return Err(CoreError::LimitExceeded {
+                limit: "limits.txn_operations_max",
+                value: txn.len() as u64,
+                max: limits.txn_operations_max.into(),
+            });
         }
+        let id = txn.id;
+        let (per_shard, routed) = self.stage(txn.publishes, txn.acks)?;
         let participants: Vec<usize> = per_shard.keys().copied().collect();
-        let half = HalfSpec { group: group.to_owned(), check_interval_ms: limits.half_message_check_interval_ms };
-        let shards = participants.iter().map(|s| *s as u32).collect();
-        let timeout_ms = limits.half_message_age_max_ms;
-        self.meta(MetaCommand::TxnBegin { txn: id, participants: shards, timeout_ms, half: Some(half) }).await?;
-        let refusal = self.prepare_all(id, per_shard).await;
-        if let Some(error) = refusal {
-            self.meta(MetaCommand::TxnDecide { txn: id, commit: false }).await?;
-            self.apply_decision(id, &participants, false).await?;
-            return Err(error);
+        let (timeout_ms, half) = match check_back_group {
+            Some(group) => (
+                limits.half_message_age_max_ms,
+                Some(HalfSpec { group: group.to_owned(), check_interval_ms: limits.half_message_check_interval_ms }),
+            ),
+            None => (limits.txn_timeout_ms, None),
+        };
+        let checked_back = half.is_some();
+        if !participants.is_empty() {
+            let shards = participants.iter().map(|s| *s as u32).collect();
+            self.meta(MetaCommand::TxnBegin { txn: id, participants: shards, timeout_ms, half }).await?;
+            if let Some(error) = self.prepare_all(id, per_shard).await {
+                self.meta(MetaCommand::TxnDecide { txn: id, commit: false }).await?;
+                self.apply_decision(id, &participants, false).await?;
+                return Err(error);
+            }
         }
-        tracing::info!(txn = %id, group, "half message prepared");
-        Ok(id)
+        tracing::debug!(txn = %id, participants = participants.len(), checked_back, "transaction prepared");
+        Ok(PreparedTxn { id, participants, routed, timeout_ms, checked_back })
+    }
+
+    /// Decide a transaction prepared by [`Core::prepare_txn`]: commit (`Some` with what each
+    /// staged publish became) or roll back (`None`). The decision in force wins: a transaction
+    /// past its deadline is rolled back whatever is asked. A half message may have been decided
+    /// by a check-back answer meanwhile; if that decision was carried out and forgotten already,
+    /// this fails with `NotFound`, since the outcome is no longer known here.
+    pub async fn finish_txn(&self, prepared: PreparedTxn, commit: bool) -> CoreResult<Option<TxnCommitted>> {
+        self.check_open()?;
+        let PreparedTxn { id, participants, routed, checked_back, .. } = prepared;
+        if participants.is_empty() {
+            return Ok(commit.then(|| assemble(routed, &BTreeMap::new())));
+        }
+        if checked_back && self.with_catalogue(|c| c.txn(id).is_none()) {
+            return Err(CoreError::NotFound(format!(
+                "{id} is no longer pending: a check-back answer or its age limit decided it"
+            )));
+        }
+        let decision = match self.meta(MetaCommand::TxnDecide { txn: id, commit }).await? {
+            MetaReply::TxnDecision(decision) => decision,
+            other => return Err(CoreError::Internal(format!("decision answered {other:?}"))),
+        };
+        let outcomes = self.apply_decision(id, &participants, decision).await?;
+        tracing::debug!(txn = %id, commit = decision, "prepared transaction finished");
+        Ok(decision.then(|| assemble(routed, &outcomes)))
+    }
+
+    /// A half message (RocketMQ's transactional message): one publish prepared on its queues now,
+    /// invisible to consumers, until its producer ends it with [`Core::end_half`] after running
+    /// its own local transaction ([`Core::prepare_txn`] with a check-back group).
+    pub async fn prepare_half(&self, vhost: &str, message: Message, group: &str) -> CoreResult<TxnId> {
+        let mut txn = self.begin_txn();
+        txn.publish(vhost, message);
+        let prepared = self.prepare_txn(txn, Some(group)).await?;
+        if prepared.participants.is_empty() {
+            return Err(CoreError::PreconditionFailed(format!("half message {} routes to no queue", prepared.id)));
+        }
+        tracing::info!(txn = %prepared.id, group, "half message prepared");
+        Ok(prepared.id)
     }
 
     /// End a half message: commit makes it visible, roll back discards it. Returns the decision in

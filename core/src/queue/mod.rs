@@ -31,6 +31,17 @@ impl std::fmt::Display for ConsumerId {
     }
 }
 
+impl std::str::FromStr for ConsumerId {
+    type Err = crate::error::CoreError;
+
+    /// The inverse of `Display` (`<connection>/<seq>`).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let invalid = || crate::error::CoreError::InvalidArgument(format!("'{text}' is not a consumer id"));
+        let (connection, seq) = text.split_once('/').ok_or_else(invalid)?;
+        Ok(Self { connection: connection.parse().map_err(|_| invalid())?, seq: seq.parse().map_err(|_| invalid())? })
+    }
+}
+
 /// Capacity bounds of a partition, fixed when it is created (from the configured limits), so that
 /// every replica enforces the same numbers.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -188,9 +199,13 @@ struct Stored {
 struct Consumer {
     /// Unacked deliveries allowed (ack mode); 0 means the partition's inflight cap.
     prefetch: u32,
-    /// Deliveries allowed before more credit is granted (no-ack mode).
+    /// Deliveries allowed before more credit is granted (no-ack mode, and ack mode when
+    /// `credit_limited`).
     credit: u32,
     no_ack: bool,
+    /// Credit limits deliveries in ack mode too (on top of the prefetch): the native API's
+    /// consumers, which hold nothing they were not granted.
+    credit_limited: bool,
     /// A `basic.get` holder: never receives pushed deliveries.
     passive: bool,
     checked_out: BTreeSet<u64>,
@@ -643,7 +658,7 @@ impl Partition {
         credit: u32,
         effects: &mut Vec<Effect>,
     ) -> Result<(), AttachError> {
-        let rules = AttachRules { prefetch, no_ack, credit, priority: 0, exclusive: false };
+        let rules = AttachRules { prefetch, no_ack, credit, ..AttachRules::default() };
         self.attach_with(now_ms, consumer, rules, effects)
     }
 
@@ -667,9 +682,17 @@ impl Partition {
         if exclusive_attached || (rules.exclusive && !self.order.is_empty()) {
             return Err(AttachError::ExclusiveInUse);
         }
-        let AttachRules { prefetch, no_ack, credit, priority, exclusive } = rules;
-        let state =
-            Consumer { prefetch, credit, no_ack, passive: false, checked_out: BTreeSet::new(), priority, exclusive };
+        let AttachRules { prefetch, no_ack, credit, priority, exclusive, credit_limited } = rules;
+        let state = Consumer {
+            prefetch,
+            credit,
+            no_ack,
+            credit_limited,
+            passive: false,
+            checked_out: BTreeSet::new(),
+            priority,
+            exclusive,
+        };
         self.consumers.insert(consumer, state);
         self.order.push_back(consumer);
         self.last_used_ms = now_ms;
@@ -753,7 +776,7 @@ impl Partition {
         true
     }
 
-    /// Grant a no-ack consumer more credit.
+    /// Grant a no-ack or credit-limited consumer more credit.
     pub fn add_credit(&mut self, now_ms: u64, consumer: ConsumerId, credit: u32, effects: &mut Vec<Effect>) -> bool {
         let Some(state) = self.consumers.get_mut(&consumer) else { return false };
         state.credit = state.credit.saturating_add(credit);
@@ -838,6 +861,7 @@ impl Partition {
                 prefetch: 0,
                 credit: 0,
                 no_ack: false,
+                credit_limited: false,
                 passive: true,
                 checked_out: BTreeSet::new(),
                 priority: 0,
@@ -961,8 +985,13 @@ impl Partition {
         if consumer.passive {
             return false;
         }
-        if consumer.no_ack {
-            return consumer.credit > 0;
+        if consumer.no_ack || consumer.credit_limited {
+            if consumer.credit == 0 {
+                return false;
+            }
+            if consumer.no_ack {
+                return true;
+            }
         }
         let prefetch = if consumer.prefetch == 0 { self.caps.consumer_inflight_max } else { consumer.prefetch };
         (consumer.checked_out.len() as u64) < u64::from(prefetch.min(self.caps.consumer_inflight_max))
@@ -1044,6 +1073,9 @@ impl Partition {
                 true
             }
             Some(state) => {
+                if state.credit_limited {
+                    state.credit -= 1;
+                }
                 state.checked_out.insert(offset);
                 false
             }
@@ -1141,12 +1173,14 @@ pub struct AttachRules {
     pub prefetch: u32,
     /// Deliveries are settled on sending (flow-controlled by credit).
     pub no_ack: bool,
-    /// Initial credit for a no-ack consumer.
+    /// Initial credit for a no-ack or credit-limited consumer.
     pub credit: u32,
     /// Consumer priority (higher first).
     pub priority: i32,
     /// No other consumer while this one is attached.
     pub exclusive: bool,
+    /// Credit limits deliveries in ack mode too (on top of the prefetch).
+    pub credit_limited: bool,
 }
 
 /// The message as republished to a dead-letter exchange: RabbitMQ's `x-death` history (one table

@@ -575,7 +575,7 @@ fn enqueued_time_is_the_storing_entry_time_through_delay_requeue_and_snapshot() 
 }
 
 fn rules(prefetch: u32, priority: i32, exclusive: bool) -> AttachRules {
-    AttachRules { prefetch, no_ack: false, credit: 0, priority, exclusive }
+    AttachRules { prefetch, no_ack: false, credit: 0, priority, exclusive, credit_limited: false }
 }
 
 #[test]
@@ -613,4 +613,28 @@ fn an_exclusive_consumer_needs_an_idle_queue_and_keeps_others_out() {
     p.publish(1_000, message("a"), &mut fx);
     assert!(p.detach(1_000, consumer(2), &mut fx));
     p.attach(1_000, consumer(3), 10, false, 0, &mut fx).expect("free again");
+}
+
+#[test]
+fn a_credit_limited_consumer_takes_only_what_it_was_granted_and_leaves_the_rest() {
+    let mut p = partition(QueueArgs::default());
+    let mut fx = Vec::new();
+    let limited = AttachRules { credit: 0, credit_limited: true, ..rules(0, 0, false) };
+    p.attach_with(1_000, consumer(1), limited, &mut fx).expect("attach");
+    for body in ["a", "b", "c"] {
+        p.publish(1_000, message(body), &mut fx);
+    }
+    assert!(bodies(&fx).is_empty(), "no credit: nothing delivered, nothing held");
+    p.attach_with(1_000, consumer(2), rules(1, 0, false), &mut fx).expect("attach");
+    assert_eq!(bodies(&fx), vec![(2, "a".into())], "the others are there for other consumers");
+    fx.clear();
+    assert!(p.add_credit(1_000, consumer(1), 1, &mut fx));
+    assert_eq!(bodies(&fx), vec![(1, "b".into())], "one granted, one delivered");
+    // An ack frees prefetch room, not credit: the credit is spent.
+    fx.clear();
+    p.settle(1_000, consumer(1), &[1], Outcome::Ack, &mut fx);
+    assert!(bodies(&fx).is_empty());
+    assert!(p.add_credit(1_000, consumer(1), 5, &mut fx));
+    assert_eq!(bodies(&fx), vec![(1, "c".into())]);
+    p.check_invariants().expect("invariants");
 }

@@ -21,8 +21,8 @@ use super::storage::{Durability, Storage, StorageError, Syncer, run_io, validate
 /// self-describing: a change to an encoded type must bump this, and decoding refuses versions it
 /// does not know rather than misreading them. Version 2: the catalogue holds front-end state
 /// records (and their limits), and a stored message its enqueued time. Version 3: consumers have
-/// a priority and may be exclusive.
-const FORMAT_VERSION: u8 = 3;
+/// a priority and may be exclusive. Version 4: consumers may be limited by credit in ack mode.
+const FORMAT_VERSION: u8 = 4;
 
 /// Metadata key of the last saved vote.
 const VOTE_KEY: &str = "vote";

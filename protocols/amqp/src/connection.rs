@@ -1194,8 +1194,13 @@ impl Connection {
                 let prefetch = if consume.no_ack { 0 } else { core_prefetch(own_prefetch, channel.prefetch_global) };
                 // Exclusivity is the core's to keep (403 while another consumer is attached, and for
                 // others while this one is), so it holds for every protocol.
-                let options =
-                    ConsumeOptions { prefetch, no_ack: consume.no_ack, priority, exclusive: consume.exclusive };
+                let options = ConsumeOptions {
+                    prefetch,
+                    no_ack: consume.no_ack,
+                    priority,
+                    exclusive: consume.exclusive,
+                    credit: None,
+                };
                 let consumer = core
                     .consume(&vhost, consume.queue.as_str(), consumer_id, options)
                     .await

@@ -114,8 +114,13 @@ impl Broker {
         metrics::gauge!("wharf_mqtt_retained_messages").set(retained as f64);
         // Sessions whose connection died with the previous run expire from this start.
         let sessions = broker.core.state_scan(&broker.config.vhost, session::SESSION_KEY_PREFIX);
-        broker.stats.sessions.store(sessions.len() as u64, Ordering::Relaxed);
-        metrics::gauge!("wharf_mqtt_sessions").set(sessions.len() as f64);
+        // Counted by their queues, which is what ending a session deletes: a crash between
+        // declaring a session's queue and writing its record leaves a queue without a record.
+        let queues = broker.core.with_catalogue(|c| {
+            c.queues_in(&broker.config.vhost).filter(|q| q.name.name.starts_with(session::SESSION_QUEUE_PREFIX)).count()
+        });
+        broker.stats.sessions.store(queues as u64, Ordering::Relaxed);
+        metrics::gauge!("wharf_mqtt_sessions").set(queues as f64);
         for (key, value) in sessions {
             let Some(client_id) = key.strip_prefix(session::SESSION_KEY_PREFIX) else { continue };
             if let Some(record) = SessionRecord::decode(&value) {
@@ -444,12 +449,10 @@ impl Broker {
 
     /// Count a session created (+1) or ended (-1).
     pub(crate) fn session_count(&self, delta: i64) {
-        let count = if delta >= 0 {
-            self.stats.sessions.fetch_add(delta as u64, Ordering::Relaxed) + delta as u64
-        } else {
-            let down = delta.unsigned_abs();
-            self.stats.sessions.fetch_sub(down, Ordering::Relaxed).saturating_sub(down)
-        };
+        // Saturating: a gauge that is off by one must never wrap (or panic a connection).
+        let step = |count: u64| Some(count.saturating_add_signed(delta));
+        let previous = self.stats.sessions.fetch_update(Ordering::Relaxed, Ordering::Relaxed, step);
+        let count = previous.map_or(0, |previous| previous.saturating_add_signed(delta));
         metrics::gauge!("wharf_mqtt_sessions").set(count as f64);
     }
 
