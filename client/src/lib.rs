@@ -97,9 +97,20 @@ impl From<tonic::Status> for Error {
         let info = status.get_details_error_info();
         let (reason, retryable) = match &info {
             Some(info) => (info.reason.clone(), info.metadata.get("retryable").is_some_and(|r| r == "true")),
-            // No detail: the call did not reach the broker's handlers (connection lost,
-            // deadline): only those codes are worth a retry.
-            None => (String::new(), matches!(status.code(), tonic::Code::Unavailable | tonic::Code::DeadlineExceeded)),
+            // No detail: the call did not get an answer from the broker's handlers (the
+            // connection was refused or broke, a deadline passed): worth a retry, which the
+            // idempotency key makes safe. Codes that say the request itself is wrong are not.
+            None => (
+                String::new(),
+                matches!(
+                    status.code(),
+                    tonic::Code::Unavailable
+                        | tonic::Code::DeadlineExceeded
+                        | tonic::Code::Unknown
+                        | tonic::Code::Internal
+                        | tonic::Code::Cancelled
+                ),
+            ),
         };
         Self::Broker { code: status.code(), reason, message: status.message().to_owned(), retryable }
     }

@@ -165,3 +165,23 @@ async fn a_client_retry_after_a_broker_restart_stores_the_message_once() {
     let again = client.publish("/", message("", "ledger", "entry 1").key("entry-1")).await.expect("publish");
     assert!(again.duplicate, "the key survived the restart: {again:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_publish_retries_through_a_broker_restart_with_the_same_key() {
+    let mut broker = Broker::start();
+    let client = client(&broker).await;
+    queue(&client, "retried", Vec::new()).await;
+    // The broker dies; a publish started now fails, is retried with back-off (the same
+    // generated key every time), and succeeds once the broker is back.
+    tokio::task::block_in_place(|| broker.kill());
+    let publishing = tokio::spawn({
+        let client = client.clone();
+        async move { client.publish("/", message("", "retried", "kept")).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(700)).await;
+    tokio::task::block_in_place(|| broker.restart());
+    let reply = tokio::time::timeout(crate::WAIT, publishing).await.expect("in time").expect("task").expect("retried");
+    assert_eq!(reply.positions.len(), 1, "{reply:?}");
+    let listed = client.raw().list_queues(proto::ListQueuesRequest::default()).await.expect("list").into_inner();
+    assert_eq!(listed.queues.iter().find(|q| q.name == "retried").map(|q| q.message_count), Some(1), "stored once");
+}

@@ -12,6 +12,9 @@
 //! Options: `--orders N` (200), `--chaos`, `--seed S` (1), `--timeout-secs T` (120),
 //! `--wharf PATH` (the `wharf` binary next to the example's target directory).
 
+#[path = "../common/broker.rs"]
+#[allow(dead_code, reason = "shared by the examples; each uses part of it")]
+mod broker;
 #[path = "run.rs"]
 mod run;
 
@@ -20,8 +23,13 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 fn main() -> ExitCode {
-    let mut options =
-        run::Options { wharf: default_wharf(), orders: 200, chaos: false, seed: 1, timeout: Duration::from_secs(120) };
+    let mut options = run::Options {
+        wharf: broker::default_wharf(),
+        orders: 200,
+        chaos: false,
+        seed: 1,
+        timeout: Duration::from_secs(120),
+    };
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         let mut value = || args.next().unwrap_or_default();
@@ -31,35 +39,11 @@ fn main() -> ExitCode {
             "--seed" => options.seed = value().parse().unwrap_or(options.seed),
             "--timeout-secs" => options.timeout = Duration::from_secs(value().parse().unwrap_or(120)),
             "--wharf" => options.wharf = PathBuf::from(value()),
-            other => {
-                eprintln!("payments: unknown argument {other:?}");
-                return ExitCode::from(2);
-            }
+            other => return broker::unknown_argument("payments", other),
         }
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
-        Ok(runtime) => runtime,
-        Err(error) => {
-            eprintln!("payments: {error}");
-            return ExitCode::FAILURE;
-        }
-    };
-    match runtime.block_on(run::run(options)) {
-        Ok(report) => {
-            print!("{}", report.text());
-            if report.ok() { ExitCode::SUCCESS } else { ExitCode::FAILURE }
-        }
-        Err(error) => {
-            eprintln!("payments: {error:#}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
-/// `target/<profile>/wharf`, next to `target/<profile>/examples/payments`.
-fn default_wharf() -> PathBuf {
-    std::env::current_exe()
-        .ok()
-        .and_then(|exe| Some(exe.parent()?.parent()?.join("wharf")))
-        .unwrap_or_else(|| PathBuf::from("wharf"))
+    broker::run_example("payments", async {
+        let report = run::run(options).await?;
+        Ok((report.text(), report.ok()))
+    })
 }

@@ -6,9 +6,7 @@
 //! restarted), and the final checks: every order applied exactly once, the ledger balanced.
 
 use std::collections::{BTreeMap, HashMap};
-use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -22,6 +20,8 @@ use lapin::types::{AMQPValue, FieldTable};
 use lapin::{BasicProperties, Connection, ConnectionProperties};
 use rumqttc::v5;
 use wharf_client::{Client, ConsumeOptions, MessageExt, message};
+
+use crate::broker::Broker;
 
 /// How to run.
 #[derive(Debug, Clone)]
@@ -123,85 +123,6 @@ fn parse(payload: &[u8]) -> Option<(u32, u32, u64)> {
     let account = fields.next()??.parse().ok()?;
     let amount = fields.next()??.parse().ok()?;
     Some((order, account, amount))
-}
-
-// ----- the broker process -------------------------------------------------------------------
-
-struct Broker {
-    wharf: PathBuf,
-    dir: tempfile::TempDir,
-    mqtt: u16,
-    amqp: u16,
-    native: u16,
-    admin: u16,
-    child: Option<Child>,
-}
-
-impl Broker {
-    fn start(wharf: PathBuf) -> anyhow::Result<Self> {
-        let held: Vec<TcpListener> = (0..5).map(|_| TcpListener::bind("127.0.0.1:0")).collect::<Result<_, _>>()?;
-        let ports: Vec<u16> = held.iter().map(|l| l.local_addr().map(|a| a.port())).collect::<Result<_, _>>()?;
-        drop(held);
-        let dir = tempfile::Builder::new().prefix("wharf-payments-").tempdir()?;
-        let mut broker =
-            Self { wharf, dir, mqtt: ports[0], amqp: ports[1], native: ports[2], admin: ports[3], child: None };
-        broker.spawn()?;
-        Ok(broker)
-    }
-
-    fn spawn(&mut self) -> anyhow::Result<()> {
-        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.path().join("wharf.log"))?;
-        let loopback = |port: u16| format!("127.0.0.1:{port}");
-        let child = Command::new(&self.wharf)
-            .args(["serve", "--admin-listen", &loopback(self.admin), "--data-dir"])
-            .arg(self.dir.path().join("data"))
-            .env("WHARF__LISTENERS__MQTT", loopback(self.mqtt))
-            .env("WHARF__LISTENERS__MQTT_WS", "")
-            .env("WHARF__LISTENERS__AMQP", loopback(self.amqp))
-            .env("WHARF__LISTENERS__NATIVE", loopback(self.native))
-            .env("WHARF__MQTT__SYS_INTERVAL_SECS", "0")
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            .spawn()
-            .with_context(|| format!("starting {}", self.wharf.display()))?;
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(60);
-        let ready = [self.amqp, self.mqtt, self.native].map(|port| SocketAddr::from(([127, 0, 0, 1], port)));
-        while Instant::now() < deadline {
-            if ready.iter().all(|address| TcpStream::connect_timeout(address, Duration::from_millis(200)).is_ok()) {
-                return Ok(());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        bail!("the broker did not start; its log:\n{}", self.log())
-    }
-
-    /// SIGKILL: nothing is flushed or closed.
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("wharf.log")).unwrap_or_default()
-    }
-
-    fn native_url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.native)
-    }
-
-    fn amqp_uri(&self) -> String {
-        format!("amqp://guest:guest@127.0.0.1:{}/%2f", self.amqp)
-    }
-}
-
-impl Drop for Broker {
-    fn drop(&mut self) {
-        self.kill();
-    }
 }
 
 // ----- producers ------------------------------------------------------------------------------
