@@ -147,3 +147,38 @@ async fn mqtt_publishes_reach_native_consumers_and_native_publishes_reach_mqtt_s
     assert_eq!(publish.topic, "commands/device-1");
     assert_eq!(&publish.payload[..], b"reboot");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_mqtt_session_queue_left_without_its_session_by_a_crash_is_removed_at_start() {
+    let mut broker = Broker::start();
+    let client = client(&broker).await;
+    // What a crash between declaring a session's queue and writing its record leaves behind.
+    queue(&client, "mqtt.session.ghost", Vec::new()).await;
+    // A real session, kept (a positive control): persistent, disconnected.
+    let mut options = MqttOptions::new("kept", "127.0.0.1", broker.mqtt_port());
+    options.set_clean_session(false);
+    let (kept, mut events) = AsyncClient::new(options, 10);
+    tokio::time::timeout(WAIT, async {
+        while !matches!(events.poll().await, Ok(Event::Incoming(Packet::ConnAck(_)))) {}
+    })
+    .await
+    .expect("CONNACK");
+    kept.disconnect().await.expect("disconnect");
+    let _ = tokio::time::timeout(Duration::from_secs(2), async { while events.poll().await.is_ok() {} }).await;
+    tokio::task::block_in_place(|| {
+        broker.kill();
+        broker.restart();
+    });
+    let client = crate::client(&broker).await;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let listed = client.raw().list_queues(proto::ListQueuesRequest::default()).await.expect("list").into_inner();
+        let names: Vec<&str> = listed.queues.iter().map(|q| q.name.as_str()).collect();
+        assert!(names.contains(&"mqtt.session.kept"), "the real session stays: {names:?}");
+        if !names.contains(&"mqtt.session.ghost") {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the orphan session queue is still there: {names:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -121,6 +121,23 @@ impl Broker {
         });
         broker.stats.sessions.store(queues as u64, Ordering::Relaxed);
         metrics::gauge!("wharf_mqtt_sessions").set(queues as f64);
+        let recorded: std::collections::HashSet<String> = sessions
+            .iter()
+            .filter_map(|(key, _)| key.strip_prefix(session::SESSION_KEY_PREFIX).map(str::to_owned))
+            .collect();
+        // A session queue without a record was left by a crash while its session was being set
+        // up, before its CONNACK: no client has that session, so it ends now, as an expired one
+        // would (unless its client connects first).
+        let orphans: Vec<String> = broker.core.with_catalogue(|c| {
+            c.queues_in(&broker.config.vhost)
+                .filter_map(|q| q.name.name.strip_prefix(session::SESSION_QUEUE_PREFIX))
+                .filter(|client_id| !recorded.contains(*client_id))
+                .map(str::to_owned)
+                .collect()
+        });
+        for client_id in orphans {
+            broker.schedule_expiry(&client_id, 0, broker.started_ms);
+        }
         for (key, value) in sessions {
             let Some(client_id) = key.strip_prefix(session::SESSION_KEY_PREFIX) else { continue };
             if let Some(record) = SessionRecord::decode(&value) {
