@@ -192,6 +192,14 @@ pub fn new_key() -> String {
     format!("wc-{}-{start:x}-{}", std::process::id(), KEY_SEQ.fetch_add(1, Ordering::Relaxed))
 }
 
+/// `message`, with a fresh idempotency key if it has none.
+fn keyed(mut message: proto::Message) -> proto::Message {
+    if message.idempotency_key.is_none() {
+        message.idempotency_key = Some(new_key());
+    }
+    message
+}
+
 impl Client {
     /// Connect to `endpoint` (`http://host:7654`, or `https://` for a TLS listener).
     pub async fn connect(endpoint: impl Into<String>) -> Result<Self> {
@@ -213,6 +221,11 @@ impl Client {
     /// The generated client, for calls this API does not wrap.
     pub fn raw(&self) -> WharfClient<Channel> {
         self.raw.clone()
+    }
+
+    /// `message`, with a fresh idempotency key if it has none and publishes are retried.
+    fn keyed_for_retries(&self, message: proto::Message) -> proto::Message {
+        if self.retry.retries > 0 { keyed(message) } else { message }
     }
 
     /// Run `call` with the retry policy: retryable errors are retried with back-off.
@@ -239,10 +252,8 @@ impl Client {
     /// gets a fresh one, so that the retries of a publish whose reply was lost cannot store it
     /// twice; every retry carries the same key. The reply's `duplicate` tells a message stored
     /// before (by an earlier call with the same key) from a new one.
-    pub async fn publish(&self, vhost: &str, mut message: proto::Message) -> Result<proto::PublishReply> {
-        if message.idempotency_key.is_none() && self.retry.retries > 0 {
-            message.idempotency_key = Some(new_key());
-        }
+    pub async fn publish(&self, vhost: &str, message: proto::Message) -> Result<proto::PublishReply> {
+        let message = self.keyed_for_retries(message);
         let request = proto::PublishRequest { vhost: vhost.to_owned(), message: Some(message), mandatory: false };
         self.retrying(|mut raw| {
             let request = request.clone();
@@ -255,15 +266,7 @@ impl Client {
     /// and retries as [`Client::publish`]: on a retryable failure of the whole call, the batch is
     /// sent again and messages stored the first time come back as duplicates.
     pub async fn publish_batch(&self, vhost: &str, messages: Vec<proto::Message>) -> Result<Vec<proto::PublishResult>> {
-        let messages = messages
-            .into_iter()
-            .map(|mut message| {
-                if message.idempotency_key.is_none() && self.retry.retries > 0 {
-                    message.idempotency_key = Some(new_key());
-                }
-                message
-            })
-            .collect();
+        let messages = messages.into_iter().map(|message| self.keyed_for_retries(message)).collect();
         let request = proto::PublishBatchRequest { vhost: vhost.to_owned(), messages, mandatory: false };
         self.retrying(|mut raw| {
             let request = request.clone();
@@ -329,12 +332,7 @@ impl Client {
         let txn = self.begin(None).await?;
         let publishes = outputs
             .into_iter()
-            .map(|(vhost, mut message)| {
-                if message.idempotency_key.is_none() {
-                    message.idempotency_key = Some(new_key());
-                }
-                proto::StagedPublish { vhost, message: Some(message) }
-            })
+            .map(|(vhost, message)| proto::StagedPublish { vhost, message: Some(keyed(message)) })
             .collect();
         let acks = vec![proto::StagedAck { consumer_id: consumer.consumer_id.clone(), positions: vec![position] }];
         if let Err(error) = txn.stage(publishes, acks).await {

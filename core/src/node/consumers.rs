@@ -118,6 +118,11 @@ impl Consumer {
         &self.queue
     }
 
+    /// The partitions of its queue it is attached to (all of them).
+    pub fn partitions(&self) -> u32 {
+        u32::try_from(self.targets.len()).unwrap_or(u32::MAX)
+    }
+
     /// The next event; `None` once cancelled by the broker or after the node shut down.
     pub async fn recv(&mut self) -> Option<ConsumerEvent> {
         let event = *self.rx.recv().await?;

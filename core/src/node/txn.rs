@@ -183,13 +183,7 @@ impl Core {
     pub async fn commit_txn_until(&self, txn: Txn, stop: TxnStop) -> CoreResult<Option<TxnCommitted>> {
         self.check_open()?;
         let limits = &self.inner.config.limits;
-        if txn.len() as u64 > u64::from(limits.txn_operations_max) {
-            return Err(CoreError::LimitExceeded {
-                limit: "limits.txn_operations_max",
-                value: txn.len() as u64,
-                max: limits.txn_operations_max.into(),
-            });
-        }
+        check_txn_len(&txn, limits.txn_operations_max)?;
         let (per_shard, routed) = self.stage(txn.publishes, txn.acks)?;
         let id = txn.id;
         let participants: Vec<usize> = per_shard.keys().copied().collect();
@@ -225,10 +219,7 @@ impl Core {
                     return Ok(None);
                 }
                 let commit = refusal.is_none();
-                let decision = match self.meta(MetaCommand::TxnDecide { txn: id, commit }).await? {
-                    MetaReply::TxnDecision(decision) => decision,
-                    other => return Err(CoreError::Internal(format!("decision answered {other:?}"))),
-                };
+                let decision = self.decide(id, commit).await?;
                 if stop == TxnStop::AfterDecision {
                     return Ok(None);
                 }
@@ -243,6 +234,15 @@ impl Core {
             }
         }
         Ok(Some(assemble(routed, &outcomes)))
+    }
+
+    /// Ask the coordinator to record `commit` (or abort) for `txn`: the decision in force, which
+    /// is the first one recorded (and abort past the deadline, or for a forgotten transaction).
+    async fn decide(&self, txn: TxnId, commit: bool) -> CoreResult<bool> {
+        match self.meta(MetaCommand::TxnDecide { txn, commit }).await? {
+            MetaReply::TxnDecision(decision) => Ok(decision),
+            other => Err(CoreError::Internal(format!("decision answered {other:?}"))),
+        }
     }
 
     /// Send a recorded decision to every participant, then let the coordinator forget the
@@ -295,13 +295,7 @@ impl Core {
     pub async fn prepare_txn(&self, txn: Txn, check_back_group: Option<&str>) -> CoreResult<PreparedTxn> {
         self.check_open()?;
         let limits = &self.inner.config.limits;
-        if txn.len() as u64 > u64::from(limits.txn_operations_max) {
-            return Err(CoreError::LimitExceeded {
-                limit: "limits.txn_operations_max",
-                value: txn.len() as u64,
-                max: limits.txn_operations_max.into(),
-            });
-        }
+        check_txn_len(&txn, limits.txn_operations_max)?;
         let id = txn.id;
         let (per_shard, routed) = self.stage(txn.publishes, txn.acks)?;
         let participants: Vec<usize> = per_shard.keys().copied().collect();
@@ -317,7 +311,7 @@ impl Core {
             let shards = participants.iter().map(|s| *s as u32).collect();
             self.meta(MetaCommand::TxnBegin { txn: id, participants: shards, timeout_ms, half }).await?;
             if let Some(error) = self.prepare_all(id, per_shard).await {
-                self.meta(MetaCommand::TxnDecide { txn: id, commit: false }).await?;
+                self.decide(id, false).await?;
                 self.apply_decision(id, &participants, false).await?;
                 return Err(error);
             }
@@ -342,10 +336,7 @@ impl Core {
                 "{id} is no longer pending: a check-back answer or its age limit decided it"
             )));
         }
-        let decision = match self.meta(MetaCommand::TxnDecide { txn: id, commit }).await? {
-            MetaReply::TxnDecision(decision) => decision,
-            other => return Err(CoreError::Internal(format!("decision answered {other:?}"))),
-        };
+        let decision = self.decide(id, commit).await?;
         let outcomes = self.apply_decision(id, &participants, decision).await?;
         tracing::debug!(txn = %id, commit = decision, "prepared transaction finished");
         Ok(decision.then(|| assemble(routed, &outcomes)))
@@ -372,10 +363,7 @@ impl Core {
         let Some(record) = self.with_catalogue(|c| c.txn(txn).cloned()) else {
             return Err(CoreError::NotFound(format!("no pending half message {txn}")));
         };
-        let decision = match self.meta(MetaCommand::TxnDecide { txn, commit }).await? {
-            MetaReply::TxnDecision(decision) => decision,
-            other => return Err(CoreError::Internal(format!("decision answered {other:?}"))),
-        };
+        let decision = self.decide(txn, commit).await?;
         let participants: Vec<usize> = record.participants.iter().map(|s| *s as usize).collect();
         self.apply_decision(txn, &participants, decision).await?;
         tracing::info!(%txn, commit = decision, "half message ended");
@@ -497,7 +485,7 @@ impl Core {
                 .collect()
         });
         for &txn in &abandoned {
-            self.meta(MetaCommand::TxnDecide { txn, commit: false }).await?;
+            self.decide(txn, false).await?;
         }
         for (index, shard) in self.inner.shards.iter().enumerate() {
             if !self.leads(&shard.raft) {
@@ -522,10 +510,7 @@ impl Core {
                 }
                 let decision = match record.and_then(|r| r.decision) {
                     Some(decision) => decision,
-                    None => match self.meta(MetaCommand::TxnDecide { txn, commit: false }).await? {
-                        MetaReply::TxnDecision(decision) => decision,
-                        other => return Err(CoreError::Internal(format!("decision answered {other:?}"))),
-                    },
+                    None => self.decide(txn, false).await?,
                 };
                 tracing::info!(%txn, shard = index, commit = decision, "resolving an in-doubt transaction");
                 let command = if decision { ShardCommand::TxnCommit { txn } } else { ShardCommand::TxnAbort { txn } };
@@ -550,6 +535,18 @@ impl Core {
         }
         Ok(())
     }
+}
+
+/// Refuse a transaction staging more than `limits.txn_operations_max` operations.
+fn check_txn_len(txn: &Txn, operations_max: u32) -> CoreResult<()> {
+    if txn.len() as u64 > u64::from(operations_max) {
+        return Err(CoreError::LimitExceeded {
+            limit: "limits.txn_operations_max",
+            value: txn.len() as u64,
+            max: operations_max.into(),
+        });
+    }
+    Ok(())
 }
 
 /// Put each staged publish's outcome together from the shards' replies.

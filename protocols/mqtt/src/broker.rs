@@ -114,29 +114,23 @@ impl Broker {
         metrics::gauge!("wharf_mqtt_retained_messages").set(retained as f64);
         // Sessions whose connection died with the previous run expire from this start.
         let sessions = broker.core.state_scan(&broker.config.vhost, session::SESSION_KEY_PREFIX);
-        // Counted by their queues, which is what ending a session deletes: a crash between
-        // declaring a session's queue and writing its record leaves a queue without a record.
-        let queues = broker.core.with_catalogue(|c| {
-            c.queues_in(&broker.config.vhost).filter(|q| q.name.name.starts_with(session::SESSION_QUEUE_PREFIX)).count()
-        });
-        broker.stats.sessions.store(queues as u64, Ordering::Relaxed);
-        metrics::gauge!("wharf_mqtt_sessions").set(queues as f64);
-        let recorded: std::collections::HashSet<String> = sessions
-            .iter()
-            .filter_map(|(key, _)| key.strip_prefix(session::SESSION_KEY_PREFIX).map(str::to_owned))
-            .collect();
-        // A session queue without a record was left by a crash while its session was being set
-        // up, before its CONNACK: no client has that session, so it ends now, as an expired one
-        // would (unless its client connects first).
-        let orphans: Vec<String> = broker.core.with_catalogue(|c| {
+        // Sessions are counted by their queues, which is what ending a session deletes. A queue
+        // without a record was left by a crash while its session was being set up, before its
+        // CONNACK: no client has that session, so it ends now, as an expired one would (unless
+        // its client connects first).
+        let queued: Vec<String> = broker.core.with_catalogue(|c| {
             c.queues_in(&broker.config.vhost)
                 .filter_map(|q| q.name.name.strip_prefix(session::SESSION_QUEUE_PREFIX))
-                .filter(|client_id| !recorded.contains(*client_id))
                 .map(str::to_owned)
                 .collect()
         });
+        broker.stats.sessions.store(queued.len() as u64, Ordering::Relaxed);
+        metrics::gauge!("wharf_mqtt_sessions").set(queued.len() as f64);
+        let recorded: std::collections::HashSet<&str> =
+            sessions.iter().filter_map(|(key, _)| key.strip_prefix(session::SESSION_KEY_PREFIX)).collect();
+        let orphans: Vec<&String> = queued.iter().filter(|client_id| !recorded.contains(client_id.as_str())).collect();
         for client_id in orphans {
-            broker.schedule_expiry(&client_id, 0, broker.started_ms);
+            broker.schedule_expiry(client_id, 0, broker.started_ms);
         }
         for (key, value) in sessions {
             let Some(client_id) = key.strip_prefix(session::SESSION_KEY_PREFIX) else { continue };

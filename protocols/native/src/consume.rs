@@ -8,12 +8,12 @@
 use std::sync::Arc;
 
 use tokio::sync::mpsc;
-use tonic::{Code, Status, Streaming};
+use tonic::{Status, Streaming};
 use wharf_core::CoreError;
 use wharf_core::node::{ConsumeOptions, Consumer, ConsumerEvent};
 use wharf_core::queue::{ConsumerId, Outcome};
 
-use crate::mapping::{core_status, invalid, message_out, position_in, position_out, status, vhost};
+use crate::mapping::{core_status, invalid, message_out, position_in, position_out, precondition, vhost};
 use crate::{Native, proto};
 
 /// Events buffered towards the client before the stream waits for it (HTTP/2 flow control does
@@ -136,10 +136,6 @@ impl Stream {
     async fn open(native: &Arc<Native>, subscribe: proto::Subscribe, out: EventSender) -> Result<Self, Status> {
         let vhost = vhost(&subscribe.vhost).to_owned();
         let core = &native.core;
-        let partitions =
-            core.with_catalogue(|c| c.queue(&vhost, &subscribe.queue).map(|q| q.partitions())).ok_or_else(|| {
-                core_status(CoreError::NotFound(format!("no queue '{}' in vhost '{vhost}'", subscribe.queue)))
-            })?;
         let id = ConsumerId { connection: core.new_connection(), seq: 1 };
         let max = native.config.consumer_credit_max;
         if subscribe.credit > max {
@@ -153,6 +149,7 @@ impl Stream {
             credit: Some(subscribe.credit),
         };
         let consumer = core.consume(&vhost, &subscribe.queue, id, options).await.map_err(core_status)?;
+        let partitions = consumer.partitions();
         let stream = Self {
             native: Arc::clone(native),
             out,
@@ -195,13 +192,7 @@ impl Stream {
 
     fn settle(&mut self, settle: proto::Settle) -> Result<(), Status> {
         if self.no_ack {
-            return Err(status(
-                Code::FailedPrecondition,
-                "PRECONDITION_FAILED",
-                "a no-ack consumer's deliveries are settled when sent".into(),
-                false,
-                &[],
-            ));
+            return Err(precondition("a no-ack consumer's deliveries are settled when sent"));
         }
         let outcome = match proto::Outcome::try_from(settle.outcome) {
             Ok(proto::Outcome::Ack) => Outcome::Ack,

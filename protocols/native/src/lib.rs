@@ -9,7 +9,7 @@ pub mod mapping;
 mod txn;
 
 use std::pin::Pin;
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 
 use tokio::sync::{mpsc, watch};
 use tokio_stream::Stream;
@@ -21,7 +21,8 @@ use wharf_core::{Core, CoreError};
 
 pub use crate::config::NativeConfig;
 use crate::mapping::{
-    core_error, core_status, headers_in, headers_out, invalid, message_in, position_out, published_out, status, vhost,
+    core_error, core_status, headers_in, headers_out, in_band, invalid, message_in, position_out, published_out,
+    status, vhost,
 };
 
 /// The messages and the service of `proto/wharf/v1/wharf.proto`, as generated.
@@ -44,20 +45,18 @@ pub struct Native {
     shutdown: watch::Sender<bool>,
     txns: txn::Transactions,
     check_backs: txn::CheckBacks,
-    this: Weak<Native>,
 }
 
 impl Native {
     /// Start the front-end on a core, after checking the configuration.
     pub fn start(core: Core, config: NativeConfig) -> Result<Arc<Self>, CoreError> {
         config.validate().map_err(|(key, reason)| CoreError::InvalidArgument(format!("{key}: {reason}")))?;
-        Ok(Arc::new_cyclic(|this| Self {
+        Ok(Arc::new(Self {
             core,
             config,
             shutdown: watch::channel(false).0,
             txns: txn::Transactions::default(),
             check_backs: txn::CheckBacks::default(),
-            this: this.clone(),
         }))
     }
 
@@ -79,10 +78,6 @@ impl Native {
         &self.config
     }
 
-    fn weak(&self) -> Weak<Self> {
-        self.this.clone()
-    }
-
     fn check_open(&self) -> Result<(), Status> {
         if *self.shutdown.borrow() {
             return Err(core_status(CoreError::Unavailable("the broker is shutting down".into())));
@@ -96,6 +91,11 @@ impl Native {
 pub struct Service(Arc<Native>);
 
 type EventStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send + 'static>>;
+
+/// A message's exchange and routing key, kept for the NO_ROUTE answer of a mandatory publish.
+fn address_of(message: &wharf_core::model::Message) -> (String, String) {
+    (message.exchange.clone(), message.routing_key.clone())
+}
 
 fn no_route(exchange: &str, routing_key: &str) -> Status {
     status(
@@ -113,9 +113,11 @@ impl proto::wharf_server::Wharf for Service {
         self.0.check_open()?;
         let request = request.into_inner();
         let message = message_in(request.message)?;
-        let (exchange, routing_key) = (message.exchange.clone(), message.routing_key.clone());
+        let address = request.mandatory.then(|| address_of(&message));
         let published = self.0.core.publish_confirmed(vhost(&request.vhost), message).await.map_err(core_status)?;
-        if request.mandatory && published.unroutable() {
+        if let Some((exchange, routing_key)) = address
+            && published.unroutable()
+        {
             return Err(no_route(&exchange, &routing_key));
         }
         metrics::counter!("wharf_native_published_messages_total").increment(1);
@@ -142,28 +144,20 @@ impl proto::wharf_server::Wharf for Service {
         for message in request.messages {
             let queued = match message_in(Some(message)) {
                 Ok(message) => {
-                    let address = (message.exchange.clone(), message.routing_key.clone());
+                    let address = request.mandatory.then(|| address_of(&message));
                     self.0.core.publish(vhost, message).await.map(|p| (p, address)).map_err(|e| core_error(&e))
                 }
-                Err(status) => Err(proto::Error {
-                    code: "INVALID_ARGUMENT".into(),
-                    message: status.message().to_owned(),
-                    retryable: false,
-                }),
+                Err(status) => Err(in_band(&status)),
             };
             pending.push(queued);
         }
         let mut results = Vec::with_capacity(pending.len());
         for queued in pending {
             let result = match queued {
-                Ok((pending, (exchange, routing_key))) => match pending.confirm().await {
-                    Ok(published) if request.mandatory && published.unroutable() => {
-                        let status = no_route(&exchange, &routing_key);
-                        proto::publish_result::Result::Error(proto::Error {
-                            code: "NO_ROUTE".into(),
-                            message: status.message().to_owned(),
-                            retryable: false,
-                        })
+                Ok((pending, address)) => match pending.confirm().await {
+                    Ok(published) if address.is_some() && published.unroutable() => {
+                        let (exchange, routing_key) = address.unwrap_or_default();
+                        proto::publish_result::Result::Error(in_band(&no_route(&exchange, &routing_key)))
                     }
                     Ok(published) => proto::publish_result::Result::Published(published_out(&published)),
                     Err(error) => proto::publish_result::Result::Error(core_error(&error)),

@@ -65,6 +65,22 @@ pub fn invalid(message: impl Into<String>) -> Status {
     status(Code::InvalidArgument, "INVALID_ARGUMENT", message.into(), false, &[])
 }
 
+/// A request the broker's state refuses (FAILED_PRECONDITION / PRECONDITION_FAILED).
+pub fn precondition(message: impl Into<String>) -> Status {
+    status(Code::FailedPrecondition, "PRECONDITION_FAILED", message.into(), false, &[])
+}
+
+/// A status as an in-band error (PublishBatch results): its broker code (from its ErrorInfo
+/// detail, else the gRPC code's name), text and retryability.
+pub fn in_band(status: &Status) -> proto::Error {
+    let info = status.get_details_error_info();
+    proto::Error {
+        code: info.as_ref().map_or_else(|| format!("{:?}", status.code()), |info| info.reason.clone()),
+        message: status.message().to_owned(),
+        retryable: info.is_some_and(|info| info.metadata.get("retryable").is_some_and(|r| r == "true")),
+    }
+}
+
 /// A core error as an in-band error (PublishBatch results).
 pub fn core_error(error: &CoreError) -> proto::Error {
     proto::Error { code: error.code().to_owned(), message: error.to_string(), retryable: error.is_retryable() }

@@ -4,8 +4,8 @@
 //! through `wharf_core::Core`.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
@@ -14,7 +14,7 @@ use wharf_core::CoreError;
 use wharf_core::model::TxnId;
 use wharf_core::node::{PreparedTxn, Txn, TxnCommitted};
 
-use crate::mapping::{core_status, invalid, message_out, published_out, status};
+use crate::mapping::{core_status, invalid, message_out, precondition, published_out, status};
 use crate::{Native, proto};
 
 /// Questions waiting to be written to one check-back stream.
@@ -122,13 +122,7 @@ impl Native {
         let mut table = lock(&self.txns.table);
         let entry = table.get_mut(&id).ok_or_else(|| not_open(id))?;
         let TxnState::Open { txn, .. } = &mut entry.state else {
-            return Err(status(
-                Code::FailedPrecondition,
-                "PRECONDITION_FAILED",
-                format!("{id} is prepared or being decided: nothing more can be staged"),
-                false,
-                &[],
-            ));
+            return Err(precondition(format!("{id} is prepared or being decided: nothing more can be staged")));
         };
         let staged = txn.len() + publishes.len() + acks.iter().map(|(_, p)| p.len()).sum::<usize>();
         if staged > operations_max as usize {
@@ -153,13 +147,7 @@ impl Native {
         let mut table = lock(&self.txns.table);
         let Some(entry) = table.get_mut(&id) else { return Ok(None) };
         if matches!(entry.state, TxnState::Busy) {
-            return Err(status(
-                Code::FailedPrecondition,
-                "PRECONDITION_FAILED",
-                format!("{id} is being prepared, committed or aborted by another call"),
-                false,
-                &[],
-            ));
+            return Err(precondition(format!("{id} is being prepared, committed or aborted by another call")));
         }
         entry.last_used = Instant::now();
         Ok(Some(std::mem::replace(&mut entry.state, TxnState::Busy)))
@@ -178,13 +166,7 @@ impl Native {
             Some(TxnState::Open { txn, group }) => (txn, group),
             Some(state) => {
                 self.put_back(id, state);
-                return Err(status(
-                    Code::FailedPrecondition,
-                    "PRECONDITION_FAILED",
-                    format!("{id} is prepared already"),
-                    false,
-                    &[],
-                ));
+                return Err(precondition(format!("{id} is prepared already")));
             }
             None => return Err(not_open(id)),
         };
@@ -239,35 +221,23 @@ impl Native {
     /// Abort a transaction (Abort).
     pub(crate) async fn abort(&self, txn_id: &str) -> Result<proto::AbortReply, Status> {
         let id = parse_txn(txn_id)?;
-        let result = match self.take_txn(id)? {
-            Some(TxnState::Open { .. }) => Ok(None),
-            Some(TxnState::Prepared { prepared, .. }) => self.core.finish_txn(prepared, false).await,
-            Some(TxnState::Busy) => unreachable!("take_txn never hands out a busy transaction"),
-            None => {
-                return match self.core.end_half(id, false).await {
-                    Ok(false) => Ok(proto::AbortReply {}),
-                    Ok(true) => Err(status(
-                        Code::FailedPrecondition,
-                        "PRECONDITION_FAILED",
-                        format!("{id} was committed already (by a check-back answer)"),
-                        false,
-                        &[],
-                    )),
-                    Err(CoreError::NotFound(_)) => Err(not_open(id)),
-                    Err(error) => Err(core_status(error)),
-                };
+        // Whether it turned out committed (by a check-back answer) rather than aborted.
+        let committed = match self.take_txn(id)? {
+            Some(TxnState::Open { .. }) => Ok(false),
+            Some(TxnState::Prepared { prepared, .. }) => {
+                self.core.finish_txn(prepared, false).await.map(|committed| committed.is_some())
             }
+            Some(TxnState::Busy) => unreachable!("take_txn never hands out a busy transaction"),
+            // Not here: prepared by an earlier run of this node, or decided by check-back.
+            None => match self.core.end_half(id, false).await {
+                Err(CoreError::NotFound(_)) => return Err(not_open(id)),
+                other => other,
+            },
         };
         self.forget_txn(id);
-        match result {
-            Ok(None) => Ok(proto::AbortReply {}),
-            Ok(Some(_)) => Err(status(
-                Code::FailedPrecondition,
-                "PRECONDITION_FAILED",
-                format!("{id} was committed already (by a check-back answer)"),
-                false,
-                &[],
-            )),
+        match committed {
+            Ok(false) => Ok(proto::AbortReply {}),
+            Ok(true) => Err(precondition(format!("{id} was committed already (by a check-back answer)"))),
             Err(error) => Err(core_status(error)),
         }
     }
@@ -303,7 +273,7 @@ impl Native {
 
     /// Register a producer stream for `group`: returns its id and the questions for it. The
     /// first stream of a group on this node registers the group's handler with the core.
-    pub(crate) fn register_producer(&self, group: &str) -> (u64, mpsc::Receiver<proto::CheckBackQuestion>) {
+    pub(crate) fn register_producer(self: &Arc<Self>, group: &str) -> (u64, mpsc::Receiver<proto::CheckBackQuestion>) {
         let id = self.check_backs.stream_seq.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = mpsc::channel(QUESTIONS_BUFFERED);
         let mut groups = lock(&self.check_backs.groups);
@@ -312,7 +282,7 @@ impl Native {
         drop(groups);
         if first {
             let questions = self.core.register_check_back(group);
-            tokio::spawn(dispatch(self.weak(), group.to_owned(), questions));
+            tokio::spawn(dispatch(Arc::downgrade(self), group.to_owned(), questions));
         }
         (id, rx)
     }
