@@ -140,6 +140,7 @@ async fn connect(args: &MqttArgs, client_id: &str) -> anyhow::Result<(AsyncClien
         options.set_credentials(username.clone(), args.password.clone().unwrap_or_default());
     }
     let (client, mut events) = AsyncClient::new(options, usize::from(args.inflight.max(1)));
+    events.set_network_options(no_delay(events.network_options()));
     tokio::time::timeout(SETUP_TIMEOUT, async {
         loop {
             match events.poll().await {
@@ -152,6 +153,16 @@ async fn connect(args: &MqttArgs, client_id: &str) -> anyhow::Result<(AsyncClien
     .await
     .with_context(|| format!("{client_id}: no CONNACK in time"))??;
     Ok((client, events))
+}
+
+/// `network` with TCP_NODELAY, as lapin sets it for `wharf bench amqp`. rumqttc leaves Nagle's
+/// algorithm on: a PUBLISH written while an earlier segment is unacknowledged then waits for the
+/// broker's next segment (its PUBACK, after a commit) or a delayed-ACK timer, and the load
+/// generator's wait would be charged to the broker. Measured on Wharf at 10,000 msg/s: the median
+/// time from a PUBLISH's due time to its decoding by the broker fell from 0.5 – 1 ms to under 0.25 ms.
+fn no_delay(mut network: rumqttc::NetworkOptions) -> rumqttc::NetworkOptions {
+    network.set_tcp_nodelay(true);
+    network
 }
 
 /// What a publisher's event loop counts: its publishes acknowledged by the broker (or written, at
@@ -256,6 +267,7 @@ async fn connect_v5(args: &MqttArgs, client_id: &str) -> anyhow::Result<(v5::Asy
     if let Some(username) = &args.username {
         options.set_credentials(username.clone(), args.password.clone().unwrap_or_default());
     }
+    options.set_network_options(no_delay(options.network_options()));
     let (client, mut events) = v5::AsyncClient::new(options, usize::from(args.inflight.max(1)));
     tokio::time::timeout(SETUP_TIMEOUT, async {
         loop {

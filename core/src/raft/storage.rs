@@ -21,9 +21,10 @@ use fjall::{Database, Keyspace, KeyspaceCreateOptions, PersistMode};
 /// including our prefix) and snapshot file names (at most 255 bytes on common filesystems).
 pub const GROUP_NAME_LEN_MAX: usize = 200;
 
-/// Most flush callbacks completed by one sync. A burst beyond this waits for the next sync, so the
-/// sync thread's batch (and the latency of its first callback) stays bounded.
-pub const SYNC_BATCH_CALLBACKS_MAX: usize = 65_536;
+/// Most jobs (writes and flush callbacks) taken by one round of the sync thread. A burst beyond
+/// this waits for the next sync, so the round (and the latency of its first callback) stays
+/// bounded.
+pub const SYNC_ROUND_JOBS_MAX: usize = 65_536;
 
 /// Name of the fjall keyspace holding per-group metadata and node-wide counters.
 const META_KEYSPACE: &str = "raft_meta";
@@ -803,20 +804,40 @@ impl Storage for MemStorage {
 /// (`Err`). Type-erased so that groups of different Raft type configs share one [`Syncer`].
 pub type SyncCallback = Box<dyn FnOnce(Result<(), io::Error>) + Send + 'static>;
 
-/// Group commit across Raft groups: completes log-flush callbacks after a sync of the [`Storage`].
+/// A write handed to the [`Syncer`], run on its thread in submission order.
+pub type WriteJob = Box<dyn FnOnce(&dyn Storage) -> Result<(), StorageError> + Send + 'static>;
+
+/// One request to the sync thread.
+struct Job {
+    /// Run first, in the order jobs were submitted.
+    write: Option<WriteJob>,
+    /// Completed after the write (`synced == false`) or after a sync that follows it.
+    done: SyncCallback,
+    synced: bool,
+}
+
+/// Group commit across Raft groups: runs the log stores' writes and completes their flush
+/// callbacks after a sync of the [`Storage`].
 ///
-/// A log store writes entries without syncing and hands its flush callback to [`Syncer::submit`].
-/// In threaded mode a dedicated thread takes every callback queued, calls [`Storage::sync`] once,
-/// and completes them all; callbacks queued while that sync runs wait for the next one. Appends
-/// from many groups (and many appends of one group) thus share one fdatasync: fjall has no group
-/// commit of its own, and one fdatasync per append caps a disk at ~10 k appends/s.
+/// A log store hands its writes ([`Syncer::write_then_sync`], [`Syncer::write`]) to a dedicated
+/// thread that runs them in submission order. The thread takes every job queued, runs the writes,
+/// calls [`Storage::sync`] once, and completes the callbacks of those that wait for durability;
+/// jobs queued while that sync runs wait for the next one. Appends from many groups (and many
+/// appends of one group) thus share one fdatasync: fjall has no group commit of its own, and one
+/// fdatasync per append caps a disk at ~10 k appends/s.
 ///
-/// Why a dedicated thread rather than a tokio task: `sync` blocks for the length of an fdatasync,
-/// which must not happen on a runtime worker thread, and a `spawn_blocking` per sync would give up
-/// the natural batching of one long-lived consumer.
+/// Why the writes run on the thread too, and not on the appending task: fjall holds its journal's
+/// lock for the length of an fdatasync, so a write made elsewhere during a sync blocks until the
+/// sync ends. On a runtime worker thread that stalls every task queued behind it (connections,
+/// Raft cores) for the length of an fdatasync. Why a dedicated thread rather than a tokio task:
+/// `sync` blocks, which must not happen on a worker, and a `spawn_blocking` per sync would give
+/// up the natural batching of one long-lived consumer.
 ///
-/// Inline mode (for storages that do not block, e.g. [`MemStorage`]) syncs and completes each
-/// callback on the caller's task: no threads, so simulation stays deterministic.
+/// Fail-stop: once a write or a sync fails, every later job fails too (a storage error is fatal
+/// for the groups; writes after a failed one would leave a gap in a log).
+///
+/// Inline mode (for storages that do not block, e.g. [`MemStorage`]) runs each job on the
+/// caller's task: no threads, so simulation stays deterministic.
 ///
 /// One `Syncer` per storage, cloned into every group. Dropping the last clone stops the thread and
 /// waits for it (at most one sync), so that the storage is released when the groups are gone.
@@ -832,7 +853,7 @@ struct SyncerInner {
 }
 
 struct SyncThread {
-    tx: Option<mpsc::Sender<SyncCallback>>,
+    tx: Option<mpsc::Sender<Job>>,
     handle: Option<JoinHandle<()>>,
 }
 
@@ -853,7 +874,7 @@ impl Syncer {
 
     /// A syncer with its own sync thread.
     pub fn threaded(storage: Arc<dyn Storage>) -> Result<Self, StorageError> {
-        let (tx, rx) = mpsc::channel::<SyncCallback>();
+        let (tx, rx) = mpsc::channel::<Job>();
         let thread_storage = Arc::clone(&storage);
         let handle = std::thread::Builder::new()
             .name("wharf-raft-sync".into())
@@ -863,7 +884,8 @@ impl Syncer {
         Ok(Self { inner: Arc::new(SyncerInner { storage, thread: Some(thread) }) })
     }
 
-    /// A syncer that syncs on the submitting task. Only for storages that do not block on IO.
+    /// A syncer that runs every job on the submitting task. Only for storages that do not block
+    /// on IO.
     pub fn inline(storage: Arc<dyn Storage>) -> Self {
         Self { inner: Arc::new(SyncerInner { storage, thread: None }) }
     }
@@ -874,18 +896,39 @@ impl Syncer {
     }
 
     /// Complete `done` after a sync that begins after this call: every write that returned before
-    /// this call is then durable. Never blocks in threaded mode.
+    /// this call, and every job submitted before it, is then durable. Never blocks in threaded mode.
     pub fn submit(&self, done: SyncCallback) {
+        self.enqueue(Job { write: None, done, synced: true });
+    }
+
+    /// Run `write` after the jobs submitted before it, then complete `done` once it is durable
+    /// (after a sync that follows it). Never blocks in threaded mode.
+    pub fn write_then_sync(&self, write: WriteJob, done: SyncCallback) {
+        self.enqueue(Job { write: Some(write), done, synced: true });
+    }
+
+    /// Run `write` after the jobs submitted before it and complete `done` with its result, without
+    /// waiting for a sync. Never blocks in threaded mode.
+    pub fn write(&self, write: WriteJob, done: SyncCallback) {
+        self.enqueue(Job { write: Some(write), done, synced: false });
+    }
+
+    fn enqueue(&self, job: Job) {
         let Some(thread) = &self.inner.thread else {
-            done(self.inner.storage.sync().map_err(io::Error::other));
+            let storage = self.inner.storage.as_ref();
+            let mut result = job.write.map_or(Ok(()), |write| write(storage));
+            if job.synced && result.is_ok() {
+                result = storage.sync();
+            }
+            (job.done)(result.map_err(io::Error::other));
             return;
         };
         let Some(tx) = &thread.tx else {
-            done(Err(io::Error::other("sync thread stopped")));
+            (job.done)(Err(io::Error::other("sync thread stopped")));
             return;
         };
-        if let Err(mpsc::SendError(done)) = tx.send(done) {
-            done(Err(io::Error::other("sync thread stopped")));
+        if let Err(mpsc::SendError(job)) = tx.send(job) {
+            (job.done)(Err(io::Error::other("sync thread stopped")));
         }
     }
 }
@@ -893,7 +936,7 @@ impl Syncer {
 impl Drop for SyncerInner {
     fn drop(&mut self) {
         let Some(thread) = &mut self.thread else { return };
-        // Closing the channel ends the loop once queued callbacks are completed.
+        // Closing the channel ends the loop once queued jobs are completed.
         drop(thread.tx.take());
         if let Some(handle) = thread.handle.take() {
             if handle.thread().id() == std::thread::current().id() {
@@ -906,22 +949,46 @@ impl Drop for SyncerInner {
     }
 }
 
-fn sync_loop(storage: &dyn Storage, rx: &mpsc::Receiver<SyncCallback>) {
+fn sync_loop(storage: &dyn Storage, rx: &mpsc::Receiver<Job>) {
     let mut batch = Vec::new();
+    let mut waiting = Vec::new();
+    // The first failure, repeated to every later job (fail-stop).
+    let mut failed: Option<String> = None;
+    let fail = |failed: &Option<String>| failed.as_ref().map(|e| io::Error::other(e.clone()));
     while let Ok(first) = rx.recv() {
         batch.push(first);
-        while batch.len() < SYNC_BATCH_CALLBACKS_MAX {
+        while batch.len() < SYNC_ROUND_JOBS_MAX {
             match rx.try_recv() {
-                Ok(done) => batch.push(done),
+                Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        let result = storage.sync();
-        if let Err(e) = &result {
-            tracing::error!(error = %e, callbacks = batch.len(), "raft log sync failed");
+        for Job { write, done, synced } in batch.drain(..) {
+            if let Some(error) = fail(&failed) {
+                done(Err(error));
+                continue;
+            }
+            if let Some(write) = write
+                && let Err(e) = write(storage)
+            {
+                tracing::error!(error = %e, "raft log write failed");
+                failed = Some(e.to_string());
+                done(Err(io::Error::other(e.to_string())));
+                continue;
+            }
+            if synced { waiting.push(done) } else { done(Ok(())) }
         }
-        for done in batch.drain(..) {
-            done(result.as_ref().map(|_| ()).map_err(|e| io::Error::other(e.to_string())));
+        if waiting.is_empty() {
+            continue;
+        }
+        if failed.is_none()
+            && let Err(e) = storage.sync()
+        {
+            tracing::error!(error = %e, callbacks = waiting.len(), "raft log sync failed");
+            failed = Some(e.to_string());
+        }
+        for done in waiting.drain(..) {
+            done(fail(&failed).map_or(Ok(()), Err));
         }
     }
 }
@@ -1109,6 +1176,12 @@ mod tests {
         }
     }
 
+    /// A callback that reports `(n, succeeded)` on `tx`.
+    fn report(tx: &mpsc::Sender<(u32, bool)>, n: u32) -> SyncCallback {
+        let tx = tx.clone();
+        Box::new(move |result: Result<(), io::Error>| tx.send((n, result.is_ok())).unwrap())
+    }
+
     #[test]
     fn syncer_completes_queued_callbacks_with_one_sync() {
         let mem = MemStorage::new();
@@ -1118,10 +1191,7 @@ mod tests {
         let syncer = Syncer::threaded(storage).unwrap();
         let (tx, rx) = mpsc::channel();
 
-        let done = |n: u32| -> SyncCallback {
-            let tx = tx.clone();
-            Box::new(move |result: Result<(), io::Error>| tx.send((n, result.is_ok())).unwrap())
-        };
+        let done = |n: u32| report(&tx, n);
         syncer.submit(done(0));
         gate.wait(); // the first sync is now running
         for n in 1..=20 {
@@ -1146,6 +1216,38 @@ mod tests {
             syncer.submit(Box::new(move |result| tx.send(result.is_ok()).unwrap()));
         }
         assert_eq!((0..3).map(|_| rx.recv().unwrap()).collect::<Vec<_>>(), vec![false; 3]);
+    }
+
+    #[test]
+    fn syncer_runs_writes_in_order_and_completes_after_a_sync() {
+        let mem = MemStorage::new();
+        let syncer = Syncer::threaded(Arc::new(mem.clone())).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let done = |n: u32| report(&tx, n);
+        let append = |index: u64| -> WriteJob { Box::new(move |storage| storage.append("g", vec![(index, vec![1])])) };
+        syncer.write_then_sync(append(1), done(1));
+        syncer.write(append(2), done(2));
+        syncer.write_then_sync(append(3), done(3));
+        let mut completed: Vec<(u32, bool)> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        completed.sort_unstable();
+        assert_eq!(completed, vec![(1, true), (2, true), (3, true)]);
+        // What the synced callbacks reported survives a crash.
+        mem.crash();
+        assert_eq!(mem.read_range("g", 0, None).unwrap().iter().map(|(i, _)| *i).collect::<Vec<_>>(), vec![1, 2, 3]);
+    }
+
+    #[test]
+    fn syncer_fails_every_job_after_a_failed_write() {
+        let mem = MemStorage::new();
+        let syncer = Syncer::threaded(Arc::new(mem.clone())).unwrap();
+        let (tx, rx) = mpsc::channel();
+        let done = |n: u32| report(&tx, n);
+        syncer.write_then_sync(Box::new(|_| Err(StorageError::Poisoned)), done(1));
+        syncer.write_then_sync(Box::new(|storage| storage.append("g", vec![(1, vec![1])])), done(2));
+        syncer.submit(done(3));
+        let completed: Vec<(u32, bool)> = (0..3).map(|_| rx.recv().unwrap()).collect();
+        assert_eq!(completed, vec![(1, false), (2, false), (3, false)]);
+        assert!(mem.read_range("g", 0, None).unwrap().is_empty(), "nothing after a failed write is written");
     }
 
     #[test]
