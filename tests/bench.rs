@@ -1,7 +1,7 @@
 //! `wharf bench` against a Wharf it starts (the conformance harness's `Broker`): its counts are
 //! checked, not its speed. A run of N messages at QoS 1 / with confirms reports N sent, N
 //! received, none lost or duplicated (MQTT, AMQP and the native API); fan-out multiplies what is expected; a rate caps what is
-//! sent; a broker that is not there is a clear failure.
+//! sent; a broker that is not there, or refuses the client, is a clear failure.
 
 #[path = "../conformance/mqtt/harness.rs"]
 #[allow(dead_code, reason = "shared with the conformance suites; the bench tests use part of it")]
@@ -152,6 +152,17 @@ fn bench_against_no_broker_fails_with_a_clear_error() {
     let (status, _stdout, stderr) = run_with_timeout(&mut command, RUN_TIMEOUT);
     assert_eq!(status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("could not connect") || stderr.contains("no connection"), "{stderr}");
+}
+
+#[test]
+fn bench_amqp_reports_the_brokers_refusal() {
+    let broker = Broker::start();
+    let mut command = Command::new(env!("CARGO_BIN_EXE_wharf"));
+    let port = broker.amqp_port().to_string();
+    command.args(["bench", "amqp", "--port", &port, "--password", "not-the-password", "--count", "1"]);
+    let (status, _stdout, stderr) = run_with_timeout(&mut command, RUN_TIMEOUT);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("403"), "the broker's reply code is shown: {stderr}");
 }
 
 #[test]

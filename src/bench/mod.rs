@@ -5,6 +5,7 @@
 //! is pointed at; prints a progress line on stderr and the report (text or `--json`) on stdout.
 
 mod amqp;
+mod amqp_wire;
 mod mqtt;
 mod native;
 

@@ -155,7 +155,7 @@ async fn connect(args: &MqttArgs, client_id: &str) -> anyhow::Result<(AsyncClien
     Ok((client, events))
 }
 
-/// `network` with TCP_NODELAY, as lapin sets it for `wharf bench amqp`. rumqttc leaves Nagle's
+/// `network` with TCP_NODELAY, as `wharf bench amqp`'s client sets it. rumqttc leaves Nagle's
 /// algorithm on: a PUBLISH written while an earlier segment is unacknowledged then waits for the
 /// broker's next segment (its PUBACK, after a commit) or a delayed-ACK timer, and the load
 /// generator's wait would be charged to the broker. Measured on Wharf at 10,000 msg/s: the median
