@@ -84,7 +84,8 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct NodeSettings {
-    /// This node's id in the cluster; stable across restarts.
+    /// This node's id in the cluster; fixed at first start (a data directory written under another
+    /// id is refused).
     pub id: u64,
     /// Directory holding the database and snapshots.
     pub data_dir: PathBuf,
@@ -436,7 +437,12 @@ pub fn default_file() -> String {
     );
 
     section(&mut out, "node");
-    entry(&mut out, "This node's id in the cluster; stable across restarts.", "id", settings.node.id);
+    entry(
+        &mut out,
+        "This node's id in the cluster; fixed at first start (a data directory written under another id is refused).",
+        "id",
+        settings.node.id,
+    );
     entry(
         &mut out,
         "Directory of the database and snapshots.",

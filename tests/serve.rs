@@ -31,6 +31,7 @@ fn wharf() -> Command {
     command.env("WHARF__LISTENERS__MQTT_WS", "127.0.0.1:0");
     command.env("WHARF__LISTENERS__AMQP", "127.0.0.1:0");
     command.env("WHARF__LISTENERS__AMQP_TLS", "127.0.0.1:0");
+    command.env("WHARF__LISTENERS__NATIVE", "127.0.0.1:0");
     command
 }
 
@@ -230,15 +231,21 @@ fn missing_config_file_is_refused() {
 }
 
 #[test]
-fn serve_refuses_a_shard_count_other_than_the_data_directorys() {
+fn serve_refuses_a_shard_count_or_node_id_other_than_the_data_directorys() {
     let mut node = Node::start();
     wait_for(&mut node, "/readyz", 200);
     node.terminate();
     assert_eq!(node.wait_exit().code(), Some(0), "{}", node.log());
-    let output = run(wharf()
-        .args(["serve", "--admin-listen", "127.0.0.1:0", "--data-dir"])
-        .arg(node.dir.path().join("data"))
-        .env("WHARF__CORE__SHARD_COUNT", "7"));
-    assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
-    assert!(stderr(&output).contains("core.shard_count"), "{}", stderr(&output));
+    let data_dir = node.dir.path().join("data");
+    for (variable, value, refusal) in [
+        ("WHARF__CORE__SHARD_COUNT", "7", "core.shard_count"),
+        ("WHARF__NODE__ID", "2", "node.id: the data directory belongs to node 1"),
+    ] {
+        let output = run(wharf()
+            .args(["serve", "--admin-listen", "127.0.0.1:0", "--data-dir"])
+            .arg(&data_dir)
+            .env(variable, value));
+        assert_eq!(output.status.code(), Some(2), "{}", stderr(&output));
+        assert!(stderr(&output).contains(refusal), "{}", stderr(&output));
+    }
 }

@@ -19,7 +19,8 @@ pub enum StorageKind {
 /// Everything the core needs to start a node.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct CoreConfig {
-    /// This node's id in the cluster; stable across restarts.
+    /// This node's id in the cluster; fixed at first start (a data directory written under another
+    /// id is refused).
     pub node_id: u64,
     /// Directory of the fjall database and snapshots.
     pub data_dir: PathBuf,

@@ -482,7 +482,7 @@ async fn restart_returns_unacked_messages_and_forgets_transient_queues() {
 }
 
 #[tokio::test]
-async fn fjall_restart_keeps_catalogue_and_messages_and_refuses_another_shard_count() {
+async fn fjall_restart_keeps_catalogue_and_messages_and_refuses_another_shard_count_or_node_id() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut config = CoreConfig::single_node(dir.path());
     config.raft_heartbeat_interval_ms = 50;
@@ -511,8 +511,18 @@ async fn fjall_restart_keeps_catalogue_and_messages_and_refuses_another_shard_co
     drop(core);
 
     config.shard_count += 1;
-    let error = Core::open(config).await.expect_err("shard count changed");
+    let error = Core::open(config.clone()).await.expect_err("shard count changed");
     assert!(error.to_string().contains("core.shard_count"), "{error}");
+
+    // Another node's data directory is refused too, before anything is written to it.
+    config.shard_count -= 1;
+    config.node_id += 1;
+    let error = Core::open(config.clone()).await.expect_err("another node id");
+    assert!(error.to_string().contains("node.id: the data directory belongs to node 1"), "{error}");
+    config.node_id -= 1;
+    let core = Core::open(config).await.expect("the right node id still opens it");
+    assert_eq!(core.queue_status("/", "kept").expect("status").0, 0, "consumed before");
+    core.shutdown().await.expect("shutdown");
 }
 
 #[tokio::test]

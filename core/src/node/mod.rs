@@ -288,6 +288,7 @@ impl Core {
     pub async fn open_on(config: CoreConfig, storage: Arc<dyn Storage>) -> CoreResult<Self> {
         config.validate().map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
         let storage_error = |e: crate::raft::storage::StorageError| CoreError::Storage(e.to_string());
+        check_node_id(&storage, config.node_id).await?;
         check_shard_count(&storage, config.shard_count).await?;
         let incarnation = run_io(&storage, |s| s.next_incarnation()).await.map_err(storage_error)?;
         let syncer = Syncer::new(Arc::clone(&storage)).map_err(storage_error)?;
@@ -1112,31 +1113,52 @@ fn deleted_queues(reply: &MetaReply) -> Vec<(QueueId, u32)> {
     }
 }
 
+/// Refuse to start on a data directory written by another node: its Raft logs, votes and
+/// memberships name the node that wrote them, and another node id would never be a voter in them.
+async fn check_node_id(storage: &Arc<dyn Storage>, node_id: u64) -> CoreResult<()> {
+    check_fixed(storage, "node_id", node_id, node_id.to_be_bytes().to_vec(), |stored| {
+        format!(
+            "invalid configuration: node.id: the data directory belongs to node {stored} (configured: {node_id}); \
+             start it as node {stored}, or give node {node_id} a data directory of its own"
+        )
+    })
+    .await
+}
+
 /// Refuse to start with a shard count other than the one the data was written with: partitions
 /// are placed by hash over it, so changing it would lose track of every partition.
 async fn check_shard_count(storage: &Arc<dyn Storage>, shard_count: u32) -> CoreResult<()> {
-    let stored =
-        run_io(storage, |s| s.get_meta("node", "shard_count")).await.map_err(|e| CoreError::Storage(e.to_string()))?;
-    match stored {
-        Some(bytes) => {
-            let stored = bytes
-                .try_into()
-                .map(u32::from_be_bytes)
-                .map_err(|_| CoreError::Storage("the stored shard count is not a 32-bit number".into()))?;
-            if stored != shard_count {
-                return Err(CoreError::InvalidArgument(format!(
-                    "invalid configuration: core.shard_count: the data directory was created with {stored} shards, \
-                     and the shard count cannot change (configured: {shard_count})"
-                )));
-            }
-            Ok(())
-        }
-        None => {
-            run_io(storage, move |s| s.put_meta("node", "shard_count", &shard_count.to_be_bytes(), Durability::Synced))
-                .await
-                .map_err(|e| CoreError::Storage(e.to_string()))
-        }
-    }
+    check_fixed(storage, "shard_count", shard_count.into(), shard_count.to_be_bytes().to_vec(), |stored| {
+        format!(
+            "invalid configuration: core.shard_count: the data directory was created with {stored} shards, \
+             and the shard count cannot change (configured: {shard_count})"
+        )
+    })
+    .await
+}
+
+/// A setting the data directory is bound to: recorded (`encoded`, a big-endian number) under
+/// `key` at first start, refused with `refusal(stored)` when a later start has another `value`.
+async fn check_fixed(
+    storage: &Arc<dyn Storage>,
+    key: &'static str,
+    value: u64,
+    encoded: Vec<u8>,
+    refusal: impl FnOnce(u64) -> String,
+) -> CoreResult<()> {
+    let storage_error = |e: crate::raft::storage::StorageError| CoreError::Storage(e.to_string());
+    let stored = run_io(storage, move |s| s.get_meta("node", key)).await.map_err(storage_error)?;
+    let Some(bytes) = stored else {
+        return run_io(storage, move |s| s.put_meta("node", key, &encoded, Durability::Synced))
+            .await
+            .map_err(storage_error);
+    };
+    let stored = match bytes.len() {
+        4 => u64::from(u32::from_be_bytes(bytes.try_into().unwrap_or_default())),
+        8 => u64::from_be_bytes(bytes.try_into().unwrap_or_default()),
+        _ => return Err(CoreError::Storage(format!("the stored {key} is not a 32- or 64-bit number"))),
+    };
+    if stored == value { Ok(()) } else { Err(CoreError::InvalidArgument(refusal(stored))) }
 }
 
 /// Effects of a shard's state machine, for this node: deliveries and cancellations to local
