@@ -4,66 +4,24 @@
 //! temporary directories and in-memory storage.
 
 use std::collections::BTreeMap;
-use std::io::Cursor;
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 use openraft::storage::{RaftLogStorage, RaftStateMachine};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::{AnyError, BasicNode, Raft, StorageIOError};
-use serde::{Deserialize, Serialize};
 use tempfile::TempDir;
-use wharf_core::raft::group::{raft_config, start_group, wait_for_leader};
+use wharf_core::raft::Proposal;
+use wharf_core::raft::group::{GroupStart, raft_config, start_group, wait_for_leader};
 use wharf_core::raft::log_store::LogStore;
+use wharf_core::raft::network::SingleNodeNetwork;
 use wharf_core::raft::state_machine::{EffectSink, StateMachineStore, StateReader};
 use wharf_core::raft::storage::{FjallStorage, MemStorage, Storage, Syncer};
-use wharf_core::raft::{Proposal, ReplicatedState, Replies};
 
-// ------------------------------------------------------------------------------------------------
-// A small replicated state: counters by key.
+#[path = "common/counters.rs"]
+mod counters;
 
-#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize)]
-struct Counters {
-    values: BTreeMap<String, u64>,
-    /// Committed time seen by the last apply, to check it never goes backwards.
-    last_now_ms: u64,
-    applied_commands: u64,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-enum CounterCommand {
-    Add { key: String, delta: u64 },
-}
-
-/// An effect: the key and its new value.
-type CounterEffect = (String, u64);
-
-impl ReplicatedState for Counters {
-    type Command = CounterCommand;
-    type Reply = u64;
-    type Effect = CounterEffect;
-
-    fn apply(&mut self, now_ms: u64, command: CounterCommand, effects: &mut Vec<CounterEffect>) -> u64 {
-        assert!(now_ms >= self.last_now_ms, "committed time went backwards: {now_ms} < {}", self.last_now_ms);
-        self.last_now_ms = now_ms;
-        self.applied_commands += 1;
-        let CounterCommand::Add { key, delta } = command;
-        let value = self.values.entry(key.clone()).or_default();
-        *value = value.wrapping_add(delta);
-        effects.push((key, *value));
-        *value
-    }
-}
-
-openraft::declare_raft_types!(
-    TestConfig:
-        D = Proposal<CounterCommand>,
-        R = Replies<u64>,
-        NodeId = u64,
-        Node = BasicNode,
-        Entry = openraft::Entry<TestConfig>,
-        SnapshotData = Cursor<Vec<u8>>,
-);
+use counters::{CounterCommand, CounterEffect, Counters, TestConfig};
 
 type TestLogStore = LogStore<TestConfig>;
 type TestStateMachine = StateMachineStore<TestConfig, Counters>;
@@ -148,16 +106,12 @@ async fn start_named(name: &str, storage: &Arc<dyn Storage>, syncer: &Syncer, sn
     let effects = Arc::new(Mutex::new(Vec::new()));
     let sink_effects = Arc::clone(&effects);
     let sink: EffectSink<CounterEffect> = Arc::new(move |batch| sink_effects.lock().unwrap().extend(batch));
-    let (raft, reader) = start_group::<TestConfig, Counters>(
-        name,
-        NODE_ID,
-        config(snapshot_logs_since_last),
-        Arc::clone(storage),
-        syncer.clone(),
-        sink,
-    )
-    .await
-    .unwrap();
+    let voters = BTreeMap::from([(NODE_ID, BasicNode::default())]);
+    let start = GroupStart { name, node_id: NODE_ID, raft_config: config(snapshot_logs_since_last), voters };
+    let (raft, reader) =
+        start_group::<TestConfig, Counters, _>(start, SingleNodeNetwork, Arc::clone(storage), syncer.clone(), sink)
+            .await
+            .unwrap();
     assert_eq!(wait_for_leader(&raft, TIMEOUT).await.unwrap(), NODE_ID);
     Group { raft, reader, effects }
 }

@@ -37,7 +37,8 @@ use crate::error::{CoreError, CoreResult};
 use crate::model::{ConnectionId, FieldValue, Headers, Message, Position, QueueId, QueueName};
 use crate::placement::{partition_for, shard_for};
 use crate::queue::{AttachRules, ConsumerId, DeadLetter, Delivery, Effect, Outcome, PartitionCaps};
-use crate::raft::group::{raft_config, start_group, wait_for_leader};
+use crate::raft::group::{GroupStart, raft_config, start_group, wait_for_leader};
+use crate::raft::network::SingleNodeNetwork;
 use crate::raft::state_machine::{EffectSink, StateReader};
 use crate::raft::storage::{Durability, FjallStorage, MemStorage, Storage, Syncer, run_io};
 use crate::raft::{Proposal, Replies};
@@ -304,10 +305,15 @@ impl Core {
         let (dead_letter_tx, dead_letter_rx) = mpsc::unbounded_channel();
 
         let meta_effects: EffectSink<<Catalogue as crate::raft::ReplicatedState>::Effect> = Arc::new(|_| {});
-        let (meta_raft, meta_reader) = start_group::<MetaTypes, Catalogue>(
-            "meta",
-            config.node_id,
-            Arc::clone(&raft),
+        let voters = BTreeMap::from([(config.node_id, openraft::BasicNode::default())]);
+        let (meta_raft, meta_reader) = start_group::<MetaTypes, Catalogue, _>(
+            GroupStart {
+                name: "meta",
+                node_id: config.node_id,
+                raft_config: Arc::clone(&raft),
+                voters: voters.clone(),
+            },
+            SingleNodeNetwork,
             Arc::clone(&storage),
             syncer.clone(),
             meta_effects,
@@ -321,10 +327,14 @@ impl Core {
         for index in 0..config.shard_count {
             let name = format!("shard-{index}");
             let sink = shard_effect_sink(Arc::clone(&registry), dead_letter_tx.clone());
-            let (raft_handle, reader) = start_group::<ShardTypes, ShardState>(
-                &name,
-                config.node_id,
-                Arc::clone(&raft),
+            let (raft_handle, reader) = start_group::<ShardTypes, ShardState, _>(
+                GroupStart {
+                    name: &name,
+                    node_id: config.node_id,
+                    raft_config: Arc::clone(&raft),
+                    voters: voters.clone(),
+                },
+                SingleNodeNetwork,
                 Arc::clone(&storage),
                 syncer.clone(),
                 sink,

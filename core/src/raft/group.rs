@@ -1,5 +1,5 @@
 //! Starting one Raft group: builds its log store and state machine on the node's shared storage,
-//! starts openraft, and forms a single-voter cluster on first start. Also the openraft
+//! starts openraft on a given network, and forms the group from its first voters on first start. Also the openraft
 //! configuration every group uses, and a wait for leadership. Touches the storage only through the
 //! log store and state machine.
 
@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use openraft::error::{Fatal, InitializeError, RaftError};
 use openraft::metrics::WaitError;
+use openraft::network::RaftNetworkFactory;
 use openraft::{BasicNode, Config, Raft, RaftTypeConfig, SnapshotPolicy};
 
 use super::log_store::LogStore;
-use super::network::SingleNodeNetwork;
 use super::state_machine::{EffectSink, StateMachineStore, StateReader};
 use super::storage::{Storage, StorageError, Syncer};
 use super::{GroupConfig, ReplicatedState};
@@ -49,7 +49,7 @@ pub enum GroupError {
         #[source]
         source: Box<Fatal<u64>>,
     },
-    /// Forming the single-voter cluster failed.
+    /// Forming the group from its first voters failed.
     #[error("raft group {group}: initialize: {source}")]
     Initialize {
         /// The group.
@@ -85,18 +85,33 @@ pub fn raft_config(
     Ok(Arc::new(config.validate().map_err(|e| GroupError::Config(Box::new(e)))?))
 }
 
-/// Start the Raft group `name` on this node, with its log and snapshots in `storage`.
+/// How a group is started: its name, this node, the openraft configuration, and its first voters.
+#[derive(Debug, Clone)]
+pub struct GroupStart<'a> {
+    /// The group's name (`meta`, `shard-3`), the same on every node.
+    pub name: &'a str,
+    /// This node's id.
+    pub node_id: u64,
+    /// openraft's configuration ([`raft_config`]).
+    pub raft_config: Arc<Config>,
+    /// The voters the group is formed from on first start (this node alone in single-node mode).
+    /// Ignored on a restart: the membership is in the log or the snapshot.
+    pub voters: BTreeMap<u64, BasicNode>,
+}
+
+/// Start a Raft group on this node, with its log and snapshots in `storage`, reaching its peers
+/// through `network`.
 ///
 /// `syncer` must sync `storage`; share one per storage between all groups (that is what makes
 /// their appends share fdatasyncs). `effects` receives the effects of applied commands.
 ///
-/// On first start (nothing in the log, no vote) the group is initialized with this node as its
-/// only voter; on a restart it resumes from its last snapshot and log. It elects itself leader
-/// after an election timeout: see [`wait_for_leader`].
-pub async fn start_group<C, S>(
-    name: &str,
-    node_id: u64,
-    raft_config: Arc<Config>,
+/// On first start (nothing in the log, no vote) the group is initialized with `start.voters`;
+/// every voter may do so with the same voters, and one of them is elected. On a restart it resumes
+/// from its last snapshot and log. A leader is elected after an election timeout: see
+/// [`wait_for_leader`].
+pub async fn start_group<C, S, N>(
+    start: GroupStart<'_>,
+    network: N,
     storage: Arc<dyn Storage>,
     syncer: Syncer,
     effects: EffectSink<S::Effect>,
@@ -104,19 +119,22 @@ pub async fn start_group<C, S>(
 where
     C: GroupConfig<S>,
     S: ReplicatedState,
+    N: RaftNetworkFactory<C>,
 {
+    let GroupStart { name, node_id, raft_config, voters } = start;
     let storage_err = |source| GroupError::Storage { group: name.to_owned(), source };
     let log_store = LogStore::<C>::new(name, Arc::clone(&storage), syncer).map_err(storage_err)?;
     let state_machine = StateMachineStore::<C, S>::open(name, storage, effects).await.map_err(storage_err)?;
     let reader = state_machine.reader();
 
     let fatal = |source| GroupError::Fatal { group: name.to_owned(), source: Box::new(source) };
-    let raft = Raft::new(node_id, raft_config, SingleNodeNetwork, log_store, state_machine).await.map_err(fatal)?;
+    let raft = Raft::new(node_id, raft_config, network, log_store, state_machine).await.map_err(fatal)?;
     if !raft.is_initialized().await.map_err(fatal)? {
-        let voters = BTreeMap::from([(node_id, BasicNode::default())]);
-        raft.initialize(voters)
-            .await
-            .map_err(|source| GroupError::Initialize { group: name.to_owned(), source: Box::new(source) })?;
+        match raft.initialize(voters).await {
+            // Another voter formed the group first and has already reached this one.
+            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
+            Err(source) => return Err(GroupError::Initialize { group: name.to_owned(), source: Box::new(source) }),
+        }
     }
     Ok((raft, reader))
 }

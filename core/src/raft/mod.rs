@@ -1,12 +1,14 @@
 //! Raft plumbing shared by every group (the meta group and the shard groups): the deterministic
 //! state trait, the proposal envelope, storage backends, the openraft log store and state machine
-//! adapters, and the network. Touches storage (through [`storage::Storage`]) and nothing above it.
+//! adapters, the network and the cluster transport under it. Touches storage (through [`storage::Storage`]) and nothing above it.
 
 pub mod group;
+pub mod grpc;
 pub mod log_store;
 pub mod network;
 pub mod state_machine;
 pub mod storage;
+pub mod transport;
 
 use std::fmt::Debug;
 
