@@ -16,4 +16,4 @@ pub mod shard;
 
 pub use config::{ConfigError, CoreConfig, Limits, StorageKind};
 pub use error::{CoreError, CoreResult};
-pub use node::{Core, StateWrite};
+pub use node::{ClusterLink, Core, StateWrite};

@@ -14,9 +14,10 @@ use tempfile::TempDir;
 use wharf_core::raft::Proposal;
 use wharf_core::raft::group::{GroupStart, raft_config, start_group, wait_for_leader};
 use wharf_core::raft::log_store::LogStore;
-use wharf_core::raft::network::SingleNodeNetwork;
+use wharf_core::raft::network::ClusterNetwork;
 use wharf_core::raft::state_machine::{EffectSink, StateMachineStore, StateReader};
 use wharf_core::raft::storage::{FjallStorage, MemStorage, Storage, Syncer};
+use wharf_core::raft::transport::NoPeers;
 
 #[path = "common/counters.rs"]
 mod counters;
@@ -108,10 +109,15 @@ async fn start_named(name: &str, storage: &Arc<dyn Storage>, syncer: &Syncer, sn
     let sink: EffectSink<CounterEffect> = Arc::new(move |batch| sink_effects.lock().unwrap().extend(batch));
     let voters = BTreeMap::from([(NODE_ID, BasicNode::default())]);
     let start = GroupStart { name, node_id: NODE_ID, raft_config: config(snapshot_logs_since_last), voters };
-    let (raft, reader) =
-        start_group::<TestConfig, Counters, _>(start, SingleNodeNetwork, Arc::clone(storage), syncer.clone(), sink)
-            .await
-            .unwrap();
+    let (raft, reader) = start_group::<TestConfig, Counters, _>(
+        start,
+        ClusterNetwork::new(name, Arc::new(NoPeers)),
+        Arc::clone(storage),
+        syncer.clone(),
+        sink,
+    )
+    .await
+    .unwrap();
     assert_eq!(wait_for_leader(&raft, TIMEOUT).await.unwrap(), NODE_ID);
     Group { raft, reader, effects }
 }

@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent, Stopped};
-use self::proposer::{Proposer, ReplyReceiver, wait};
+use self::proposer::{Forwarder, GroupEndpoint, Proposer, ReplyReceiver, wait};
 pub use self::txn::{CheckBack, PreparedTxn, Txn, TxnCommitted, TxnStop};
 use crate::alarms::AlarmMonitor;
 pub use crate::catalogue::state::StateWrite;
@@ -38,9 +38,10 @@ use crate::model::{ConnectionId, FieldValue, Headers, Message, Position, QueueId
 use crate::placement::{partition_for, shard_for};
 use crate::queue::{AttachRules, ConsumerId, DeadLetter, Delivery, Effect, Outcome, PartitionCaps};
 use crate::raft::group::{GroupStart, raft_config, start_group, wait_for_leader};
-use crate::raft::network::SingleNodeNetwork;
+use crate::raft::network::ClusterNetwork;
 use crate::raft::state_machine::{EffectSink, StateReader};
 use crate::raft::storage::{Durability, FjallStorage, MemStorage, Storage, Syncer, run_io};
+use crate::raft::transport::{NoPeers, RaftService, Transport};
 use crate::raft::{Proposal, Replies};
 use crate::shard::{PartitionKey, PublishOutcome, ShardCommand, ShardReply, ShardState};
 
@@ -55,6 +56,8 @@ openraft::declare_raft_types!(
 
 /// How long start-up waits for each group to elect itself.
 const LEADER_WAIT_SECS: u64 = 30;
+/// Pause before running recovery again after a leadership change interrupted it.
+const RECOVER_RETRY_MS: u64 = 100;
 /// How long shutdown waits for queued and in-flight commits to finish.
 const DRAIN_WAIT_SECS: u64 = 20;
 /// The default virtual host, created on first start.
@@ -83,6 +86,8 @@ impl std::fmt::Debug for Core {
 
 struct Inner {
     config: CoreConfig,
+    /// The cluster this node belongs to (`None` on a single node).
+    cluster: Option<ClusterLink>,
     incarnation: u64,
     storage: Arc<dyn Storage>,
     meta: Group<MetaTypes, Catalogue>,
@@ -266,6 +271,27 @@ pub struct ExchangeSpec {
     pub arguments: Headers,
 }
 
+/// How a node takes part in a cluster: the first voters of every group, the transport to its
+/// peers, and the service through which its groups answer them.
+#[derive(Clone)]
+pub struct ClusterLink {
+    /// Every node of the cluster (this one included) by id, with the address peers reach it at.
+    /// Every group is formed from all of them on first start; afterwards the membership is in
+    /// each group's log.
+    pub voters: BTreeMap<u64, String>,
+    /// Carries this node's Raft RPCs and forwarded requests to its peers.
+    pub transport: Arc<dyn Transport>,
+    /// Where the peers' RPCs arrive: the core registers its groups there. Serve it on the
+    /// cluster port (or attach it to an in-process switchboard).
+    pub service: Arc<RaftService>,
+}
+
+impl std::fmt::Debug for ClusterLink {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClusterLink").field("voters", &self.voters).finish_non_exhaustive()
+    }
+}
+
 impl Core {
     /// Open storage under the configured data directory, start every Raft group, and bring the
     /// node's state up to date (clean up after the previous run, reconcile the catalogue with the
@@ -287,7 +313,30 @@ impl Core {
 
     /// Like [`Core::open`], on a given storage (tests reopen a `MemStorage` to simulate restarts).
     pub async fn open_on(config: CoreConfig, storage: Arc<dyn Storage>) -> CoreResult<Self> {
+        Self::open_in(config, storage, None).await
+    }
+
+    /// Like [`Core::open_on`], as a node of `cluster` (`None`: a single node). Returns once every
+    /// group has a leader, which takes a majority of the voters running.
+    ///
+    /// A node that does not lead a group forwards that group's commands to its leader and answers
+    /// once its own replica has applied them; deliveries to its consumers come from its own
+    /// replica.
+    pub async fn open_in(
+        config: CoreConfig,
+        storage: Arc<dyn Storage>,
+        cluster: Option<ClusterLink>,
+    ) -> CoreResult<Self> {
         config.validate().map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
+        if let Some(link) = &cluster
+            && !link.voters.contains_key(&config.node_id)
+        {
+            return Err(CoreError::InvalidArgument(format!(
+                "node {} is not among the cluster's voters {:?}",
+                config.node_id,
+                link.voters.keys().collect::<Vec<_>>()
+            )));
+        }
         let storage_error = |e: crate::raft::storage::StorageError| CoreError::Storage(e.to_string());
         check_node_id(&storage, config.node_id).await?;
         check_shard_count(&storage, config.shard_count).await?;
@@ -305,7 +354,14 @@ impl Core {
         let (dead_letter_tx, dead_letter_rx) = mpsc::unbounded_channel();
 
         let meta_effects: EffectSink<<Catalogue as crate::raft::ReplicatedState>::Effect> = Arc::new(|_| {});
-        let voters = BTreeMap::from([(config.node_id, openraft::BasicNode::default())]);
+        let (voters, transport): (BTreeMap<u64, openraft::BasicNode>, Arc<dyn Transport>) = match &cluster {
+            Some(link) => (
+                link.voters.iter().map(|(&id, addr)| (id, openraft::BasicNode::new(addr))).collect(),
+                Arc::clone(&link.transport),
+            ),
+            None => (BTreeMap::from([(config.node_id, openraft::BasicNode::default())]), Arc::new(NoPeers)),
+        };
+        let forwarder = cluster.as_ref().map(|_| Forwarder { me: config.node_id, transport: Arc::clone(&transport) });
         let (meta_raft, meta_reader) = start_group::<MetaTypes, Catalogue, _>(
             GroupStart {
                 name: "meta",
@@ -313,14 +369,18 @@ impl Core {
                 raft_config: Arc::clone(&raft),
                 voters: voters.clone(),
             },
-            SingleNodeNetwork,
+            ClusterNetwork::new("meta", Arc::clone(&transport)),
             Arc::clone(&storage),
             syncer.clone(),
             meta_effects,
         )
         .await
         .map_err(group_error)?;
-        let (meta_proposer, meta_task) = Proposer::spawn("meta", meta_raft.clone(), &config.limits);
+        let (meta_proposer, meta_task) = Proposer::spawn("meta", meta_raft.clone(), &config.limits, forwarder.clone());
+        if let Some(link) = &cluster {
+            let endpoint = GroupEndpoint { raft: meta_raft.clone(), proposer: meta_proposer.clone() };
+            link.service.register("meta", Arc::new(endpoint));
+        }
         let mut tasks = vec![meta_task];
 
         let mut shards = Vec::with_capacity(config.shard_count as usize);
@@ -334,14 +394,18 @@ impl Core {
                     raft_config: Arc::clone(&raft),
                     voters: voters.clone(),
                 },
-                SingleNodeNetwork,
+                ClusterNetwork::new(&name, Arc::clone(&transport)),
                 Arc::clone(&storage),
                 syncer.clone(),
                 sink,
             )
             .await
             .map_err(group_error)?;
-            let (proposer, task) = Proposer::spawn(&name, raft_handle.clone(), &config.limits);
+            let (proposer, task) = Proposer::spawn(&name, raft_handle.clone(), &config.limits, forwarder.clone());
+            if let Some(link) = &cluster {
+                let endpoint = GroupEndpoint { raft: raft_handle.clone(), proposer: proposer.clone() };
+                link.service.register(&name, Arc::new(endpoint));
+            }
             tasks.push(task);
             shards.push(Group { raft: raft_handle, reader, proposer });
         }
@@ -357,6 +421,7 @@ impl Core {
         let core = Self {
             inner: Arc::new(Inner {
                 config,
+                cluster,
                 incarnation,
                 storage,
                 meta: Group { raft: meta_raft, reader: meta_reader, proposer: meta_proposer },
@@ -373,7 +438,23 @@ impl Core {
                 alarms,
             }),
         };
-        core.recover().await?;
+        // In a cluster, leaderships can still move while the nodes start: what recovery proposes
+        // may be refused as not led here; every step is idempotent, so it is run again.
+        let deadline = tokio::time::Instant::now() + leader_wait;
+        loop {
+            match core.recover().await {
+                Ok(()) => break,
+                Err(error)
+                    if core.inner.cluster.is_some()
+                        && error.is_retryable()
+                        && tokio::time::Instant::now() < deadline =>
+                {
+                    tracing::debug!(%error, "recovery interrupted by a leadership change: again");
+                    tokio::time::sleep(Duration::from_millis(RECOVER_RETRY_MS)).await;
+                }
+                Err(error) => return Err(error),
+            }
+        }
         let mut background = background::spawn(&core, dead_letter_rx);
         let monitor = Arc::clone(&core.inner.alarms);
         let stopped = core.inner.stop.subscribe();
@@ -502,6 +583,12 @@ impl Core {
             task.abort();
         }
         let mut failures = Vec::new();
+        if let Some(link) = &self.inner.cluster {
+            link.service.deregister("meta");
+            for index in 0..self.inner.shards.len() {
+                link.service.deregister(&format!("shard-{index}"));
+            }
+        }
         if let Err(e) = self.inner.meta.raft.shutdown().await {
             failures.push(format!("meta: {e}"));
         }

@@ -1,19 +1,30 @@
 //! Group commit in front of one Raft group: requests queue here, and one task packs whatever is
 //! waiting into a single Raft entry, keeping up to `pipeline_entries_max` entries in flight. A
 //! request's reply is sent only after its entry is committed and applied, which on every group
-//! means fsynced on a majority. Touches the group's `Raft` handle only.
+//! means fsynced on a majority. On a node that does not lead the group, the batch is forwarded to
+//! the leader over the cluster transport instead (one batch at a time, so that commands keep their
+//! order), and its replies are given once this node's replica has applied them too. Touches the
+//! group's `Raft` handle and the cluster transport only.
 
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use openraft::error::ClientWriteError;
 use openraft::impls::OneshotResponder;
-use openraft::{Raft, RaftTypeConfig, TokioRuntime};
+use openraft::{BasicNode, Raft, RaftTypeConfig, TokioRuntime};
+use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::Limits;
 use crate::error::{CoreError, CoreResult};
+use crate::raft::transport::{GroupRpc, RaftRpc, RpcKind, Transport, TransportError};
 use crate::raft::{GroupConfig, Proposal, ReplicatedState, Replies};
+
+/// How long a batch forwarded to the leader may take, commit included, before its callers are
+/// told the group is unavailable (they retry; their idempotency keys make that safe).
+const FORWARD_TIMEOUT_SECS: u64 = 10;
+/// Pause before sending a forwarded batch again after it could not be delivered.
+const FORWARD_RETRY_MS: u64 = 50;
 
 /// Receives one command's reply.
 pub(crate) type ReplyReceiver<R> = oneshot::Receiver<CoreResult<R>>;
@@ -22,6 +33,31 @@ struct Pending<S: ReplicatedState> {
     command: S::Command,
     size_bytes: u64,
     reply: oneshot::Sender<CoreResult<S::Reply>>,
+    /// Forwarded here by another node: proposed here or refused, never forwarded again.
+    forwarded: bool,
+}
+
+/// How a node that does not lead a group reaches its leader.
+#[derive(Clone)]
+pub(crate) struct Forwarder {
+    /// This node.
+    pub(crate) me: u64,
+    /// The node's cluster transport.
+    pub(crate) transport: Arc<dyn Transport>,
+}
+
+/// Commands forwarded to a group's leader, with their sizes, in order.
+#[derive(Debug, Serialize, Deserialize)]
+struct ForwardRequest<Cmd> {
+    commands: Vec<(Cmd, u64)>,
+}
+
+/// The leader's answer: a reply per command, and the index the leader had applied when the last
+/// reply came (the forwarding node waits for its own replica to reach it).
+#[derive(Debug, Serialize, Deserialize)]
+struct ForwardReply<R> {
+    replies: Vec<CoreResult<R>>,
+    applied_index: u64,
 }
 
 /// The entrance to one group's group commit. Cheap to clone.
@@ -49,21 +85,32 @@ pub(crate) fn now_ms() -> u64 {
 
 impl<S: ReplicatedState> Proposer<S> {
     /// Start the group-commit task for `raft`. It ends when every `Proposer` clone is dropped.
-    pub(crate) fn spawn<C>(name: &str, raft: Raft<C>, limits: &Limits) -> (Self, tokio::task::JoinHandle<()>)
+    /// `forwarder` is how this node reaches the group's leader when it does not lead (`None` on a
+    /// single node).
+    pub(crate) fn spawn<C>(
+        name: &str,
+        raft: Raft<C>,
+        limits: &Limits,
+        forwarder: Option<Forwarder>,
+    ) -> (Self, tokio::task::JoinHandle<()>)
     where
         C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = TokioRuntime>,
     {
         let (tx, rx) = mpsc::channel(limits.pending_requests_max as usize);
         let name: Arc<str> = Arc::from(name);
-        let task = tokio::spawn(run::<C, S>(Arc::clone(&name), raft, rx, limits.clone()));
+        let task = tokio::spawn(run::<C, S>(Arc::clone(&name), raft, rx, limits.clone(), forwarder));
         (Self { name, tx }, task)
     }
 
     /// Queue a command. Commands queued by one caller are applied in the order queued. Fails with
     /// `Overloaded` when `pending_requests_max` requests are already waiting.
     pub(crate) fn submit(&self, command: S::Command, size_bytes: u64) -> CoreResult<ReplyReceiver<S::Reply>> {
+        self.enqueue(command, size_bytes, false)
+    }
+
+    fn enqueue(&self, command: S::Command, size_bytes: u64, forwarded: bool) -> CoreResult<ReplyReceiver<S::Reply>> {
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Pending { command, size_bytes, reply }).map_err(|e| match e {
+        self.tx.try_send(Pending { command, size_bytes, reply, forwarded }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 metrics::counter!("wharf_core_overloaded_total", "group" => self.name.to_string()).increment(1);
                 CoreError::Overloaded(format!(
@@ -88,8 +135,13 @@ pub(crate) async fn wait<R>(rx: ReplyReceiver<R>) -> CoreResult<R> {
     rx.await.unwrap_or_else(|_| Err(CoreError::Unavailable("the group stopped before replying".into())))
 }
 
-async fn run<C, S>(name: Arc<str>, raft: Raft<C>, mut rx: mpsc::Receiver<Pending<S>>, limits: Limits)
-where
+async fn run<C, S>(
+    name: Arc<str>,
+    raft: Raft<C>,
+    mut rx: mpsc::Receiver<Pending<S>>,
+    limits: Limits,
+    forwarder: Option<Forwarder>,
+) where
     S: ReplicatedState,
     C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = TokioRuntime>,
 {
@@ -126,6 +178,14 @@ where
             }
         }
         metrics::histogram!("wharf_core_batch_commands", "group" => group.clone()).record(batch.len() as f64);
+        if let Some(forwarder) = &forwarder
+            && let Some((leader, node)) = leader_elsewhere(&raft, forwarder.me).await
+        {
+            // Inline: the next batch waits, so commands reach the leader in the order queued.
+            forward::<C, S>(&group, &raft, forwarder, leader, &node, batch).await;
+            drop(permit);
+            continue;
+        }
         let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
         let started = Instant::now();
         match raft.client_write_ff(Proposal { time_ms: now_ms(), commands }).await {
@@ -152,6 +212,164 @@ where
     rx.close();
     while let Ok(pending) = rx.try_recv() {
         let _ = pending.reply.send(Err(CoreError::Unavailable(format!("group {name} is shutting down"))));
+    }
+}
+
+/// The group's leader and its address, when it is known and is another node.
+fn remote_leader<C: RaftTypeConfig<NodeId = u64, Node = BasicNode>>(
+    raft: &Raft<C>,
+    me: u64,
+) -> Option<(u64, BasicNode)> {
+    let metrics = raft.metrics().borrow().clone();
+    let leader = metrics.current_leader.filter(|&leader| leader != me)?;
+    let node = metrics.membership_config.membership().get_node(&leader)?.clone();
+    Some((leader, node))
+}
+
+/// The group's leader, when it is another node; waits a little for an election in progress (a
+/// batch proposed here meanwhile would only be refused).
+async fn leader_elsewhere<C>(raft: &Raft<C>, me: u64) -> Option<(u64, BasicNode)>
+where
+    C: RaftTypeConfig<NodeId = u64, Node = BasicNode>,
+{
+    let known = raft
+        .wait(Some(Duration::from_secs(FORWARD_TIMEOUT_SECS)))
+        .metrics(|m| m.current_leader.is_some(), "a leader is known")
+        .await;
+    if known.is_err() {
+        return None;
+    }
+    remote_leader(raft, me)
+}
+
+/// Forward `batch` to `leader` and answer it. Commands forwarded here already are refused with
+/// `NotLeader` rather than sent on: leadership moved while they travelled, and their sender retries.
+async fn forward<C, S>(
+    group: &str,
+    raft: &Raft<C>,
+    forwarder: &Forwarder,
+    leader: u64,
+    node: &BasicNode,
+    batch: Vec<Pending<S>>,
+) where
+    S: ReplicatedState,
+    C: GroupConfig<S>,
+{
+    let (relayed, sent): (Vec<_>, Vec<_>) = batch.into_iter().partition(|pending| pending.forwarded);
+    for pending in relayed {
+        let _ = pending.reply.send(Err(CoreError::NotLeader { leader: Some(leader) }));
+    }
+    if sent.is_empty() {
+        return;
+    }
+    let (commands, replies): (Vec<_>, Vec<_>) = sent.into_iter().map(|p| ((p.command, p.size_bytes), p.reply)).unzip();
+    let request = ForwardRequest { commands };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(FORWARD_TIMEOUT_SECS);
+    let (mut leader, mut node) = (leader, node.clone());
+    let outcome = loop {
+        match forward_call::<S>(group, forwarder, leader, &node, &request, deadline).await {
+            Ok(answer) if answer.replies.len() == replies.len() => break Ok(answer),
+            Ok(answer) => {
+                break Err(CoreError::Internal(format!(
+                    "group {group}: leader {leader} answered {} of {} forwarded commands",
+                    answer.replies.len(),
+                    replies.len()
+                )));
+            }
+            // Not delivered: safe to send again, to whoever leads by then.
+            Err(Forwarding::NotDelivered(error)) => {
+                tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await;
+                match remote_leader(raft, forwarder.me) {
+                    Some(next) if tokio::time::Instant::now() < deadline => (leader, node) = next,
+                    _ => break Err(error),
+                }
+            }
+            Err(Forwarding::Failed(error)) => break Err(error),
+        }
+    };
+    let answer = match outcome {
+        Ok(answer) => answer,
+        Err(error) => {
+            for reply in replies {
+                let _ = reply.send(Err(error.clone()));
+            }
+            return;
+        }
+    };
+    // Read-your-writes on this node: what the caller does next reads this replica.
+    let applied = raft
+        .wait(Some(Duration::from_secs(FORWARD_TIMEOUT_SECS)))
+        .applied_index_at_least(Some(answer.applied_index), "forwarded commands applied here")
+        .await;
+    if let Err(error) = applied {
+        tracing::warn!(group, %error, "forwarded commands committed, but this replica has not applied them yet");
+    }
+    for (reply, answer) in replies.into_iter().zip(answer.replies) {
+        let _ = reply.send(answer);
+    }
+}
+
+/// Why a forwarded batch got no answer.
+enum Forwarding {
+    /// It never reached the leader: it may be sent again.
+    NotDelivered(CoreError),
+    /// It may have been proposed: its callers must find out (idempotency keys) before retrying.
+    Failed(CoreError),
+}
+
+async fn forward_call<S: ReplicatedState>(
+    group: &str,
+    forwarder: &Forwarder,
+    leader: u64,
+    node: &BasicNode,
+    request: &ForwardRequest<S::Command>,
+    deadline: tokio::time::Instant,
+) -> Result<ForwardReply<S::Reply>, Forwarding> {
+    let unavailable = |reason: String| CoreError::Unavailable(format!("group {group}: leader {leader}: {reason}"));
+    let body = postcard::to_allocvec(request)
+        .map_err(|e| Forwarding::NotDelivered(CoreError::Internal(format!("encode: {e}"))))?;
+    let rpc = RaftRpc { group: group.to_owned(), kind: RpcKind::Forward, body: body.into() };
+    let reply = match tokio::time::timeout_at(deadline, forwarder.transport.call(leader, node, rpc)).await {
+        Ok(Ok(reply)) => reply,
+        Ok(Err(error @ TransportError::Unreachable { .. })) => {
+            return Err(Forwarding::NotDelivered(unavailable(error.to_string())));
+        }
+        Ok(Err(error)) => return Err(Forwarding::Failed(unavailable(error.to_string()))),
+        Err(_) => return Err(Forwarding::Failed(unavailable(format!("no answer within {FORWARD_TIMEOUT_SECS} s")))),
+    };
+    postcard::from_bytes(&reply).map_err(|e| Forwarding::Failed(unavailable(format!("malformed answer: {e}"))))
+}
+
+/// A group's side of the cluster transport on this node: Raft's RPCs go to openraft, forwarded
+/// commands to the proposer (proposed here if this node leads, refused otherwise).
+pub(crate) struct GroupEndpoint<C: RaftTypeConfig, S: ReplicatedState> {
+    pub(crate) raft: Raft<C>,
+    pub(crate) proposer: Proposer<S>,
+}
+
+#[async_trait::async_trait]
+impl<C, S> GroupRpc for GroupEndpoint<C, S>
+where
+    S: ReplicatedState,
+    C: GroupConfig<S>,
+{
+    async fn serve(&self, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, String> {
+        if kind != RpcKind::Forward {
+            return self.raft.serve(kind, body).await;
+        }
+        let request: ForwardRequest<S::Command> =
+            postcard::from_bytes(body).map_err(|e| format!("malformed forwarded commands: {e}"))?;
+        let waits: Vec<_> =
+            request.commands.into_iter().map(|(command, size)| self.proposer.enqueue(command, size, true)).collect();
+        let mut replies = Vec::with_capacity(waits.len());
+        for queued in waits {
+            replies.push(match queued {
+                Ok(rx) => wait(rx).await,
+                Err(error) => Err(error),
+            });
+        }
+        let applied_index = self.raft.metrics().borrow().last_applied.map_or(0, |id| id.index);
+        postcard::to_allocvec(&ForwardReply { replies, applied_index }).map_err(|e| format!("encode: {e}"))
     }
 }
 

@@ -39,6 +39,7 @@ impl From<RpcKind> for Kind {
             RpcKind::AppendEntries => Kind::AppendEntries,
             RpcKind::Vote => Kind::Vote,
             RpcKind::InstallSnapshot => Kind::InstallSnapshot,
+            RpcKind::Forward => Kind::Forward,
         }
     }
 }
@@ -126,6 +127,7 @@ impl proto::raft_server::Raft for RaftEndpoint {
             Ok(Kind::AppendEntries) => RpcKind::AppendEntries,
             Ok(Kind::Vote) => RpcKind::Vote,
             Ok(Kind::InstallSnapshot) => RpcKind::InstallSnapshot,
+            Ok(Kind::Forward) => RpcKind::Forward,
             Ok(Kind::Unspecified) | Err(_) => {
                 return Err(Status::invalid_argument(format!("unknown rpc kind {}", request.kind)));
             }

@@ -26,6 +26,9 @@ pub enum RpcKind {
     Vote,
     /// One chunk of a snapshot.
     InstallSnapshot,
+    /// Commands for the group's leader to propose, from a node that does not lead it (the
+    /// any-node gateway). Served by the core, not by openraft.
+    Forward,
 }
 
 /// One Raft RPC addressed to a group on a peer: the group's name, the kind, and the request
@@ -78,6 +81,20 @@ pub trait Transport: Send + Sync + 'static {
     async fn call(&self, target: u64, node: &BasicNode, rpc: RaftRpc) -> Result<Bytes, TransportError>;
 }
 
+/// The transport of a single node: it has no peers, and every RPC is unreachable. openraft never
+/// sends one in a group whose only voter is this node; only a membership change adding a node
+/// could, and that node then stays unreachable.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoPeers;
+
+#[async_trait::async_trait]
+impl Transport for NoPeers {
+    async fn call(&self, target: u64, _node: &BasicNode, _rpc: RaftRpc) -> Result<Bytes, TransportError> {
+        tracing::warn!(target, "raft asked to reach a peer, but this node runs without a cluster");
+        Err(TransportError::Unreachable { target, reason: "cluster transport not configured: single-node mode".into() })
+    }
+}
+
 /// A local group's side of the Raft RPCs: decode a request, hand it to openraft, encode its answer.
 #[async_trait::async_trait]
 pub trait GroupRpc: Send + Sync + 'static {
@@ -115,6 +132,7 @@ where
                 let answer: Result<_, RaftError<u64, InstallSnapshotError>> = self.install_snapshot(request).await;
                 encode(&answer)
             }
+            RpcKind::Forward => Err("this group takes no forwarded commands".into()),
         }
     }
 }
@@ -257,5 +275,30 @@ impl Transport for LocalTransport {
             return Err(TransportError::Lost { target, reason: "reply dropped".into() });
         }
         Ok(reply)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_single_node_reaches_nobody_and_says_why() {
+        let rpc = RaftRpc { group: "meta".into(), kind: RpcKind::Vote, body: Bytes::new() };
+        let error = NoPeers.call(7, &BasicNode::default(), rpc).await.expect_err("no peers");
+        assert!(matches!(&error, TransportError::Unreachable { target: 7, .. }), "{error:?}");
+        assert!(error.to_string().contains("single-node mode"), "{error}");
+    }
+
+    #[tokio::test]
+    async fn a_group_that_does_not_run_on_a_node_is_unreachable_there() {
+        let board = Switchboard::new();
+        board.attach(2, Arc::new(RaftService::new()));
+        let rpc = RaftRpc { group: "shard-0".into(), kind: RpcKind::Vote, body: Bytes::new() };
+        let error = board.transport(1).call(2, &BasicNode::default(), rpc.clone()).await.expect_err("no group");
+        assert!(matches!(&error, TransportError::Unreachable { reason, .. } if reason.contains("shard-0")), "{error}");
+        board.cut(1, 2);
+        let error = board.transport(1).call(2, &BasicNode::default(), rpc).await.expect_err("cut");
+        assert!(matches!(&error, TransportError::Unreachable { reason, .. } if reason == "link cut"), "{error}");
     }
 }

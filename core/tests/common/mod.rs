@@ -20,6 +20,7 @@ pub fn memory_config(shard_count: u32) -> CoreConfig {
 
 /// Open a core with `config` on `storage` (a clone shares the same in-memory data, so reopening
 /// is a restart).
+#[allow(dead_code, reason = "not every test binary opens a single node")]
 pub async fn open_on(config: CoreConfig, storage: &MemStorage) -> Core {
     Core::open_on(config, Arc::new(storage.clone())).await.expect("open core")
 }

@@ -1,0 +1,146 @@
+//! The core as a three-node cluster in one process: every node on its own in-memory storage, the
+//! nodes joined by the in-process switchboard. A queue declared on one node is published to on
+//! another and consumed on the third; followers forward their commands to each group's leader and
+//! deliver to their own consumers from their own replicas; when a node holding leaderships stops,
+//! the others elect new leaders and carry on, and no confirmed message is lost or delivered twice.
+//! Touches only in-memory storage.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use wharf_core::model::Message;
+use wharf_core::node::{ConsumeOptions, Consumer, ConsumerEvent, QueueSpec};
+use wharf_core::queue::{ConsumerId, Outcome};
+use wharf_core::raft::storage::MemStorage;
+use wharf_core::raft::transport::{RaftService, Switchboard};
+use wharf_core::{ClusterLink, Core, CoreError};
+
+const NODES: u64 = 3;
+const TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Open nodes 1..=3 at once (each waits for a majority to elect leaders).
+async fn cluster(board: &Arc<Switchboard>) -> Vec<Core> {
+    let voters: BTreeMap<u64, String> = (1..=NODES).map(|id| (id, format!("node-{id}"))).collect();
+    let mut opening = Vec::new();
+    for id in 1..=NODES {
+        let mut config = common::memory_config(2);
+        config.node_id = id;
+        let service = Arc::new(RaftService::new());
+        board.attach(id, Arc::clone(&service));
+        let link = ClusterLink { voters: voters.clone(), transport: board.transport(id), service };
+        opening.push(tokio::spawn(Core::open_in(config, Arc::new(MemStorage::new()), Some(link))));
+    }
+    let mut cores = Vec::new();
+    for opened in opening {
+        cores.push(tokio::time::timeout(TIMEOUT, opened).await.expect("nodes open").unwrap().expect("open core"));
+    }
+    cores
+}
+
+/// Publish `payload` with its own idempotency key, retrying while leadership moves: a retry of a
+/// publish that was committed after all is answered as a duplicate, not stored twice.
+async fn publish(core: &Core, payload: &str) {
+    let mut message = Message::new("", "orders", payload.to_owned());
+    message.idempotency_key = Some(payload.to_owned());
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    loop {
+        match core.publish_confirmed("/", message.clone()).await {
+            Ok(published) => {
+                assert!(published.confirmed() && !published.unroutable(), "{payload}: {published:?}");
+                return;
+            }
+            Err(error) if error.is_retryable() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Err(error) => panic!("publish {payload}: {error}"),
+        }
+    }
+}
+
+/// Receive and ack until `count` messages came; return their payloads in delivery order.
+async fn consume(core: &Core, consumer: &mut Consumer, id: ConsumerId, count: usize) -> Vec<String> {
+    let mut received = Vec::new();
+    while received.len() < count {
+        match tokio::time::timeout(TIMEOUT, consumer.recv()).await {
+            Ok(Some(ConsumerEvent::Delivery(delivery))) => {
+                received.push(String::from_utf8_lossy(&delivery.message.payload).into_owned());
+                core.settle(id, &[delivery.position], Outcome::Ack).await.expect("ack");
+            }
+            other => panic!("expected a delivery after {} messages, got {other:?}", received.len()),
+        }
+    }
+    received
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queue_declared_on_one_node_is_published_to_on_another_and_consumed_on_the_third() {
+    let board = Switchboard::new();
+    let cores = cluster(&board).await;
+    let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
+    cores[0].declare_queue(spec).await.expect("declare on node 1");
+    // Every node's catalogue has it once the declaration is committed and applied there.
+    for core in &cores {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while core.queue_status("/", "orders").is_err() {
+            assert!(tokio::time::Instant::now() < deadline, "the queue never reached node {}", core.config().node_id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    let id = ConsumerId { connection: cores[2].new_connection(), seq: 1 };
+    let mut consumer = cores[2].consume("/", "orders", id, ConsumeOptions::default()).await.expect("consume on node 3");
+    for n in 0..100 {
+        publish(&cores[1], &format!("m{n:04}")).await;
+    }
+    let received = consume(&cores[2], &mut consumer, id, 100).await;
+    let expected: Vec<String> = (0..100).map(|n| format!("m{n:04}")).collect();
+    assert_eq!(received, expected, "every message once, in order");
+    assert_eq!(cores[0].queue_status("/", "orders").expect("status on node 1").0, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn when_a_node_stops_the_others_elect_leaders_and_lose_no_confirmed_message() {
+    let board = Switchboard::new();
+    let cores = cluster(&board).await;
+    let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
+    cores[0].declare_queue(spec).await.expect("declare");
+    for n in 0..50 {
+        publish(&cores[n % 3], &format!("m{n:04}")).await;
+    }
+
+    // Stop node 1, whatever it leads; nodes 2 and 3 are a majority.
+    cores[0].shutdown().await.expect("shutdown node 1");
+    board.detach(1);
+    for n in 50..100 {
+        publish(&cores[1 + n % 2], &format!("m{n:04}")).await;
+    }
+    let id = ConsumerId { connection: cores[2].new_connection(), seq: 1 };
+    let mut consumer = loop {
+        match cores[2].consume("/", "orders", id, ConsumeOptions::default()).await {
+            Ok(consumer) => break consumer,
+            Err(error) if error.is_retryable() => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(error) => panic!("consume: {error}"),
+        }
+    };
+    let received = consume(&cores[2], &mut consumer, id, 100).await;
+    let expected: Vec<String> = (0..100).map(|n| format!("m{n:04}")).collect();
+    assert_eq!(received, expected, "every confirmed message once, in order");
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), consumer.recv()).await.is_err(),
+        "nothing more than what was published"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_not_among_the_voters_is_refused() {
+    let board = Switchboard::new();
+    let mut config = common::memory_config(1);
+    config.node_id = 9;
+    let service = Arc::new(RaftService::new());
+    let link = ClusterLink { voters: BTreeMap::from([(1, "node-1".into())]), transport: board.transport(9), service };
+    let error = Core::open_in(config, Arc::new(MemStorage::new()), Some(link)).await.expect_err("refused");
+    assert!(matches!(&error, CoreError::InvalidArgument(text) if text.contains("node 9")), "{error}");
+}
