@@ -456,3 +456,42 @@ fn websocket_handshake(request: &Request, mut response: Response) -> Result<Resp
         }
     }
 }
+
+/// The cluster listener of a node of a cluster: its peers' Raft RPCs and forwarded requests, over
+/// gRPC, served until the returned task is aborted.
+#[derive(Debug)]
+pub struct ClusterListener {
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl ClusterListener {
+    /// Bind `address` and serve `service`'s groups there as node `me`, with messages of at most
+    /// `message_size_max_bytes`.
+    pub async fn start(
+        address: &str,
+        me: u64,
+        service: Arc<wharf_core::raft::transport::RaftService>,
+        message_size_max_bytes: usize,
+    ) -> anyhow::Result<Self> {
+        let listener =
+            TcpListener::bind(address).await.with_context(|| format!("binding the cluster listener on {address}"))?;
+        let address = listener.local_addr()?;
+        let router = tonic::transport::Server::builder()
+            .tcp_nodelay(true)
+            .add_service(wharf_core::raft::grpc::raft_server(me, service, message_size_max_bytes));
+        let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
+        let task = tokio::spawn(async move {
+            if let Err(error) = router.serve_with_incoming(incoming).await {
+                warn!(%error, "the cluster listener failed");
+            }
+        });
+        info!(%address, "cluster listener serving");
+        Ok(Self { task })
+    }
+
+    /// Stop serving: peers' connections are dropped (after the core has shut down, they would only
+    /// be answered "unreachable").
+    pub fn stop(&self) {
+        self.task.abort();
+    }
+}

@@ -11,11 +11,13 @@ use tokio::net::TcpListener;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::oneshot;
 use tracing::{error, info, warn};
-use wharf_core::Core;
+use wharf_core::raft::grpc::GrpcTransport;
+use wharf_core::raft::transport::RaftService;
+use wharf_core::{ClusterLink, Core};
 
 use crate::admin::{self, AdminState};
 use crate::cli::ServeArgs;
-use crate::listeners::{FrontEnds, Listeners};
+use crate::listeners::{ClusterListener, FrontEnds, Listeners};
 use crate::settings::{self, Settings};
 use crate::telemetry;
 
@@ -101,9 +103,30 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
         let _ = admin_stopped.await;
     }));
 
+    // A node of a cluster serves its peers before it opens the core: electing leaders takes
+    // their votes, and theirs take this node's.
+    let (cluster, cluster_listener) = match settings.cluster.voters() {
+        Ok(Some(voters)) => {
+            let size_max = usize::try_from(settings.cluster.message_size_max_bytes).unwrap_or(usize::MAX);
+            let service = Arc::new(RaftService::new());
+            let listener = ClusterListener::start(
+                &settings.listeners.cluster,
+                core_config.node_id,
+                Arc::clone(&service),
+                size_max,
+            )
+            .await?;
+            info!(peers = ?voters, "joining the cluster");
+            let link = ClusterLink { voters, transport: GrpcTransport::new(size_max), service };
+            (Some(link), Some(listener))
+        }
+        // Validated when the settings were loaded.
+        Ok(None) | Err(_) => (None, None),
+    };
+
     info!("opening the core");
     let core = tokio::select! {
-        opened = Core::open(core_config) => match opened {
+        opened = Core::open_node(core_config, cluster) => match opened {
             Ok(core) => core,
             // The data directory contradicts the configuration (e.g. another shard count): a
             // configuration error like any other, with the same exit code.
@@ -206,7 +229,11 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
             }
         }
         info!("shutting down the core");
-        core.shutdown().await
+        let result = core.shutdown().await;
+        if let Some(listener) = &cluster_listener {
+            listener.stop();
+        }
+        result
     };
     tokio::select! {
         finished = tokio::time::timeout(SHUTDOWN_TIMEOUT, shutdown) => match finished {

@@ -6,7 +6,7 @@
 //! Every section is a typed struct with `deny_unknown_fields`, so a misspelt key is refused at
 //! start-up instead of being silently ignored.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -76,6 +76,8 @@ pub struct Settings {
     pub native: NativeConfig,
     /// `[alarms]`: memory and disk alarms (publishers are held back while one is raised).
     pub alarms: AlarmConfig,
+    /// `[cluster]`: the nodes of the cluster (none: a single node).
+    pub cluster: ClusterSettings,
     /// `[log]`: logging.
     pub log: LogSettings,
 }
@@ -97,6 +99,51 @@ impl Default for NodeSettings {
     fn default() -> Self {
         let core = CoreConfig::single_node(DATA_DIR_DEFAULT);
         Self { id: core.node_id, data_dir: core.data_dir, storage: core.storage }
+    }
+}
+
+/// `[cluster]` section.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ClusterSettings {
+    /// Every node of the cluster, this one included, as `ID@HOST:PORT`: its `node.id` and the
+    /// address of its `listeners.cluster` as the others reach it. Empty: a single node. Used to
+    /// form the Raft groups on first start; the same list on every node.
+    pub peers: Vec<String>,
+    /// Largest Raft message or forwarded batch between nodes, bytes.
+    pub message_size_max_bytes: u64,
+}
+
+/// Default of `cluster.message_size_max_bytes`: room for a batch of `limits.batch_bytes_max`
+/// (16 MiB) entries, several to an append.
+const CLUSTER_MESSAGE_SIZE_MAX_BYTES_DEFAULT: u64 = 64 << 20;
+
+impl Default for ClusterSettings {
+    fn default() -> Self {
+        Self { peers: Vec::new(), message_size_max_bytes: CLUSTER_MESSAGE_SIZE_MAX_BYTES_DEFAULT }
+    }
+}
+
+impl ClusterSettings {
+    /// The peers by node id, or why one is malformed (`None`: a single node).
+    pub fn voters(&self) -> Result<Option<BTreeMap<u64, String>>, String> {
+        if self.peers.is_empty() {
+            return Ok(None);
+        }
+        let mut voters = BTreeMap::new();
+        for peer in &self.peers {
+            let malformed = || format!("{peer:?} is not ID@HOST:PORT, such as 2@10.0.0.2:7655");
+            let (id, address) = peer.split_once('@').ok_or_else(malformed)?;
+            let id: u64 = id.trim().parse().map_err(|_| malformed())?;
+            let (host, port) = address.rsplit_once(':').ok_or_else(malformed)?;
+            if host.is_empty() || port.parse::<u16>().is_err() {
+                return Err(malformed());
+            }
+            if voters.insert(id, address.to_owned()).is_some() {
+                return Err(format!("node {id} is listed twice"));
+            }
+        }
+        Ok(Some(voters))
     }
 }
 
@@ -234,6 +281,9 @@ pub struct ListenerSettings {
     pub amqp_tls: String,
     /// The native gRPC API (HTTP/2); TLS (ALPN h2) when `tls_cert_file` is set.
     pub native: String,
+    /// Raft and forwarded requests between the nodes of a cluster (gRPC); started only when
+    /// `cluster.peers` is set.
+    pub cluster: String,
     /// PEM certificate chain of the TLS listeners ("" for no TLS).
     pub tls_cert_file: String,
     /// PEM private key of the TLS listeners.
@@ -254,6 +304,7 @@ impl Default for ListenerSettings {
             amqp: "[::]:5672".into(),
             amqp_tls: "[::]:5671".into(),
             native: "[::]:7654".into(),
+            cluster: "0.0.0.0:7655".into(),
             tls_cert_file: String::new(),
             tls_key_file: String::new(),
             tls_client_ca_file: String::new(),
@@ -337,9 +388,28 @@ impl Settings {
         self.native
             .validate()
             .map_err(|(key, reason)| SettingsError::Invalid { key: key.into(), reason: reason.into() })?;
+        self.validate_cluster()?;
         self.core_config()
             .validate()
             .map_err(|error| SettingsError::Invalid { key: settings_key(error.key), reason: error.reason })
+    }
+
+    fn validate_cluster(&self) -> Result<(), SettingsError> {
+        let invalid = |key: &str, reason: String| SettingsError::Invalid { key: key.into(), reason };
+        let Some(voters) = self.cluster.voters().map_err(|reason| invalid("cluster.peers", reason))? else {
+            return Ok(());
+        };
+        if !voters.contains_key(&self.node.id) {
+            let ids: Vec<_> = voters.keys().collect();
+            return Err(invalid("cluster.peers", format!("this node's id {} is not among {ids:?}", self.node.id)));
+        }
+        if self.listeners.cluster.is_empty() {
+            return Err(invalid("listeners.cluster", "a node of a cluster needs its cluster listener".into()));
+        }
+        if self.cluster.message_size_max_bytes < 1 << 20 {
+            return Err(invalid("cluster.message_size_max_bytes", "must be at least 1048576 (1 MiB)".into()));
+        }
+        Ok(())
     }
 
     fn validate_listeners(&self) -> Result<(), SettingsError> {
@@ -351,6 +421,7 @@ impl Settings {
             ("listeners.amqp", &listeners.amqp),
             ("listeners.amqp_tls", &listeners.amqp_tls),
             ("listeners.native", &listeners.native),
+            ("listeners.cluster", &listeners.cluster),
         ] {
             if !address.is_empty() && address.parse::<SocketAddr>().is_err() {
                 return Err(SettingsError::Invalid {
@@ -525,6 +596,12 @@ pub fn default_file() -> String {
     );
     entry(
         &mut out,
+        "Raft and forwarded requests between cluster nodes (gRPC); started only when cluster.peers is set.",
+        "cluster",
+        toml_string(&listeners.cluster),
+    );
+    entry(
+        &mut out,
         "PEM certificate chain of the TLS listeners.",
         "tls_cert_file",
         toml_string(&listeners.tls_cert_file),
@@ -541,6 +618,21 @@ pub fn default_file() -> String {
         "Most client connections open at once over all listeners.",
         "connections_max",
         listeners.connections_max,
+    );
+
+    section(&mut out, "cluster");
+    entry(
+        &mut out,
+        "Every node of the cluster, this one included, as \"ID@HOST:PORT\" (its node.id and the address\n\
+         its listeners.cluster is reached at); the same list on every node. Empty: a single node.",
+        "peers",
+        "[]",
+    );
+    entry(
+        &mut out,
+        "Largest Raft message or forwarded batch between nodes, bytes.",
+        "message_size_max_bytes",
+        settings.cluster.message_size_max_bytes,
     );
 
     section(&mut out, "mqtt");
@@ -901,5 +993,30 @@ mod tests {
     #[test]
     fn toml_string_escapes() {
         assert_eq!(toml_string(r#"a"b\c"#), r#""a\"b\\c""#);
+    }
+
+    #[test]
+    fn cluster_peers_are_read_by_id_and_checked() {
+        let file = write_file(
+            "[node]\nid = 2\n[cluster]\npeers = [\"1@10.0.0.1:7655\", \"2@10.0.0.2:7655\", \"3@[::1]:7655\"]\n",
+        );
+        let settings = Settings::load(Some(file.path()), env(&[]), &Overrides::default()).expect("valid");
+        let voters = settings.cluster.voters().expect("valid").expect("a cluster");
+        assert_eq!(voters.get(&3).map(String::as_str), Some("[::1]:7655"));
+        assert_eq!(voters.len(), 3);
+        assert_eq!(Settings::default().cluster.voters(), Ok(None), "no peers: a single node");
+
+        for (peers, expected) in [
+            ("[\"1@10.0.0.1:7655\", \"3@10.0.0.3:7655\"]", "this node's id 2 is not among"),
+            ("[\"2@10.0.0.2:7655\", \"2@10.0.0.3:7655\"]", "node 2 is listed twice"),
+            ("[\"2:10.0.0.2:7655\"]", "is not ID@HOST:PORT"),
+            ("[\"2@10.0.0.2\"]", "is not ID@HOST:PORT"),
+        ] {
+            let error = load_error(Some(&format!("[node]\nid = 2\n[cluster]\npeers = {peers}\n")), &[]);
+            assert!(error.contains("cluster.peers") && error.contains(expected), "{peers}: {error}");
+        }
+        let error =
+            load_error(Some("[node]\nid = 1\n[cluster]\npeers = [\"1@h:1\"]\nmessage_size_max_bytes = 10\n"), &[]);
+        assert!(error.contains("cluster.message_size_max_bytes"), "{error}");
     }
 }

@@ -297,6 +297,11 @@ impl Core {
     /// node's state up to date (clean up after the previous run, reconcile the catalogue with the
     /// shards).
     pub async fn open(config: CoreConfig) -> CoreResult<Self> {
+        Self::open_node(config, None).await
+    }
+
+    /// Like [`Core::open`], as a node of `cluster` (`None`: a single node): see [`Core::open_in`].
+    pub async fn open_node(config: CoreConfig, cluster: Option<ClusterLink>) -> CoreResult<Self> {
         config.validate().map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
         let storage: Arc<dyn Storage> = match config.storage {
             StorageKind::Fjall => {
@@ -308,7 +313,7 @@ impl Core {
             }
             StorageKind::Memory => Arc::new(MemStorage::new()),
         };
-        Self::open_on(config, storage).await
+        Self::open_in(config, storage, cluster).await
     }
 
     /// Like [`Core::open`], on a given storage (tests reopen a `MemStorage` to simulate restarts).
@@ -485,7 +490,12 @@ impl Core {
         self.resolve_in_doubt().await?;
         let deleted = self.meta(MetaCommand::DeleteOwnedBy { node, incarnation_below: incarnation }).await?;
         self.drop_deleted_partitions(&deleted).await?;
-        // RabbitMQ semantics: a non-durable queue does not survive a restart of its node.
+        // RabbitMQ semantics: a non-durable queue does not survive a restart of its node. A queue
+        // has no home node in a cluster yet, so there non-durable queues and exchanges stay (the
+        // exclusive ones went with their connections just above).
+        if self.inner.cluster.is_some() {
+            return self.reconcile().await;
+        }
         let transient: Vec<(String, String, QueueId)> = self.inner.meta.reader.read(|c| {
             c.queues().filter(|q| !q.durable).map(|q| (q.name.vhost.clone(), q.name.name.clone(), q.id)).collect()
         });
@@ -508,8 +518,13 @@ impl Core {
                 Err(error) => return Err(error),
             }
         }
-        // Reconcile: a crash between the meta commit and the shard commits of a declaration or
-        // deletion leaves the two out of step; both commands are idempotent, so redo them.
+        self.reconcile().await
+    }
+
+    /// Reconcile the catalogue and the shards: a crash between the meta commit and the shard
+    /// commits of a declaration or deletion leaves the two out of step; both commands are
+    /// idempotent, so redo them.
+    async fn reconcile(&self) -> CoreResult<()> {
         let queues: Vec<QueueDef> = self.inner.meta.reader.read(|c| c.queues().cloned().collect());
         let mut live = std::collections::BTreeSet::new();
         for queue in &queues {
@@ -517,6 +532,12 @@ impl Core {
             for partition in 0..queue.args.partitions {
                 live.insert((queue.id, partition));
             }
+        }
+        // In a cluster this node's catalogue replica may lag behind a declaration made through
+        // another node whose partitions its shard replicas already hold: nothing is deleted on a
+        // view that may be stale.
+        if self.inner.cluster.is_some() {
+            return Ok(());
         }
         for (index, shard) in self.inner.shards.iter().enumerate() {
             let orphans: Vec<PartitionKey> =
