@@ -1,6 +1,7 @@
 //! The admin HTTP endpoint (axum): `/healthz` (the process runs), `/readyz` (the core serves
-//! requests) and `/metrics` (Prometheus text). Reads the core's readiness and renders metrics; it
-//! changes no broker state.
+//! requests), `/metrics` (Prometheus text) and `/cluster` (the Raft groups as this node sees
+//! them, JSON). Reads the core's readiness and state and renders metrics; it changes no broker
+//! state.
 
 use std::future::Future;
 use std::sync::{Arc, OnceLock};
@@ -23,7 +24,19 @@ use crate::telemetry::{ADMIN_HTTP_REQUESTS_TOTAL, UPTIME_SECONDS};
 const PROMETHEUS_CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Paths served; any other path is counted as `other` so that scanners cannot grow the label set.
-const PATHS: [&str; 3] = ["/healthz", "/readyz", "/metrics"];
+const PATHS: [&str; 4] = ["/healthz", "/readyz", "/metrics", CLUSTER_PATH];
+
+/// Where the Raft groups' status is served.
+pub const CLUSTER_PATH: &str = "/cluster";
+
+/// The answer of `/cluster`.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ClusterStatus {
+    /// The node that answered.
+    pub node_id: u64,
+    /// Its view of every group.
+    pub groups: Vec<wharf_core::node::GroupStatus>,
+}
 
 /// What the handlers read.
 #[derive(Debug, Clone)]
@@ -48,6 +61,7 @@ pub fn router(state: AdminState) -> Router {
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .route("/metrics", get(render_metrics))
+        .route(CLUSTER_PATH, get(cluster))
         .fallback(not_found)
         // Added after the routes and the fallback, so it wraps all of them.
         .layer(middleware::from_fn(count_requests))
@@ -79,6 +93,17 @@ async fn readyz(State(state): State<AdminState>) -> (StatusCode, &'static str) {
 async fn render_metrics(State(state): State<AdminState>) -> Response {
     gauge!(UPTIME_SECONDS).set(state.started.elapsed().as_secs_f64());
     ([(header::CONTENT_TYPE, PROMETHEUS_CONTENT_TYPE)], state.metrics.render()).into_response()
+}
+
+async fn cluster(State(state): State<AdminState>) -> Response {
+    let Some(core) = state.core.get() else {
+        return (StatusCode::SERVICE_UNAVAILABLE, "not ready: the core is opening\n").into_response();
+    };
+    let status = ClusterStatus { node_id: core.config().node_id, groups: core.group_status() };
+    match serde_json::to_string(&status) {
+        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
+        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
+    }
 }
 
 async fn not_found() -> (StatusCode, &'static str) {

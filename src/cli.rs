@@ -29,6 +29,24 @@ pub enum Command {
     /// latency percentiles.
     #[command(subcommand)]
     Bench(crate::bench::BenchCommand),
+    /// Inspect a cluster through a node's admin endpoint.
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+}
+
+/// `wharf cluster` subcommands.
+#[derive(Debug, Subcommand)]
+pub enum ClusterCommand {
+    /// Every Raft group as one node sees it: its role, the leader, the term, the log, the voters,
+    /// and on the leader how far each node has replicated.
+    Status {
+        /// The node's admin HTTP address (`admin.listen`).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15672")]
+        admin: SocketAddr,
+        /// Print the node's answer as JSON.
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Flags of `wharf serve`. Flags override the configuration file and the environment.

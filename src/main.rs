@@ -7,6 +7,7 @@
 mod admin;
 mod bench;
 mod cli;
+mod cluster;
 mod listeners;
 mod serve;
 mod settings;
@@ -24,6 +25,7 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve::run(&args),
         Command::Bench(command) => bench::run(command),
+        Command::Cluster(command) => cluster::run(command),
         Command::Config(ConfigCommand::Default) => {
             print!("{}", settings::default_file());
             ExitCode::SUCCESS

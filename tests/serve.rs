@@ -296,6 +296,19 @@ fn three_nodes_form_a_cluster_carry_mqtt_messages_between_them_and_survive_a_kil
         assert!(log.contains("joining the cluster") && log.contains("cluster listener serving"), "{log}");
     }
 
+    // `wharf cluster status` on each node: every group has the three voters and one leader.
+    let status = |node: &Node| {
+        let output = run(wharf().args(["cluster", "status", "--admin", &node.admin.to_string()]));
+        assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+        String::from_utf8_lossy(&output.stdout).into_owned()
+    };
+    for node in &nodes {
+        let table = status(node);
+        let groups: Vec<&str> = table.lines().skip(2).collect();
+        assert_eq!(groups.len(), 5, "meta and four shards (the default shard count): {table}");
+        assert!(groups.iter().all(|line| line.contains("1,2,3")), "{table}");
+    }
+
     let mqtt = |node: usize, client_id: &str| {
         let mut options = MqttOptions::new(client_id, "127.0.0.1", mqtt_ports[node]);
         options.set_keep_alive(Duration::from_secs(30));
@@ -367,6 +380,21 @@ fn three_nodes_form_a_cluster_carry_mqtt_messages_between_them_and_survive_a_kil
         sleep(Duration::from_millis(50));
     }
     let _ = subscriber.disconnect();
+
+    // The survivors come to lead every group; the killed node's endpoint no longer answers.
+    let deadline = Instant::now() + START_TIMEOUT;
+    loop {
+        let table = status(&nodes[1]);
+        let led_by_survivors =
+            table.lines().skip(2).all(|line| matches!(line.split_whitespace().nth(2), Some("2" | "3")));
+        if led_by_survivors {
+            break;
+        }
+        assert!(Instant::now() < deadline, "a group still led by the killed node 1: {table}");
+        sleep(Duration::from_millis(200));
+    }
+    let output = run(wharf().args(["cluster", "status", "--admin", &nodes[0].admin.to_string()]));
+    assert_eq!(output.status.code(), Some(1), "{}", stderr(&output));
 }
 
 #[test]

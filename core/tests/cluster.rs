@@ -90,6 +90,22 @@ async fn a_queue_declared_on_one_node_is_published_to_on_another_and_consumed_on
         }
     }
 
+    // Every node sees every group with the three voters, and they agree on its leader.
+    let views: Vec<_> = cores.iter().map(Core::group_status).collect();
+    for (index, group) in views[0].iter().enumerate() {
+        assert_eq!(group.voters, vec![1, 2, 3], "{group:?}");
+        let leaders: Vec<_> = views.iter().map(|view| view[index].leader).collect();
+        assert!(
+            leaders.iter().all(|leader| leader.is_some() && *leader == leaders[0]),
+            "{} leaders: {leaders:?}",
+            group.group
+        );
+        let leader = leaders[0].expect("a leader");
+        let on_leader = &views[(leader - 1) as usize][index];
+        assert_eq!(on_leader.state, "leader");
+        assert!(on_leader.replicated.as_ref().is_some_and(|nodes| nodes.len() == 3), "{on_leader:?}");
+    }
+
     let id = ConsumerId { connection: cores[2].new_connection(), seq: 1 };
     let mut consumer = cores[2].consume("/", "orders", id, ConsumeOptions::default()).await.expect("consume on node 3");
     for n in 0..100 {

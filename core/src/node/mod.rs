@@ -139,6 +139,52 @@ impl Published {
     }
 }
 
+/// One Raft group as this node sees it (the admin endpoint's `/cluster`).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct GroupStatus {
+    /// The group (`meta`, `shard-3`).
+    pub group: String,
+    /// This node's role in it: `leader`, `follower`, `candidate`, `learner` or `shutdown`.
+    pub state: String,
+    /// The leader this node knows of.
+    pub leader: Option<u64>,
+    /// The current term.
+    pub term: u64,
+    /// The last index in this node's log.
+    pub last_log_index: Option<u64>,
+    /// The last index applied by this node's replica.
+    pub last_applied_index: Option<u64>,
+    /// The voters, by node id.
+    pub voters: Vec<u64>,
+    /// On the leader only: the last index known replicated to each node.
+    pub replicated: Option<BTreeMap<u64, Option<u64>>>,
+}
+
+impl GroupStatus {
+    fn of<C: openraft::RaftTypeConfig<NodeId = u64>>(group: &str, raft: &Raft<C>) -> Self {
+        let metrics = raft.metrics().borrow().clone();
+        let state = match metrics.state {
+            openraft::ServerState::Leader => "leader",
+            openraft::ServerState::Follower => "follower",
+            openraft::ServerState::Candidate => "candidate",
+            openraft::ServerState::Learner => "learner",
+            openraft::ServerState::Shutdown => "shutdown",
+        };
+        Self {
+            group: group.to_owned(),
+            state: state.into(),
+            leader: metrics.current_leader,
+            term: metrics.current_term,
+            last_log_index: metrics.last_log_index,
+            last_applied_index: metrics.last_applied.map(|id| id.index),
+            voters: metrics.membership_config.membership().voter_ids().collect(),
+            replicated: metrics
+                .replication
+                .map(|nodes| nodes.into_iter().map(|(node, matched)| (node, matched.map(|id| id.index))).collect()),
+        }
+    }
+}
+
 /// Per shard: which routed queue (by index) and partition each outcome answers for, and the reply.
 type ShardWait = (Vec<(usize, PartitionKey)>, ReplyReceiver<ShardReply>);
 
@@ -629,6 +675,15 @@ impl Core {
     }
 
     /// Whether this node currently leads `raft`'s group.
+    /// Every Raft group as this node sees it: its role, the leader, the log, the voters.
+    pub fn group_status(&self) -> Vec<GroupStatus> {
+        let mut groups = vec![GroupStatus::of("meta", &self.inner.meta.raft)];
+        for (index, shard) in self.inner.shards.iter().enumerate() {
+            groups.push(GroupStatus::of(&format!("shard-{index}"), &shard.raft));
+        }
+        groups
+    }
+
     fn leads<C: openraft::RaftTypeConfig<NodeId = u64>>(&self, raft: &Raft<C>) -> bool {
         raft.metrics().borrow().current_leader == Some(self.inner.config.node_id)
     }
