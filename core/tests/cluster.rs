@@ -90,6 +90,9 @@ async fn a_queue_declared_on_one_node_is_published_to_on_another_and_consumed_on
         }
     }
 
+    // Leaderships start spread over the nodes: each stood for election first in its own group.
+    let leaders: Vec<Option<u64>> = cores[0].group_status().iter().map(|group| group.leader).collect();
+    assert_eq!(leaders, vec![Some(1), Some(2), Some(3)], "meta, shard-0 and shard-1 led by nodes 1, 2 and 3");
     // Every node sees every group with the three voters, and they agree on its leader.
     let views: Vec<_> = cores.iter().map(Core::group_status).collect();
     for (index, group) in views[0].iter().enumerate() {

@@ -108,7 +108,13 @@ async fn start_named(name: &str, storage: &Arc<dyn Storage>, syncer: &Syncer, sn
     let sink_effects = Arc::clone(&effects);
     let sink: EffectSink<CounterEffect> = Arc::new(move |batch| sink_effects.lock().unwrap().extend(batch));
     let voters = BTreeMap::from([(NODE_ID, BasicNode::default())]);
-    let start = GroupStart { name, node_id: NODE_ID, raft_config: config(snapshot_logs_since_last), voters };
+    let start = GroupStart {
+        name,
+        node_id: NODE_ID,
+        raft_config: config(snapshot_logs_since_last),
+        voters,
+        elect_first: false,
+    };
     let (raft, reader) = start_group::<TestConfig, Counters, _>(
         start,
         ClusterNetwork::new(name, Arc::new(NoPeers)),

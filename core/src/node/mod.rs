@@ -419,6 +419,7 @@ impl Core {
                 node_id: config.node_id,
                 raft_config: Arc::clone(&raft),
                 voters: voters.clone(),
+                elect_first: designated(&voters, 0) == Some(config.node_id),
             },
             ClusterNetwork::new("meta", Arc::clone(&transport)),
             Arc::clone(&storage),
@@ -444,6 +445,7 @@ impl Core {
                     node_id: config.node_id,
                     raft_config: Arc::clone(&raft),
                     voters: voters.clone(),
+                    elect_first: designated(&voters, index as usize + 1) == Some(config.node_id),
                 },
                 ClusterNetwork::new(&name, Arc::clone(&transport)),
                 Arc::clone(&storage),
@@ -1336,6 +1338,15 @@ async fn check_fixed(
 
 /// Effects of a shard's state machine, for this node: deliveries and cancellations to local
 /// consumers, dead-letter work to the republishing task.
+/// The voter that stands for election first in the `group`-th group (the meta group is 0, shard
+/// `i` is `i + 1`): round robin over the voters, so that leaderships start spread over the nodes.
+fn designated(voters: &BTreeMap<u64, openraft::BasicNode>, group: usize) -> Option<u64> {
+    if voters.is_empty() {
+        return None;
+    }
+    voters.keys().nth(group % voters.len()).copied()
+}
+
 fn shard_effect_sink(registry: Arc<Registry>, dead_letters: mpsc::UnboundedSender<DeadLetter>) -> EffectSink<Effect> {
     Arc::new(move |effects: Vec<Effect>| {
         for effect in effects {

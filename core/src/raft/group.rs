@@ -21,6 +21,10 @@ use super::{GroupConfig, ReplicatedState};
 /// each snapshot and disk use stays bounded; a follower lagging by more gets the snapshot instead.
 pub const LOGS_KEPT_AFTER_SNAPSHOT: u64 = 64;
 
+/// How many (longest) election timeouts the voters other than a group's designated one wait, on
+/// the group's first start, before they form it themselves (the designated voter being down).
+const FIRST_ELECTION_GRACE_TIMEOUTS: u64 = 5;
+
 /// Most entries in one append-entries RPC. Each entry is a group-commit batch (up to
 /// `limits.batch_bytes_max`), so a few dozen already make a large message.
 pub const APPEND_ENTRIES_PER_RPC_MAX: u64 = 32;
@@ -97,6 +101,10 @@ pub struct GroupStart<'a> {
     /// The voters the group is formed from on first start (this node alone in single-node mode).
     /// Ignored on a restart: the membership is in the log or the snapshot.
     pub voters: BTreeMap<u64, BasicNode>,
+    /// This node is the group's designated first leader: on first start it forms the group (and
+    /// stands for election) while the other voters wait to be reached, for a few election
+    /// timeouts. This is how leaderships start spread over the nodes.
+    pub elect_first: bool,
 }
 
 /// Start a Raft group on this node, with its log and snapshots in `storage`, reaching its peers
@@ -105,9 +113,9 @@ pub struct GroupStart<'a> {
 /// `syncer` must sync `storage`; share one per storage between all groups (that is what makes
 /// their appends share fdatasyncs). `effects` receives the effects of applied commands.
 ///
-/// On first start (nothing in the log, no vote) the group is initialized with `start.voters`;
-/// every voter may do so with the same voters, and one of them is elected. On a restart it resumes
-/// from its last snapshot and log. A leader is elected after an election timeout: see
+/// On first start (nothing in the log, no vote) the group is initialized with `start.voters` by
+/// the designated voter (`start.elect_first`), or by any voter not reached in time. On a restart
+/// it resumes from its last snapshot and log. A leader is elected after an election timeout: see
 /// [`wait_for_leader`].
 pub async fn start_group<C, S, N>(
     start: GroupStart<'_>,
@@ -121,22 +129,52 @@ where
     S: ReplicatedState,
     N: RaftNetworkFactory<C>,
 {
-    let GroupStart { name, node_id, raft_config, voters } = start;
+    let GroupStart { name, node_id, raft_config, voters, elect_first } = start;
+    let raft_config_kept = Arc::clone(&raft_config);
     let storage_err = |source| GroupError::Storage { group: name.to_owned(), source };
     let log_store = LogStore::<C>::new(name, Arc::clone(&storage), syncer).map_err(storage_err)?;
     let state_machine = StateMachineStore::<C, S>::open(name, storage, effects).await.map_err(storage_err)?;
     let reader = state_machine.reader();
 
     let fatal = |source| GroupError::Fatal { group: name.to_owned(), source: Box::new(source) };
-    let raft = Raft::new(node_id, raft_config, network, log_store, state_machine).await.map_err(fatal)?;
+    let raft = Raft::new(node_id, raft_config_kept, network, log_store, state_machine).await.map_err(fatal)?;
+    let alone = voters.keys().all(|&id| id == node_id);
     if !raft.is_initialized().await.map_err(fatal)? {
-        match raft.initialize(voters).await {
-            // Another voter formed the group first and has already reached this one.
-            Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => {}
-            Err(source) => return Err(GroupError::Initialize { group: name.to_owned(), source: Box::new(source) }),
+        if elect_first || alone {
+            // Forming the group makes this node stand for election at once.
+            initialize(&raft, name, voters).await?;
+        } else {
+            // The others wait to be reached by the designated voter, which then leads; they form
+            // the group themselves only if it is not up in time.
+            let grace =
+                Duration::from_millis(raft_config.election_timeout_max.saturating_mul(FIRST_ELECTION_GRACE_TIMEOUTS));
+            let (raft, name) = (raft.clone(), name.to_owned());
+            tokio::spawn(async move {
+                tokio::time::sleep(grace).await;
+                if let Ok(false) = raft.is_initialized().await
+                    && let Err(error) = initialize(&raft, &name, voters).await
+                {
+                    tracing::warn!(group = name, %error, "forming the group");
+                }
+            });
         }
     }
+    // On a restart nobody is designated: standing at once could unseat a live leader (a node
+    // restarting alone cannot tell that from the whole cluster restarting).
     Ok((raft, reader))
+}
+
+/// Form group `name` from `voters` on this node (which then stands for election). A voter that
+/// another has already reached takes it as formed.
+async fn initialize<C: RaftTypeConfig<NodeId = u64, Node = BasicNode>>(
+    raft: &Raft<C>,
+    name: &str,
+    voters: BTreeMap<u64, BasicNode>,
+) -> Result<(), GroupError> {
+    match raft.initialize(voters).await {
+        Ok(()) | Err(RaftError::APIError(InitializeError::NotAllowed(_))) => Ok(()),
+        Err(source) => Err(GroupError::Initialize { group: name.to_owned(), source: Box::new(source) }),
+    }
 }
 
 /// Wait until the group has a leader (any node), at most `timeout`; returns the leader's id.
