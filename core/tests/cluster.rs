@@ -163,3 +163,22 @@ async fn a_node_not_among_the_voters_is_refused() {
     let error = Core::open_in(config, Arc::new(MemStorage::new()), Some(link)).await.expect_err("refused");
     assert!(matches!(&error, CoreError::InvalidArgument(text) if text.contains("node 9")), "{error}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_written_by_a_single_node_is_refused_as_a_node_of_a_cluster() {
+    let storage = MemStorage::new();
+    let single = Core::open_on(common::memory_config(1), Arc::new(storage.clone())).await.expect("open alone");
+    single.shutdown().await.expect("shutdown");
+    drop(single);
+
+    // Its groups have node 1 as their only voter: going on with them beside the peers' would be a
+    // second cluster.
+    let board = Switchboard::new();
+    let voters: BTreeMap<u64, String> = (1..=NODES).map(|id| (id, format!("node-{id}"))).collect();
+    let service = Arc::new(RaftService::new());
+    let link = ClusterLink { voters, transport: board.transport(1), service };
+    let error = Core::open_in(common::memory_config(1), Arc::new(storage), Some(link)).await.expect_err("refused");
+    let text = error.to_string();
+    assert!(matches!(error, CoreError::InvalidArgument(_)), "{text}");
+    assert!(text.contains("cluster.peers") && text.contains("voters [1]") && text.contains("[1, 2, 3]"), "{text}");
+}

@@ -428,6 +428,7 @@ impl Core {
         )
         .await
         .map_err(group_error)?;
+        check_membership("meta", &meta_raft, &voters)?;
         let (meta_proposer, meta_task) = Proposer::spawn("meta", meta_raft.clone(), &config.limits, forwarder.clone());
         if let Some(link) = &cluster {
             let endpoint = GroupEndpoint { raft: meta_raft.clone(), proposer: meta_proposer.clone() };
@@ -454,6 +455,7 @@ impl Core {
             )
             .await
             .map_err(group_error)?;
+            check_membership(&name, &raft_handle, &voters)?;
             let (proposer, task) = Proposer::spawn(&name, raft_handle.clone(), &config.limits, forwarder.clone());
             if let Some(link) = &cluster {
                 let endpoint = GroupEndpoint { raft: raft_handle.clone(), proposer: proposer.clone() };
@@ -1336,8 +1338,28 @@ async fn check_fixed(
     if stored == value { Ok(()) } else { Err(CoreError::InvalidArgument(refusal(stored))) }
 }
 
-/// Effects of a shard's state machine, for this node: deliveries and cancellations to local
-/// consumers, dead-letter work to the republishing task.
+/// Refuse a group whose stored membership is not the configured voters: the data directory was
+/// written by another cluster, or by this node alone (its groups would go on without the peers, a
+/// second cluster beside theirs). A group not formed yet has no membership and passes.
+fn check_membership<C: openraft::RaftTypeConfig<NodeId = u64>>(
+    group: &str,
+    raft: &Raft<C>,
+    voters: &BTreeMap<u64, openraft::BasicNode>,
+) -> CoreResult<()> {
+    let stored: Vec<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    let configured: Vec<u64> = voters.keys().copied().collect();
+    if stored.is_empty() || stored == configured {
+        return Ok(());
+    }
+    let peers =
+        if configured.len() == 1 { "no peers (a single node)".to_owned() } else { format!("peers {configured:?}") };
+    Err(CoreError::InvalidArgument(format!(
+        "invalid configuration: cluster.peers: the data directory's group {group} has the voters {stored:?}, \
+         but {peers} are configured; membership changes are not supported yet: configure the voters \
+         the data was written with, or give this node an empty data directory"
+    )))
+}
+
 /// The voter that stands for election first in the `group`-th group (the meta group is 0, shard
 /// `i` is `i + 1`): round robin over the voters, so that leaderships start spread over the nodes.
 fn designated(voters: &BTreeMap<u64, openraft::BasicNode>, group: usize) -> Option<u64> {
@@ -1347,6 +1369,8 @@ fn designated(voters: &BTreeMap<u64, openraft::BasicNode>, group: usize) -> Opti
     voters.keys().nth(group % voters.len()).copied()
 }
 
+/// Effects of a shard's state machine, for this node: deliveries and cancellations to local
+/// consumers, dead-letter work to the republishing task.
 fn shard_effect_sink(registry: Arc<Registry>, dead_letters: mpsc::UnboundedSender<DeadLetter>) -> EffectSink<Effect> {
     Arc::new(move |effects: Vec<Effect>| {
         for effect in effects {
