@@ -182,3 +182,33 @@ async fn a_data_directory_written_by_a_single_node_is_refused_as_a_node_of_a_clu
     assert!(matches!(error, CoreError::InvalidArgument(_)), "{text}");
     assert!(text.contains("cluster.peers") && text.contains("voters [1]") && text.contains("[1, 2, 3]"), "{text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_whose_catalogue_is_behind_catches_up_before_routing_rather_than_dropping() {
+    let board = Switchboard::new();
+    let cores = cluster(&board).await;
+    let meta_leader = cores[0].group_status()[0].leader.expect("a meta leader");
+    // Declared through the third node (a follower of the meta group, like `behind`).
+    let others: Vec<u64> = (1..=NODES).filter(|&id| id != meta_leader).collect();
+    let (behind, declaring) = (others[0], others[1]);
+    // Node `behind` hears nothing from the meta leader: it cannot learn of the declaration.
+    board.cut(meta_leader, behind);
+    let spec = QueueSpec { vhost: "/".into(), name: "late".into(), durable: true, ..QueueSpec::default() };
+    cores[(declaring - 1) as usize].declare_queue(spec).await.expect("declare");
+    assert!(cores[(behind - 1) as usize].queue_status("/", "late").is_err(), "node {behind} is behind");
+    let heal = {
+        let board = Arc::clone(&board);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            board.heal();
+        })
+    };
+    // Routed on the stale catalogue the message would go nowhere, and be dropped as unroutable.
+    let published = cores[(behind - 1) as usize]
+        .publish_confirmed("/", Message::new("", "late", "x"))
+        .await
+        .expect("publish through the node behind");
+    assert!(!published.unroutable() && published.confirmed(), "{published:?}");
+    heal.await.unwrap();
+    assert_eq!(cores[(declaring - 1) as usize].queue_status("/", "late").expect("status").0, 1);
+}

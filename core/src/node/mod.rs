@@ -24,7 +24,7 @@ use tokio::task::JoinHandle;
 
 use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent, Stopped};
-use self::proposer::{Forwarder, GroupEndpoint, Proposer, ReplyReceiver, wait};
+use self::proposer::{Forwarder, GroupEndpoint, Proposer, ReplyReceiver, catch_up, wait};
 pub use self::txn::{CheckBack, PreparedTxn, Txn, TxnCommitted, TxnStop};
 use crate::alarms::AlarmMonitor;
 pub use crate::catalogue::state::StateWrite;
@@ -679,6 +679,15 @@ impl Core {
     }
 
     /// Whether this node currently leads `raft`'s group.
+    /// In a cluster, bring this node's catalogue replica up to what the meta group's leader had
+    /// applied (a read barrier); `false` on a single node, where the replica is never behind.
+    async fn catch_up_catalogue(&self) -> CoreResult<bool> {
+        let Some(link) = &self.inner.cluster else { return Ok(false) };
+        let forwarder = Forwarder { me: self.inner.config.node_id, transport: Arc::clone(&link.transport) };
+        catch_up::<MetaTypes, Catalogue>("meta", &self.inner.meta.raft, &forwarder).await?;
+        Ok(true)
+    }
+
     /// Every Raft group as this node sees it: its role, the leader, the log, the voters.
     pub fn group_status(&self) -> Vec<GroupStatus> {
         let mut groups = vec![GroupStatus::of("meta", &self.inner.meta.raft)];
@@ -958,7 +967,18 @@ impl Core {
     ) -> CoreResult<PendingPublish> {
         self.check_open()?;
         let mut message = message;
-        let mut route = self.route_message(vhost, &mut message)?;
+        let mut route = self.route_message(vhost, &mut message);
+        // Not found, or nowhere to go: perhaps declared or bound through another node and not yet
+        // applied here. Catch up with the catalogue's leader and route again.
+        let stale = match &route {
+            Err(CoreError::NotFound(_)) => true,
+            Ok(found) => found.queues.is_empty(),
+            Err(_) => false,
+        };
+        if stale && self.catch_up_catalogue().await? {
+            route = self.route_message(vhost, &mut message);
+        }
+        let mut route = route?;
         route.queues.retain(|queue| keep(queue));
         let key = message.partition_key.as_deref().unwrap_or(&message.routing_key);
         // One command per shard, naming every partition there: a message routed to many queues is
@@ -1057,7 +1077,11 @@ impl Core {
         options: ConsumeOptions,
     ) -> CoreResult<Consumer> {
         self.check_open()?;
-        let def = self.usable_queue(vhost, queue, Some(id.connection))?;
+        let mut def = self.usable_queue(vhost, queue, Some(id.connection));
+        if matches!(def, Err(CoreError::NotFound(_))) && self.catch_up_catalogue().await? {
+            def = self.usable_queue(vhost, queue, Some(id.connection));
+        }
+        let def = def?;
         let limits = &self.inner.config.limits;
         let credit_window = limits.consumer_inflight_max.clamp(2, 1_000);
         // Register before attaching: deliveries can be produced while the attach is applied.

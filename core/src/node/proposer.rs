@@ -309,6 +309,37 @@ async fn forward<C, S>(
     }
 }
 
+/// Bring this node's replica of the group up to what its leader had applied when asked (a read
+/// barrier): after it, reads here see every write confirmed anywhere before the call. Nothing to
+/// do on the leader, or with no peers.
+pub(crate) async fn catch_up<C, S>(group: &str, raft: &Raft<C>, forwarder: &Forwarder) -> CoreResult<()>
+where
+    S: ReplicatedState,
+    C: GroupConfig<S>,
+{
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(FORWARD_TIMEOUT_SECS);
+    // An empty batch: the leader proposes nothing and answers with its applied index. Nothing is
+    // written, so an attempt whose answer was lost is simply made again.
+    let request = ForwardRequest::<S::Command> { commands: Vec::new() };
+    let (leader, answer) = loop {
+        let Some((leader, node)) = leader_elsewhere(raft, forwarder.me).await else { return Ok(()) };
+        match forward_call::<S>(group, forwarder, leader, &node, &request, deadline).await {
+            Ok(answer) => break (leader, answer),
+            Err(Forwarding::NotDelivered(error) | Forwarding::Failed(error)) => {
+                if tokio::time::Instant::now() >= deadline {
+                    return Err(error);
+                }
+                tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await;
+            }
+        }
+    };
+    raft.wait(Some(Duration::from_secs(FORWARD_TIMEOUT_SECS)))
+        .applied_index_at_least(Some(answer.applied_index), "caught up with the leader")
+        .await
+        .map(drop)
+        .map_err(|e| CoreError::Unavailable(format!("group {group}: catching up with leader {leader}: {e}")))
+}
+
 /// Why a forwarded batch got no answer.
 enum Forwarding {
     /// It never reached the leader: it may be sent again.
