@@ -12,6 +12,8 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use proptest::prelude::RngExt;
+use proptest::test_runner::{RngAlgorithm, TestRng};
 use wharf_core::model::Message;
 use wharf_core::node::{ConsumeOptions, ConsumerEvent, QueueSpec};
 use wharf_core::queue::{ConsumerId, Outcome};
@@ -24,22 +26,6 @@ const PUBLISHERS: usize = 3;
 const MESSAGES_PER_PUBLISHER: usize = 40;
 const FAULTS: usize = 12;
 const TIMEOUT: Duration = Duration::from_secs(60);
-
-/// xorshift64*: a small, seedable generator for the fault schedule.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
 
 /// The nodes: their storage (which outlives a stop), their running core if any.
 struct Nodes {
@@ -88,7 +74,7 @@ impl Nodes {
 }
 
 /// Publish `payload` with its own key through any running node until a node confirms it.
-async fn publish(nodes: &Nodes, rng: &Mutex<Rng>, payload: String) {
+async fn publish(nodes: &Nodes, rng: &Mutex<TestRng>, payload: String) {
     let mut message = Message::new("", "events", payload.clone());
     message.idempotency_key = Some(payload.clone());
     message.partition_key = Some(payload.split('-').next().unwrap_or_default().to_owned());
@@ -100,7 +86,7 @@ async fn publish(nodes: &Nodes, rng: &Mutex<Rng>, payload: String) {
             tokio::time::sleep(Duration::from_millis(20)).await;
             continue;
         }
-        let core = &running[rng.lock().unwrap().below(running.len() as u64) as usize];
+        let core = &running[rng.lock().unwrap().random_range(0..running.len())];
         match tokio::time::timeout(Duration::from_secs(15), core.publish_confirmed("/", message.clone())).await {
             Ok(Ok(published)) if published.confirmed() && !published.unroutable() => return,
             Ok(Ok(published)) => panic!("{payload}: {published:?}"),
@@ -133,7 +119,10 @@ async fn run(seed: u64) {
     arguments.push("x-partitions", wharf_core::model::FieldValue::I64(2));
     nodes.running()[0].declare_queue(QueueSpec { arguments, ..spec }).await.expect("declare");
 
-    let rng = Arc::new(Mutex::new(Rng(seed | 1)));
+    // The schedule's generator, from the seed (ChaCha takes 32 bytes).
+    let mut seed_bytes = [0u8; 32];
+    seed_bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    let rng = Arc::new(Mutex::new(TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes)));
     let publishers: Vec<_> = (0..PUBLISHERS)
         .map(|p| {
             let (nodes, rng) = (Arc::clone(&nodes), Arc::clone(&rng));
@@ -150,7 +139,12 @@ async fn run(seed: u64) {
     for _ in 0..FAULTS {
         let (kind, a, b, pause) = {
             let mut rng = rng.lock().unwrap();
-            (rng.below(4), 1 + rng.below(NODES), 1 + rng.below(NODES), 100 + rng.below(400))
+            (
+                rng.random_range(0..4),
+                rng.random_range(1..=NODES),
+                rng.random_range(1..=NODES),
+                rng.random_range(100..500),
+            )
         };
         match kind {
             0 => nodes.board.isolate(&[a]),

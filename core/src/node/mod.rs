@@ -64,6 +64,8 @@ const DRAIN_WAIT_SECS: u64 = 20;
 pub const DEFAULT_VHOST: &str = "/";
 
 struct Group<C: openraft::RaftTypeConfig, S: crate::raft::ReplicatedState> {
+    /// `meta` or `shard-N`, the same on every node.
+    name: String,
     raft: Raft<C>,
     reader: StateReader<S>,
     proposer: Proposer<S>,
@@ -412,60 +414,28 @@ impl Core {
             ),
             None => (BTreeMap::from([(config.node_id, openraft::BasicNode::default())]), Arc::new(NoPeers)),
         };
-        let forwarder = cluster.as_ref().map(|_| Forwarder { me: config.node_id, transport: Arc::clone(&transport) });
-        let (meta_raft, meta_reader) = start_group::<MetaTypes, Catalogue, _>(
-            GroupStart {
-                name: "meta",
-                node_id: config.node_id,
-                raft_config: Arc::clone(&raft),
-                voters: voters.clone(),
-                elect_first: designated(&voters, 0) == Some(config.node_id),
-            },
-            ClusterNetwork::new("meta", Arc::clone(&transport)),
-            Arc::clone(&storage),
-            syncer.clone(),
-            meta_effects,
-        )
-        .await
-        .map_err(group_error)?;
-        check_membership("meta", &meta_raft, &voters)?;
-        let (meta_proposer, meta_task) = Proposer::spawn("meta", meta_raft.clone(), &config.limits, forwarder.clone());
-        if let Some(link) = &cluster {
-            let endpoint = GroupEndpoint { raft: meta_raft.clone(), proposer: meta_proposer.clone() };
-            link.service.register("meta", Arc::new(endpoint));
-        }
+        let launch = GroupLaunch {
+            config: &config,
+            raft_config: &raft,
+            voters: &voters,
+            transport: &transport,
+            storage: &storage,
+            syncer: &syncer,
+            cluster: cluster.as_ref(),
+        };
+        let (meta, meta_task) = launch.start::<MetaTypes, Catalogue>("meta", 0, meta_effects).await?;
         let mut tasks = vec![meta_task];
 
         let mut shards = Vec::with_capacity(config.shard_count as usize);
-        for index in 0..config.shard_count {
-            let name = format!("shard-{index}");
+        for index in 0..config.shard_count as usize {
             let sink = shard_effect_sink(Arc::clone(&registry), dead_letter_tx.clone());
-            let (raft_handle, reader) = start_group::<ShardTypes, ShardState, _>(
-                GroupStart {
-                    name: &name,
-                    node_id: config.node_id,
-                    raft_config: Arc::clone(&raft),
-                    voters: voters.clone(),
-                    elect_first: designated(&voters, index as usize + 1) == Some(config.node_id),
-                },
-                ClusterNetwork::new(&name, Arc::clone(&transport)),
-                Arc::clone(&storage),
-                syncer.clone(),
-                sink,
-            )
-            .await
-            .map_err(group_error)?;
-            check_membership(&name, &raft_handle, &voters)?;
-            let (proposer, task) = Proposer::spawn(&name, raft_handle.clone(), &config.limits, forwarder.clone());
-            if let Some(link) = &cluster {
-                let endpoint = GroupEndpoint { raft: raft_handle.clone(), proposer: proposer.clone() };
-                link.service.register(&name, Arc::new(endpoint));
-            }
+            let (shard, task) =
+                launch.start::<ShardTypes, ShardState>(&format!("shard-{index}"), index + 1, sink).await?;
             tasks.push(task);
-            shards.push(Group { raft: raft_handle, reader, proposer });
+            shards.push(shard);
         }
         let leader_wait = Duration::from_secs(LEADER_WAIT_SECS);
-        wait_for_leader(&meta_raft, leader_wait).await.map_err(group_error)?;
+        wait_for_leader(&meta.raft, leader_wait).await.map_err(group_error)?;
         for shard in &shards {
             wait_for_leader(&shard.raft, leader_wait).await.map_err(group_error)?;
         }
@@ -479,7 +449,7 @@ impl Core {
                 cluster,
                 incarnation,
                 storage,
-                meta: Group { raft: meta_raft, reader: meta_reader, proposer: meta_proposer },
+                meta,
                 shards,
                 registry,
                 ready: AtomicBool::new(false),
@@ -655,17 +625,17 @@ impl Core {
         }
         let mut failures = Vec::new();
         if let Some(link) = &self.inner.cluster {
-            link.service.deregister("meta");
-            for index in 0..self.inner.shards.len() {
-                link.service.deregister(&format!("shard-{index}"));
+            link.service.deregister(&self.inner.meta.name);
+            for shard in &self.inner.shards {
+                link.service.deregister(&shard.name);
             }
         }
         if let Err(e) = self.inner.meta.raft.shutdown().await {
             failures.push(format!("meta: {e}"));
         }
-        for (index, shard) in self.inner.shards.iter().enumerate() {
+        for shard in &self.inner.shards {
             if let Err(e) = shard.raft.shutdown().await {
-                failures.push(format!("shard-{index}: {e}"));
+                failures.push(format!("{}: {e}", shard.name));
             }
         }
         run_io(&self.inner.storage, |s| s.sync()).await.map_err(|e| CoreError::Storage(e.to_string()))?;
@@ -678,7 +648,6 @@ impl Core {
         }
     }
 
-    /// Whether this node currently leads `raft`'s group.
     /// In a cluster, bring this node's catalogue replica up to what the meta group's leader had
     /// applied (a read barrier); `false` on a single node, where the replica is never behind.
     async fn catch_up_catalogue(&self) -> CoreResult<bool> {
@@ -690,15 +659,15 @@ impl Core {
 
     /// Every Raft group as this node sees it: its role, the leader, the log, the voters.
     pub fn group_status(&self) -> Vec<GroupStatus> {
-        let mut groups = vec![GroupStatus::of("meta", &self.inner.meta.raft)];
-        for (index, shard) in self.inner.shards.iter().enumerate() {
-            groups.push(GroupStatus::of(&format!("shard-{index}"), &shard.raft));
-        }
-        groups
+        let meta = GroupStatus::of(&self.inner.meta.name, &self.inner.meta.raft);
+        std::iter::once(meta)
+            .chain(self.inner.shards.iter().map(|shard| GroupStatus::of(&shard.name, &shard.raft)))
+            .collect()
     }
 
+    /// Whether this node currently leads `raft`'s group.
     fn leads<C: openraft::RaftTypeConfig<NodeId = u64>>(&self, raft: &Raft<C>) -> bool {
-        raft.metrics().borrow().current_leader == Some(self.inner.config.node_id)
+        proposer::leads(raft, self.inner.config.node_id)
     }
 
     fn check_open(&self) -> CoreResult<()> {
@@ -1382,6 +1351,58 @@ fn check_membership<C: openraft::RaftTypeConfig<NodeId = u64>>(
          but {peers} are configured; membership changes are not supported yet: configure the voters \
          the data was written with, or give this node an empty data directory"
     )))
+}
+
+/// What every group of a node is started with ([`Core::open_in`]).
+struct GroupLaunch<'a> {
+    config: &'a CoreConfig,
+    raft_config: &'a Arc<openraft::Config>,
+    voters: &'a BTreeMap<u64, openraft::BasicNode>,
+    transport: &'a Arc<dyn Transport>,
+    storage: &'a Arc<dyn Storage>,
+    syncer: &'a Syncer,
+    cluster: Option<&'a ClusterLink>,
+}
+
+impl GroupLaunch<'_> {
+    /// Start group `name`, the `index`-th of the node (the meta group is 0, shard `i` is `i + 1`):
+    /// its Raft instance, after checking its stored membership; its proposer (whose task is
+    /// returned); and, in a cluster, its endpoint for the peers.
+    async fn start<C, S>(
+        &self,
+        name: &str,
+        index: usize,
+        effects: EffectSink<S::Effect>,
+    ) -> CoreResult<(Group<C, S>, JoinHandle<()>)>
+    where
+        S: crate::raft::ReplicatedState,
+        C: crate::raft::GroupConfig<
+                S,
+                Responder = openraft::impls::OneshotResponder<C>,
+                AsyncRuntime = openraft::TokioRuntime,
+            >,
+    {
+        let me = self.config.node_id;
+        let start = GroupStart {
+            name,
+            node_id: me,
+            raft_config: Arc::clone(self.raft_config),
+            voters: self.voters.clone(),
+            elect_first: designated(self.voters, index) == Some(me),
+        };
+        let network = ClusterNetwork::new(name, Arc::clone(self.transport));
+        let (raft, reader) =
+            start_group::<C, S, _>(start, network, Arc::clone(self.storage), self.syncer.clone(), effects)
+                .await
+                .map_err(|e| CoreError::Unavailable(e.to_string()))?;
+        check_membership(name, &raft, self.voters)?;
+        let forwarder = self.cluster.map(|_| Forwarder { me, transport: Arc::clone(self.transport) });
+        let (proposer, task) = Proposer::spawn(name, raft.clone(), &self.config.limits, forwarder);
+        if let Some(link) = self.cluster {
+            link.service.register(name, Arc::new(GroupEndpoint { raft: raft.clone(), proposer: proposer.clone() }));
+        }
+        Ok((Group { name: name.to_owned(), raft, reader, proposer }, task))
+    }
 }
 
 /// The voter that stands for election first in the `group`-th group (the meta group is 0, shard

@@ -17,7 +17,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::Limits;
 use crate::error::{CoreError, CoreResult};
-use crate::raft::transport::{GroupRpc, RaftRpc, RpcKind, Transport, TransportError};
+use crate::raft::transport::{GroupRpc, RpcKind, Transport, TransportError, call_encoded};
 use crate::raft::{GroupConfig, Proposal, ReplicatedState, Replies};
 
 /// How long a batch forwarded to the leader may take, commit included, before its callers are
@@ -215,6 +215,11 @@ async fn run<C, S>(
     }
 }
 
+/// Whether node `me` leads the group.
+pub(crate) fn leads<C: RaftTypeConfig<NodeId = u64>>(raft: &Raft<C>, me: u64) -> bool {
+    raft.metrics().borrow().current_leader == Some(me)
+}
+
 /// The group's leader and its address, when it is known and is another node.
 fn remote_leader<C: RaftTypeConfig<NodeId = u64, Node = BasicNode>>(
     raft: &Raft<C>,
@@ -264,28 +269,14 @@ async fn forward<C, S>(
     }
     let (commands, replies): (Vec<_>, Vec<_>) = sent.into_iter().map(|p| ((p.command, p.size_bytes), p.reply)).unzip();
     let request = ForwardRequest { commands };
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(FORWARD_TIMEOUT_SECS);
-    let (mut leader, mut node) = (leader, node.clone());
-    let outcome = loop {
-        match forward_call::<S>(group, forwarder, leader, &node, &request, deadline).await {
-            Ok(answer) if answer.replies.len() == replies.len() => break Ok(answer),
-            Ok(answer) => {
-                break Err(CoreError::Internal(format!(
-                    "group {group}: leader {leader} answered {} of {} forwarded commands",
-                    answer.replies.len(),
-                    replies.len()
-                )));
-            }
-            // Not delivered: safe to send again, to whoever leads by then.
-            Err(Forwarding::NotDelivered(error)) => {
-                tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await;
-                match remote_leader(raft, forwarder.me) {
-                    Some(next) if tokio::time::Instant::now() < deadline => (leader, node) = next,
-                    _ => break Err(error),
-                }
-            }
-            Err(Forwarding::Failed(error)) => break Err(error),
-        }
+    let outcome = match ask_leader::<S>(group, raft, forwarder, (leader, node.clone()), &request, false).await {
+        Ok((_, answer)) if answer.replies.len() == replies.len() => Ok(answer),
+        Ok((leader, answer)) => Err(CoreError::Internal(format!(
+            "group {group}: leader {leader} answered {} of {} forwarded commands",
+            answer.replies.len(),
+            replies.len()
+        ))),
+        Err(error) => Err(error),
     };
     let answer = match outcome {
         Ok(answer) => answer,
@@ -317,21 +308,15 @@ where
     S: ReplicatedState,
     C: GroupConfig<S>,
 {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(FORWARD_TIMEOUT_SECS);
+    let Some(target) = leader_elsewhere(raft, forwarder.me).await else { return Ok(()) };
     // An empty batch: the leader proposes nothing and answers with its applied index. Nothing is
     // written, so an attempt whose answer was lost is simply made again.
     let request = ForwardRequest::<S::Command> { commands: Vec::new() };
-    let (leader, answer) = loop {
-        let Some((leader, node)) = leader_elsewhere(raft, forwarder.me).await else { return Ok(()) };
-        match forward_call::<S>(group, forwarder, leader, &node, &request, deadline).await {
-            Ok(answer) => break (leader, answer),
-            Err(Forwarding::NotDelivered(error) | Forwarding::Failed(error)) => {
-                if tokio::time::Instant::now() >= deadline {
-                    return Err(error);
-                }
-                tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await;
-            }
-        }
+    let (leader, answer) = match ask_leader::<S>(group, raft, forwarder, target, &request, true).await {
+        Ok(asked) => asked,
+        // Leadership came here meanwhile: this replica is the leader's.
+        Err(_) if leads(raft, forwarder.me) => return Ok(()),
+        Err(error) => return Err(error),
     };
     raft.wait(Some(Duration::from_secs(FORWARD_TIMEOUT_SECS)))
         .applied_index_at_least(Some(answer.applied_index), "caught up with the leader")
@@ -340,35 +325,40 @@ where
         .map_err(|e| CoreError::Unavailable(format!("group {group}: catching up with leader {leader}: {e}")))
 }
 
-/// Why a forwarded batch got no answer.
-enum Forwarding {
-    /// It never reached the leader: it may be sent again.
-    NotDelivered(CoreError),
-    /// It may have been proposed: its callers must find out (idempotency keys) before retrying.
-    Failed(CoreError),
-}
-
-async fn forward_call<S: ReplicatedState>(
+/// Send `request` to the group's leader (`target` first) until the deadline, again to whoever
+/// leads by then each time it was not delivered and, with `resend_lost` (for a request that writes
+/// nothing), each time its answer was lost. Returns the leader that answered, and its answer.
+async fn ask_leader<S: ReplicatedState>(
     group: &str,
+    raft: &Raft<impl RaftTypeConfig<NodeId = u64, Node = BasicNode>>,
     forwarder: &Forwarder,
-    leader: u64,
-    node: &BasicNode,
+    mut target: (u64, BasicNode),
     request: &ForwardRequest<S::Command>,
-    deadline: tokio::time::Instant,
-) -> Result<ForwardReply<S::Reply>, Forwarding> {
-    let unavailable = |reason: String| CoreError::Unavailable(format!("group {group}: leader {leader}: {reason}"));
-    let body = postcard::to_allocvec(request)
-        .map_err(|e| Forwarding::NotDelivered(CoreError::Internal(format!("encode: {e}"))))?;
-    let rpc = RaftRpc { group: group.to_owned(), kind: RpcKind::Forward, body: body.into() };
-    let reply = match tokio::time::timeout_at(deadline, forwarder.transport.call(leader, node, rpc)).await {
-        Ok(Ok(reply)) => reply,
-        Ok(Err(error @ TransportError::Unreachable { .. })) => {
-            return Err(Forwarding::NotDelivered(unavailable(error.to_string())));
+    resend_lost: bool,
+) -> CoreResult<(u64, ForwardReply<S::Reply>)> {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(FORWARD_TIMEOUT_SECS);
+    loop {
+        let (leader, node) = &target;
+        let unavailable = |reason: String| CoreError::Unavailable(format!("group {group}: leader {leader}: {reason}"));
+        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        let sent = call_encoded(&*forwarder.transport, *leader, node, group, RpcKind::Forward, request, timeout).await;
+        let error = match sent {
+            Ok(reply) => {
+                // The leader acted on it: a reply that does not decode leaves the outcome unknown.
+                return postcard::from_bytes(&reply)
+                    .map(|answer| (*leader, answer))
+                    .map_err(|e| unavailable(format!("malformed answer: {e}")));
+            }
+            Err(error @ TransportError::Unreachable { .. }) => unavailable(error.to_string()),
+            Err(error) if resend_lost => unavailable(error.to_string()),
+            Err(error) => return Err(unavailable(error.to_string())),
+        };
+        tokio::time::sleep(Duration::from_millis(FORWARD_RETRY_MS)).await;
+        match remote_leader(raft, forwarder.me) {
+            Some(next) if tokio::time::Instant::now() < deadline => target = next,
+            _ => return Err(error),
         }
-        Ok(Err(error)) => return Err(Forwarding::Failed(unavailable(error.to_string()))),
-        Err(_) => return Err(Forwarding::Failed(unavailable(format!("no answer within {FORWARD_TIMEOUT_SECS} s")))),
-    };
-    postcard::from_bytes(&reply).map_err(|e| Forwarding::Failed(unavailable(format!("malformed answer: {e}"))))
+    }
 }
 
 /// A group's side of the cluster transport on this node: Raft's RPCs go to openraft, forwarded

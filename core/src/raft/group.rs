@@ -1,7 +1,7 @@
 //! Starting one Raft group: builds its log store and state machine on the node's shared storage,
-//! starts openraft on a given network, and forms the group from its first voters on first start. Also the openraft
-//! configuration every group uses, and a wait for leadership. Touches the storage only through the
-//! log store and state machine.
+//! starts openraft on a given network, and forms the group from its first voters on first start.
+//! Also the openraft configuration every group uses, and a wait for leadership. Touches the
+//! storage only through the log store and state machine.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -130,14 +130,13 @@ where
     N: RaftNetworkFactory<C>,
 {
     let GroupStart { name, node_id, raft_config, voters, elect_first } = start;
-    let raft_config_kept = Arc::clone(&raft_config);
     let storage_err = |source| GroupError::Storage { group: name.to_owned(), source };
     let log_store = LogStore::<C>::new(name, Arc::clone(&storage), syncer).map_err(storage_err)?;
     let state_machine = StateMachineStore::<C, S>::open(name, storage, effects).await.map_err(storage_err)?;
     let reader = state_machine.reader();
 
     let fatal = |source| GroupError::Fatal { group: name.to_owned(), source: Box::new(source) };
-    let raft = Raft::new(node_id, raft_config_kept, network, log_store, state_machine).await.map_err(fatal)?;
+    let raft = Raft::new(node_id, Arc::clone(&raft_config), network, log_store, state_machine).await.map_err(fatal)?;
     let alone = voters.keys().all(|&id| id == node_id);
     if !raft.is_initialized().await.map_err(fatal)? {
         if elect_first || alone {

@@ -16,7 +16,7 @@ use openraft::raft::{
 use openraft::{BasicNode, RaftTypeConfig};
 use serde::de::DeserializeOwned;
 
-use super::transport::{RaftRpc, RpcKind, Transport, TransportError, encode};
+use super::transport::{RpcKind, Transport, TransportError, call_encoded};
 
 /// The Raft network of group `group`: each RPC is encoded, carried by the
 /// node's [`Transport`], and its answer decoded. Cheap to clone.
@@ -71,22 +71,27 @@ impl PeerClient {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
-        let lost = |reason: String| {
-            RPCError::Network(NetworkError::new(&TransportError::Lost { target: self.target, reason }))
-        };
-        let body = encode(request).map_err(lost)?;
-        let rpc = RaftRpc { group: self.network.group.clone(), kind, body: body.into() };
-        let sent = self.network.transport.call(self.target, &self.node, rpc);
-        let reply = match tokio::time::timeout(option.hard_ttl(), sent).await {
-            Ok(Ok(reply)) => reply,
-            Ok(Err(error @ TransportError::Unreachable { .. })) => {
+        let network = &self.network;
+        let sent = call_encoded(
+            &*network.transport,
+            self.target,
+            &self.node,
+            &network.group,
+            kind,
+            request,
+            option.hard_ttl(),
+        );
+        let reply = match sent.await {
+            Ok(reply) => reply,
+            Err(error @ TransportError::Unreachable { .. }) => {
                 return Err(RPCError::Unreachable(Unreachable::new(&error)));
             }
-            Ok(Err(error)) => return Err(RPCError::Network(NetworkError::new(&error))),
-            Err(_) => return Err(lost(format!("no answer within {:?}", option.hard_ttl()))),
+            Err(error) => return Err(RPCError::Network(NetworkError::new(&error))),
         };
-        let answer: Result<Resp, RaftError<u64, E>> =
-            postcard::from_bytes(&reply).map_err(|e| lost(format!("malformed reply: {e}")))?;
+        let answer: Result<Resp, RaftError<u64, E>> = postcard::from_bytes(&reply).map_err(|e| {
+            let reason = format!("malformed reply: {e}");
+            RPCError::Network(NetworkError::new(&TransportError::Lost { target: self.target, reason }))
+        })?;
         answer.map_err(|error| RPCError::RemoteError(RemoteError::new_with_node(self.target, self.node.clone(), error)))
     }
 }

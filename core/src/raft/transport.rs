@@ -112,6 +112,24 @@ pub(crate) fn encode<T: Serialize>(value: &T) -> Result<Vec<u8>, String> {
     postcard::to_allocvec(value).map_err(|e| format!("encode: {e}"))
 }
 
+/// Encode `request`, send it to group `group` on node `target` as a `kind` RPC, and return the
+/// encoded answer; an answer not back within `timeout` is lost.
+pub(crate) async fn call_encoded<T: Serialize>(
+    transport: &dyn Transport,
+    target: u64,
+    node: &BasicNode,
+    group: &str,
+    kind: RpcKind,
+    request: &T,
+    timeout: std::time::Duration,
+) -> Result<Bytes, TransportError> {
+    let body = encode(request).map_err(|reason| TransportError::Refused { target, reason })?;
+    let rpc = RaftRpc { group: group.to_owned(), kind, body: body.into() };
+    tokio::time::timeout(timeout, transport.call(target, node, rpc))
+        .await
+        .unwrap_or_else(|_| Err(TransportError::Lost { target, reason: format!("no answer within {timeout:?}") }))
+}
+
 #[async_trait::async_trait]
 impl<C> GroupRpc for Raft<C>
 where
