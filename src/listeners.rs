@@ -36,6 +36,11 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Bytes buffered between a WebSocket and the MQTT engine.
 const WEBSOCKET_BRIDGE_BYTES: usize = 64 * 1024;
+/// Streams a peer may reset before the cluster listener accepted them, per connection. hyper's
+/// default (20) guards public servers against rapid-reset floods; between nodes, a peer that
+/// was frozen or cut off resets every request that timed out meanwhile, and hitting the limit
+/// closed the whole connection, failing every request in flight on it.
+const CLUSTER_PENDING_RESET_STREAMS_MAX: usize = 4_096;
 
 /// Which kind of listener.
 #[derive(Debug, Clone)]
@@ -478,6 +483,7 @@ impl ClusterListener {
         let address = listener.local_addr()?;
         let router = tonic::transport::Server::builder()
             .tcp_nodelay(true)
+            .http2_max_pending_accept_reset_streams(Some(CLUSTER_PENDING_RESET_STREAMS_MAX))
             .add_service(wharf_core::raft::grpc::raft_server(me, service, message_size_max_bytes));
         let incoming = tokio_stream::wrappers::TcpListenerStream::new(listener);
         let task = tokio::spawn(async move {

@@ -1140,3 +1140,46 @@ fn mqtt_4_6_0_6_ordered_topic() {
     let numbers: Vec<u16> = got.iter().map(|m| String::from_utf8_lossy(&m.payload).parse().expect("number")).collect();
     assert_eq!(numbers, (1..=count).collect::<Vec<_>>(), "delivery order");
 }
+
+/// A QoS 1 PUBLISH the broker could not store for now (here its shard's request queue is full:
+/// `limits.pending_requests_max` 1 against a pipelined burst) is never acknowledged. MQTT 3.1.1
+/// has no negative PUBACK, so the server closes the connection instead, and the client sends the
+/// message again on its next one [MQTT-4.4.0-1]. Every PUBACK it did send is for a stored message.
+#[test]
+fn mqtt311_a_publish_not_stored_is_not_acknowledged_but_the_connection_closed() {
+    let broker = Broker::builder().env("WHARF__LIMITS__PENDING_REQUESTS_MAX", 1).start();
+    let mut subscriber = Raw::open(broker.mqtt_addr(), false, "not-stored-sub");
+    subscriber.subscribe(1, "not/stored", 1);
+    let (mut publisher, _) = Raw::session(broker.mqtt_addr(), &Connect::v4("not-stored-pub"));
+    let ids: Vec<u16> = (1..=2_000).collect();
+    let payloads: Vec<[u8; 2]> = ids.iter().map(|id| id.to_be_bytes()).collect();
+    let burst: Vec<u8> = ids
+        .iter()
+        .zip(&payloads)
+        .flat_map(|(id, payload)| Publish::new("not/stored", 1, payload).id(*id).encode())
+        .collect();
+    publisher.send_lenient(&burst);
+    let mut acked = std::collections::BTreeSet::new();
+    let closed = loop {
+        match publisher.next(CLOSE_TIMEOUT) {
+            Next::Packet(packet) if packet.kind() == PUBACK => {
+                acked.insert(packet.packet_id());
+            }
+            Next::Packet(packet) => panic!("unexpected {packet:?}"),
+            Next::Closed => break true,
+            Next::Timeout => break false,
+        }
+    };
+    assert!(closed, "all {} PUBLISHes acknowledged: the burst never found the queue full", acked.len());
+    assert!(acked.len() < ids.len(), "every PUBLISH acknowledged, yet the connection was closed");
+    let mut delivered = std::collections::BTreeSet::new();
+    while let Next::Packet(packet) = subscriber.next(Duration::from_secs(3)) {
+        if packet.kind() == PUBLISH {
+            let message = packet.publish(false);
+            delivered.insert(u16::from_be_bytes([message.payload[0], message.payload[1]]));
+            subscriber.send(&ack(PUBACK, packet.packet_id()));
+        }
+    }
+    let lost: Vec<_> = acked.difference(&delivered).take(10).collect();
+    assert!(lost.is_empty(), "acknowledged but never stored: {lost:?} ({} acknowledged)", acked.len());
+}

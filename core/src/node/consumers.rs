@@ -4,6 +4,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
+use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -13,6 +14,10 @@ use crate::queue::{ConsumerId, Delivery};
 use crate::shard::{PartitionKey, ShardCommand, ShardReply};
 
 use super::Core;
+
+/// First and longest pause between attempts to detach a consumer whose detach was not committed.
+const DETACH_RETRY_MS_MIN: u64 = 50;
+const DETACH_RETRY_MS_MAX: u64 = 2_000;
 
 /// Something that happens to a consumer.
 #[derive(Debug, Clone, PartialEq)]
@@ -152,7 +157,7 @@ impl Consumer {
     pub async fn cancel(mut self) -> CoreResult<u32> {
         self.detached = true;
         self.core.inner.registry.unregister(self.id);
-        let left = detach_all(&self.core, self.id, &self.targets).await?;
+        let left = detach_until_done(&self.core, self.id, &self.targets).await?;
         self.core.after_cancel(&self.queue, left).await;
         Ok(left)
     }
@@ -167,15 +172,31 @@ impl Consumer {
     pub async fn stop(mut self, keep: &[(Position, u32)]) -> CoreResult<Stopped> {
         self.detached = true;
         let core = self.core.clone();
-        let commands = self.targets.iter().map(|&target| {
-            let kept = keep
-                .iter()
-                .filter(|(position, _)| (position.queue, position.partition) == target)
-                .map(|(position, count)| (position.offset, *count))
-                .collect();
-            (core.shard_index(target), ShardCommand::Stop { consumer: self.id, target, keep: kept })
-        });
-        let replies = core.on_shards(commands).await;
+        let commands: Vec<_> = self
+            .targets
+            .iter()
+            .map(|&target| {
+                let kept = keep
+                    .iter()
+                    .filter(|(position, _)| (position.queue, position.partition) == target)
+                    .map(|(position, count)| (position.offset, *count))
+                    .collect();
+                (core.shard_index(target), ShardCommand::Stop { consumer: self.id, target, keep: kept })
+            })
+            .collect();
+        // Tried again until committed, as a detach is: a stop that was lost would leave the
+        // consumer attached (Drop does not detach it any more).
+        let mut pause_ms = DETACH_RETRY_MS_MIN;
+        let replies = loop {
+            match core.on_shards(commands.iter().cloned()).await {
+                Err(error) if error.is_retryable() && core.check_open().is_ok() => {
+                    tracing::debug!(%error, consumer = ?self.id, "consumer stop not committed; trying again");
+                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                    pause_ms = (pause_ms * 2).min(DETACH_RETRY_MS_MAX);
+                }
+                outcome => break outcome,
+            }
+        };
         // Every delivery applied before the stop is in the channel now; none comes after it.
         core.inner.registry.unregister(self.id);
         let replies = replies?;
@@ -211,6 +232,75 @@ pub(crate) async fn detach_all(core: &Core, id: ConsumerId, targets: &[Partition
     Ok(consumers_left(&replies))
 }
 
+/// Undoes a consumer's attach that did not finish ([`Core::consume`] failed or was dropped
+/// half-way): unregisters it and detaches it from every partition an attach was sent to. Detach
+/// commands queue behind the attaches on the same groups, so they are applied after them.
+pub(crate) struct AttachUndo {
+    core: Core,
+    id: ConsumerId,
+    sent: Vec<PartitionKey>,
+    armed: bool,
+}
+
+impl AttachUndo {
+    pub(crate) fn new(core: Core, id: ConsumerId) -> Self {
+        Self { core, id, sent: Vec::new(), armed: true }
+    }
+
+    /// An attach to `target` is about to be sent.
+    pub(crate) fn sent(&mut self, target: PartitionKey) {
+        self.sent.push(target);
+    }
+
+    /// The consumer is complete: nothing to undo.
+    pub(crate) fn disarm(&mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for AttachUndo {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        self.core.inner.registry.unregister(self.id);
+        let (core, id, targets) = (self.core.clone(), self.id, std::mem::take(&mut self.sent));
+        if targets.is_empty() {
+            return;
+        }
+        if let Ok(handle) = tokio::runtime::Handle::try_current() {
+            handle.spawn(async move { detach_until_done(&core, id, &targets).await });
+        }
+    }
+}
+
+impl std::fmt::Debug for AttachUndo {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttachUndo").field("id", &self.id).field("sent", &self.sent).finish()
+    }
+}
+
+/// [`detach_all`], tried again after a retryable failure (no leader, a lost forward) until it is
+/// committed or this node stops. A consumer whose detach was lost would otherwise stay attached
+/// for as long as the node runs, holding its unacknowledged deliveries from every other consumer.
+pub(crate) async fn detach_until_done(core: &Core, id: ConsumerId, targets: &[PartitionKey]) -> CoreResult<u32> {
+    let mut pause_ms = DETACH_RETRY_MS_MIN;
+    loop {
+        match detach_all(core, id, targets).await {
+            Err(error) if error.is_retryable() && core.check_open().is_ok() => {
+                tracing::debug!(%error, consumer = ?id, "detach not committed; trying again");
+                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                pause_ms = (pause_ms * 2).min(DETACH_RETRY_MS_MAX);
+            }
+            Err(error) => {
+                tracing::warn!(%error, consumer = ?id, "detaching a consumer failed");
+                return Err(error);
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 /// Pushing consumers left on a queue, from its partitions' detach (or stop) replies.
 fn consumers_left(replies: &[ShardReply]) -> u32 {
     replies
@@ -231,7 +321,7 @@ impl Drop for Consumer {
         let queue = self.queue.clone();
         if let Ok(handle) = tokio::runtime::Handle::try_current() {
             handle.spawn(async move {
-                if let Ok(left) = detach_all(&core, id, &targets).await {
+                if let Ok(left) = detach_until_done(&core, id, &targets).await {
                     core.after_cancel(&queue, left).await;
                 }
             });

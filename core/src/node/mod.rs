@@ -39,6 +39,7 @@ use crate::placement::{partition_for, shard_for};
 use crate::queue::{AttachRules, ConsumerId, DeadLetter, Delivery, Effect, Outcome, PartitionCaps};
 use crate::raft::group::{GroupStart, raft_config, start_group, wait_for_leader};
 use crate::raft::network::ClusterNetwork;
+use crate::raft::runtime::WharfRuntime;
 use crate::raft::state_machine::{EffectSink, StateReader};
 use crate::raft::storage::{Durability, FjallStorage, MemStorage, Storage, Syncer, run_io};
 use crate::raft::transport::{NoPeers, RaftService, Transport};
@@ -47,17 +48,21 @@ use crate::shard::{PartitionKey, PublishOutcome, ShardCommand, ShardReply, Shard
 
 openraft::declare_raft_types!(
     /// Types of the meta group (the catalogue).
-    pub MetaTypes: D = Proposal<MetaCommand>, R = Replies<MetaReply>,
+    pub MetaTypes: D = Proposal<MetaCommand>, R = Replies<MetaReply>, AsyncRuntime = WharfRuntime,
 );
 openraft::declare_raft_types!(
     /// Types of a shard group (queue partitions).
-    pub ShardTypes: D = Proposal<ShardCommand>, R = Replies<ShardReply>,
+    pub ShardTypes: D = Proposal<ShardCommand>, R = Replies<ShardReply>, AsyncRuntime = WharfRuntime,
 );
 
 /// How long start-up waits for each group to elect itself.
 const LEADER_WAIT_SECS: u64 = 30;
 /// Pause before running recovery again after a leadership change interrupted it.
 const RECOVER_RETRY_MS: u64 = 100;
+/// Attempts at committing an acknowledgement, and the pauses between them (doubling).
+const SETTLE_ATTEMPTS_MAX: u32 = 8;
+const SETTLE_RETRY_MS_MIN: u64 = 50;
+const SETTLE_RETRY_MS_MAX: u64 = 2_000;
 /// How long shutdown waits for queued and in-flight commits to finish.
 const DRAIN_WAIT_SECS: u64 = 20;
 /// The default virtual host, created on first start.
@@ -203,6 +208,11 @@ impl PendingPublish {
     /// Wait until the message is committed (fsynced on a majority) in every queue it was routed to.
     pub async fn confirm(self) -> CoreResult<Published> {
         let mut published = Published { routed: self.routed.len(), ..Published::default() };
+        // The canary build confirms what was only queued for commit: the simulation must see it.
+        #[cfg(feature = "canary-confirm-before-commit")]
+        if !self.waits.is_empty() {
+            return Ok(published);
+        }
         for (indexes, rx) in self.waits {
             let ShardReply::Published(outcomes) = wait(rx).await? else {
                 return Err(CoreError::Internal("publish answered with another reply".into()));
@@ -229,15 +239,41 @@ impl PendingPublish {
 #[derive(Debug)]
 #[must_use = "a settle's outcome is known only when it is awaited"]
 pub struct PendingSettle {
-    waits: Vec<(PartitionKey, ReplyReceiver<ShardReply>)>,
+    core: Core,
+    waits: Vec<(PartitionKey, ShardCommand, ReplyReceiver<ShardReply>)>,
 }
 
 impl PendingSettle {
-    /// Wait until it is committed; the positions the consumer did not hold.
+    /// Wait until it is committed; the positions the consumer did not hold. An acknowledgement
+    /// that failed for a retryable reason (no leader, a lost forward) is sent again, up to
+    /// `SETTLE_ATTEMPTS_MAX` times: its client is not waiting for an answer and will not send it
+    /// again, and a delivery whose ack was lost stays held until its consumer leaves. Sending an
+    /// ack twice is harmless: the second finds the message gone. (A reject is not sent again: the
+    /// message may have come back to the same consumer meanwhile.)
     pub async fn done(self) -> CoreResult<Vec<Position>> {
         let mut unknown = Vec::new();
-        for (target, rx) in self.waits {
-            match wait(rx).await? {
+        for (target, command, mut rx) in self.waits {
+            let resend = matches!(command, ShardCommand::Settle { outcome: Outcome::Ack, .. });
+            let mut attempts = 1;
+            let mut pause_ms = SETTLE_RETRY_MS_MIN;
+            let reply = loop {
+                match wait(rx).await {
+                    Err(error)
+                        if resend
+                            && error.is_retryable()
+                            && attempts < SETTLE_ATTEMPTS_MAX
+                            && self.core.check_open().is_ok() =>
+                    {
+                        tracing::debug!(%error, attempts, "acknowledgement not committed; sending it again");
+                        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                        pause_ms = (pause_ms * 2).min(SETTLE_RETRY_MS_MAX);
+                        attempts += 1;
+                        rx = self.core.shard_for(target).submit(command.clone(), command.size_bytes())?;
+                    }
+                    outcome => break outcome?,
+                }
+            };
+            match reply {
                 ShardReply::Settled { unknown: offsets } => {
                     unknown.extend(offsets.into_iter().map(|offset| Position {
                         queue: target.0,
@@ -618,6 +654,23 @@ impl Core {
                 tracing::warn!("a shard did not drain within {DRAIN_WAIT_SECS} s");
             }
         }
+        self.stop_groups().await?;
+        run_io(&self.inner.storage, |s| s.sync()).await.map_err(|e| CoreError::Storage(e.to_string()))?;
+        tracing::info!("core stopped");
+        Ok(())
+    }
+
+    /// Stop at once, as a killed process does: no draining, no final sync (what the storage had
+    /// not synced is the storage's to lose). For crash tests and the simulation.
+    #[doc(hidden)]
+    pub async fn kill(&self) -> CoreResult<()> {
+        self.inner.closing.store(true, Ordering::Release);
+        let _ = self.inner.stop.send(true);
+        self.stop_groups().await
+    }
+
+    /// Stop the node's tasks and groups, and leave the cluster's service.
+    async fn stop_groups(&self) -> CoreResult<()> {
         let tasks: Vec<JoinHandle<()>> =
             std::mem::take(&mut *self.inner.tasks.lock().unwrap_or_else(std::sync::PoisonError::into_inner));
         for task in &tasks {
@@ -638,10 +691,8 @@ impl Core {
                 failures.push(format!("{}: {e}", shard.name));
             }
         }
-        run_io(&self.inner.storage, |s| s.sync()).await.map_err(|e| CoreError::Storage(e.to_string()))?;
         self.inner.ready.store(false, Ordering::Release);
         if failures.is_empty() {
-            tracing::info!("core stopped");
             Ok(())
         } else {
             Err(CoreError::Internal(format!("groups did not stop cleanly: {}", failures.join("; "))))
@@ -655,6 +706,15 @@ impl Core {
         let forwarder = Forwarder { me: self.inner.config.node_id, transport: Arc::clone(&link.transport) };
         catch_up::<MetaTypes, Catalogue>("meta", &self.inner.meta.raft, &forwarder).await?;
         Ok(true)
+    }
+
+    /// In a cluster, bring this node's replica of shard `index` up to what its leader had applied
+    /// (a read barrier); nothing to do on a single node.
+    pub(crate) async fn catch_up_shard(&self, index: usize) -> CoreResult<()> {
+        let Some(link) = &self.inner.cluster else { return Ok(()) };
+        let Some(shard) = self.inner.shards.get(index) else { return Ok(()) };
+        let forwarder = Forwarder { me: self.inner.config.node_id, transport: Arc::clone(&link.transport) };
+        catch_up::<ShardTypes, ShardState>(&shard.name, &shard.raft, &forwarder).await
     }
 
     /// Every Raft group as this node sees it: its role, the leader, the log, the voters.
@@ -1056,7 +1116,9 @@ impl Core {
         // Register before attaching: deliveries can be produced while the attach is applied.
         let rx = self.inner.registry.register(id);
         let targets: Vec<PartitionKey> = (0..def.args.partitions).map(|p| (def.id, p)).collect();
-        let mut attached = Vec::new();
+        // Whatever was sent is undone if this call fails, or is dropped half-way (its caller gave
+        // up waiting): an attach committed for nobody would hold deliveries nobody reads.
+        let mut undo = consumers::AttachUndo::new(self.clone(), id);
         for &target in &targets {
             let rules = AttachRules {
                 prefetch: options.prefetch,
@@ -1067,18 +1129,13 @@ impl Core {
                 credit_limited: options.credit.is_some(),
             };
             let command = ShardCommand::Attach { consumer: id, target, rules };
-            let result = match self.shard_for(target).call(command, 64).await {
-                Ok(ShardReply::Error(e)) => Err(e),
-                Ok(_) => Ok(()),
-                Err(e) => Err(e),
-            };
-            if let Err(error) = result {
-                self.inner.registry.unregister(id);
-                let _ = consumers::detach_all(self, id, &attached).await;
-                return Err(error);
+            undo.sent(target);
+            match self.shard_for(target).call(command, 64).await {
+                Ok(ShardReply::Error(e)) | Err(e) => return Err(e),
+                Ok(_) => {}
             }
-            attached.push(target);
         }
+        undo.disarm();
         Ok(Consumer {
             core: self.clone(),
             id,
@@ -1159,9 +1216,10 @@ impl Core {
         for (target, offsets) in per_partition {
             let command = ShardCommand::Settle { consumer, target, offsets, outcome };
             let size = command.size_bytes();
-            waits.push((target, self.shard_for(target).submit(command, size)?));
+            let rx = self.shard_for(target).submit(command.clone(), size)?;
+            waits.push((target, command, rx));
         }
-        Ok(PendingSettle { waits })
+        Ok(PendingSettle { core: self.clone(), waits })
     }
 
     /// `basic.get`: take one message from a queue. Without `no_ack` it is held by `holder` until
@@ -1376,11 +1434,7 @@ impl GroupLaunch<'_> {
     ) -> CoreResult<(Group<C, S>, JoinHandle<()>)>
     where
         S: crate::raft::ReplicatedState,
-        C: crate::raft::GroupConfig<
-                S,
-                Responder = openraft::impls::OneshotResponder<C>,
-                AsyncRuntime = openraft::TokioRuntime,
-            >,
+        C: crate::raft::GroupConfig<S, Responder = openraft::impls::OneshotResponder<C>, AsyncRuntime = WharfRuntime>,
     {
         let me = self.config.node_id;
         let start = GroupStart {

@@ -7,22 +7,26 @@
 //! group's `Raft` handle and the cluster transport only.
 
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use openraft::error::ClientWriteError;
 use openraft::impls::OneshotResponder;
-use openraft::{BasicNode, Raft, RaftTypeConfig, TokioRuntime};
+use openraft::{BasicNode, Raft, RaftTypeConfig};
 use serde::{Deserialize, Serialize};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::Limits;
 use crate::error::{CoreError, CoreResult};
+use crate::raft::runtime::{WharfRuntime, wall_clock_ms};
 use crate::raft::transport::{GroupRpc, RpcKind, Transport, TransportError, call_encoded};
 use crate::raft::{GroupConfig, Proposal, ReplicatedState, Replies};
 
 /// How long a batch forwarded to the leader may take, commit included, before its callers are
 /// told the group is unavailable (they retry; their idempotency keys make that safe).
 const FORWARD_TIMEOUT_SECS: u64 = 10;
+/// How long one attempt of a request that may be sent again (a read barrier) waits for its
+/// answer before it is sent again.
+const RESEND_ATTEMPT_MS: u64 = 1_000;
 /// Pause before sending a forwarded batch again after it could not be delivered.
 const FORWARD_RETRY_MS: u64 = 50;
 
@@ -80,7 +84,7 @@ impl<S: ReplicatedState> std::fmt::Debug for Proposer<S> {
 
 /// Milliseconds since the Unix epoch, the clock carried in proposals.
 pub(crate) fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+    wall_clock_ms()
 }
 
 impl<S: ReplicatedState> Proposer<S> {
@@ -94,7 +98,7 @@ impl<S: ReplicatedState> Proposer<S> {
         forwarder: Option<Forwarder>,
     ) -> (Self, tokio::task::JoinHandle<()>)
     where
-        C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = TokioRuntime>,
+        C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = WharfRuntime>,
     {
         let (tx, rx) = mpsc::channel(limits.pending_requests_max as usize);
         let name: Arc<str> = Arc::from(name);
@@ -143,7 +147,7 @@ async fn run<C, S>(
     forwarder: Option<Forwarder>,
 ) where
     S: ReplicatedState,
-    C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = TokioRuntime>,
+    C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = WharfRuntime>,
 {
     let in_flight = Arc::new(Semaphore::new(limits.pipeline_entries_max as usize));
     let commands_max = limits.batch_commands_max as usize;
@@ -340,8 +344,23 @@ async fn ask_leader<S: ReplicatedState>(
     loop {
         let (leader, node) = &target;
         let unavailable = |reason: String| CoreError::Unavailable(format!("group {group}: leader {leader}: {reason}"));
-        let timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
-        let sent = call_encoded(&*forwarder.transport, *leader, node, group, RpcKind::Forward, request, timeout).await;
+        let mut timeout = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if resend_lost {
+            // Safe to send again: wait for one answer only so long, not the whole deadline.
+            timeout = timeout.min(Duration::from_millis(RESEND_ATTEMPT_MS));
+        }
+        let call = call_encoded(&*forwarder.transport, *leader, node, group, RpcKind::Forward, request, timeout);
+        // A leader that stopped answering (crashed, frozen, cut off) is replaced within a few
+        // election timeouts: stop waiting for it then, rather than for the whole timeout, during
+        // which every later batch of this group waits too.
+        let sent = tokio::select! {
+            biased;
+            sent = call => sent,
+            () = leadership_moved(raft, *leader, timeout) => Err(TransportError::Lost {
+                target: *leader,
+                reason: "leadership moved while it was being waited for".into(),
+            }),
+        };
         let error = match sent {
             Ok(reply) => {
                 // The leader acted on it: a reply that does not decode leaves the outcome unknown.
@@ -358,6 +377,16 @@ async fn ask_leader<S: ReplicatedState>(
             Some(next) if tokio::time::Instant::now() < deadline => target = next,
             _ => return Err(error),
         }
+    }
+}
+
+/// Resolves once this node knows of a leader other than `leader`, within `timeout`; never
+/// otherwise.
+async fn leadership_moved(raft: &Raft<impl RaftTypeConfig<NodeId = u64>>, leader: u64, timeout: Duration) {
+    let moved =
+        raft.wait(Some(timeout)).metrics(|m| m.current_leader.is_some_and(|now| now != leader), "another leader").await;
+    if moved.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 

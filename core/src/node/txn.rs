@@ -220,6 +220,7 @@ impl Core {
                 }
                 let commit = refusal.is_none();
                 let decision = self.decide(id, commit).await?;
+                tracing::debug!(txn = %id, commit, decision, refusal = ?refusal, "transaction decided");
                 if stop == TxnStop::AfterDecision {
                     return Ok(None);
                 }
@@ -518,10 +519,21 @@ impl Core {
             }
         }
         self.check_back_due(now).await?;
-        // A decided transaction that no participant holds any more is done everywhere.
+        // A decided transaction that no participant holds any more is done everywhere. The
+        // participants are read on this node's replicas, which in a cluster may be behind their
+        // leaders: a replica that has not applied the prepare yet would make a committed
+        // transaction look done, and forgetting it would have its participants abort it. So each
+        // replica first catches up with its leader (a read barrier). A commit is decided only
+        // after every prepare was applied, so a caught-up replica that holds nothing has applied
+        // the decision too; an abort forgotten early is still an abort.
         let decided: Vec<(TxnId, Vec<u32>)> = self.with_catalogue(|c| {
             c.txns().filter(|(_, r)| r.decision.is_some()).map(|(t, r)| (*t, r.participants.clone())).collect()
         });
+        let participants: std::collections::BTreeSet<u32> =
+            decided.iter().flat_map(|(_, participants)| participants.iter().copied()).collect();
+        for shard in participants {
+            self.catch_up_shard(shard as usize).await?;
+        }
         for (txn, participants) in decided {
             let held = participants.iter().any(|&shard| {
                 self.inner

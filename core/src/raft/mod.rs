@@ -6,6 +6,7 @@ pub mod group;
 pub mod grpc;
 pub mod log_store;
 pub mod network;
+pub mod runtime;
 pub mod state_machine;
 pub mod storage;
 pub mod transport;

@@ -1,7 +1,7 @@
 //! The cluster transport under every group's Raft network: what a Raft RPC is on the wire
 //! ([`RaftRpc`]), the [`Transport`] that carries it to a peer, the [`RaftService`] that hands an
 //! incoming one to the right local group, and [`Switchboard`], an in-process transport between
-//! nodes of one process with partitions, for tests and the simulation. Touches no storage; the
+//! nodes of one process with partitions, loss and delay, for tests and the simulation. Touches no storage; the
 //! in-process transport touches no sockets (the gRPC one, on the cluster port, is in
 //! [`super::grpc`]).
 //!
@@ -10,11 +10,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, PoisonError, RwLock};
+use std::time::Duration;
 
 use bytes::Bytes;
 use openraft::error::{InstallSnapshotError, RaftError};
 use openraft::raft::{AppendEntriesRequest, InstallSnapshotRequest, VoteRequest};
 use openraft::{BasicNode, Raft, RaftTypeConfig};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 
 /// Which Raft RPC a message carries.
@@ -121,7 +124,7 @@ pub(crate) async fn call_encoded<T: Serialize>(
     group: &str,
     kind: RpcKind,
     request: &T,
-    timeout: std::time::Duration,
+    timeout: Duration,
 ) -> Result<Bytes, TransportError> {
     let body = encode(request).map_err(|reason| TransportError::Refused { target, reason })?;
     let rpc = RaftRpc { group: group.to_owned(), kind, body: body.into() };
@@ -207,12 +210,35 @@ struct Links {
     nodes: BTreeMap<u64, Arc<RaftService>>,
     /// `(from, to)` pairs whose messages are dropped.
     cut: BTreeSet<(u64, u64)>,
+    /// Random loss and delay on every link, when set.
+    noise: Option<Noise>,
+}
+
+/// Random loss and delay, drawn from a seeded generator so that a simulation replays them.
+#[derive(Debug)]
+struct Noise {
+    rng: StdRng,
+    /// Chance that a request or a reply is lost, per thousand.
+    loss_per_mille: u32,
+    /// Each request and each reply is held back up to this long.
+    delay_ms_max: u64,
+}
+
+impl Noise {
+    fn lost(&mut self) -> bool {
+        self.loss_per_mille > 0 && self.rng.gen_range(0..1000) < self.loss_per_mille
+    }
+
+    fn delay(&mut self) -> Duration {
+        Duration::from_millis(if self.delay_ms_max == 0 { 0 } else { self.rng.gen_range(0..=self.delay_ms_max) })
+    }
 }
 
 /// An in-process network between nodes of one process: every node attaches its [`RaftService`]
 /// and calls the others through [`Switchboard::transport`]. Links can be cut one way or both, and
 /// a node detached, as a crash or a partition would; a request crossing a cut link is
-/// unreachable, and a reply crossing one is lost after the request was served.
+/// unreachable, and a reply crossing one is lost after the request was served: its sender hears
+/// nothing until its own timeout.
 #[derive(Debug, Default)]
 pub struct Switchboard {
     links: Mutex<Links>,
@@ -233,7 +259,8 @@ impl Switchboard {
         self.links().nodes.insert(id, service);
     }
 
-    /// Detach node `id`: RPCs to it are unreachable until it is attached again.
+    /// Detach node `id`: RPCs to it and from it are unreachable until it is attached again (a
+    /// crashed node neither answers nor sends).
     pub fn detach(&self, id: u64) {
         self.links().nodes.remove(&id);
     }
@@ -255,9 +282,28 @@ impl Switchboard {
         }
     }
 
-    /// Restore every cut link.
+    /// Restore every cut link (loss and delay set by [`Switchboard::set_noise`] stay).
     pub fn heal(&self) {
         self.links().cut.clear();
+    }
+
+    /// Lose each request and each reply with a chance of `loss_per_mille` per thousand, and hold
+    /// each back for up to `delay_ms_max`, drawing from a generator seeded with `seed`. Zero for
+    /// both turns the noise off.
+    pub fn set_noise(&self, seed: u64, loss_per_mille: u32, delay_ms_max: u64) {
+        self.links().noise = (loss_per_mille > 0 || delay_ms_max > 0).then(|| Noise {
+            rng: StdRng::seed_from_u64(seed),
+            loss_per_mille: loss_per_mille.min(1000),
+            delay_ms_max,
+        });
+    }
+
+    /// Draw this message's fate from the noise: lost or not, and its delay.
+    fn noise(&self) -> (bool, Duration) {
+        match self.links().noise.as_mut() {
+            Some(noise) => (noise.lost(), noise.delay()),
+            None => (false, Duration::ZERO),
+        }
     }
 
     /// The transport node `from` calls its peers with.
@@ -278,6 +324,9 @@ impl Transport for LocalTransport {
     async fn call(&self, target: u64, _node: &BasicNode, rpc: RaftRpc) -> Result<Bytes, TransportError> {
         let service = {
             let links = self.board.links();
+            if !links.nodes.contains_key(&self.from) {
+                return Err(TransportError::Unreachable { target, reason: "sender detached".into() });
+            }
             if links.cut.contains(&(self.from, target)) {
                 return Err(TransportError::Unreachable { target, reason: "link cut".into() });
             }
@@ -285,15 +334,38 @@ impl Transport for LocalTransport {
         };
         let service =
             service.ok_or_else(|| TransportError::Unreachable { target, reason: "node not attached".into() })?;
+        let (request_lost, request_delay) = self.board.noise();
+        if !request_delay.is_zero() {
+            tokio::time::sleep(request_delay).await;
+        }
+        if request_lost {
+            return silence().await;
+        }
         let reply = service.serve(target, rpc).await?;
+        let (reply_lost, reply_delay) = self.board.noise();
+        if !reply_delay.is_zero() {
+            tokio::time::sleep(reply_delay).await;
+        }
+        if reply_lost {
+            return silence().await;
+        }
         // The link may have been cut, or the node detached, while the request was served.
-        let links = self.board.links();
-        let attached = links.nodes.get(&target).is_some_and(|now| Arc::ptr_eq(now, &service));
-        if links.cut.contains(&(target, self.from)) || !attached {
-            return Err(TransportError::Lost { target, reason: "reply dropped".into() });
+        let reply_cut = {
+            let links = self.board.links();
+            let attached = links.nodes.get(&target).is_some_and(|now| Arc::ptr_eq(now, &service));
+            links.cut.contains(&(target, self.from)) || !attached
+        };
+        if reply_cut {
+            return silence().await;
         }
         Ok(reply)
     }
+}
+
+/// What a sender hears of a lost request or reply: nothing, until its own timeout gives up (as
+/// over a real network, and so that a retry loop cannot spin without time passing).
+async fn silence() -> Result<Bytes, TransportError> {
+    std::future::pending().await
 }
 
 #[cfg(test)]
@@ -311,12 +383,18 @@ mod tests {
     #[tokio::test]
     async fn a_group_that_does_not_run_on_a_node_is_unreachable_there() {
         let board = Switchboard::new();
+        board.attach(1, Arc::new(RaftService::new()));
         board.attach(2, Arc::new(RaftService::new()));
         let rpc = RaftRpc { group: "shard-0".into(), kind: RpcKind::Vote, body: Bytes::new() };
         let error = board.transport(1).call(2, &BasicNode::default(), rpc.clone()).await.expect_err("no group");
         assert!(matches!(&error, TransportError::Unreachable { reason, .. } if reason.contains("shard-0")), "{error}");
         board.cut(1, 2);
-        let error = board.transport(1).call(2, &BasicNode::default(), rpc).await.expect_err("cut");
+        let error = board.transport(1).call(2, &BasicNode::default(), rpc.clone()).await.expect_err("cut");
         assert!(matches!(&error, TransportError::Unreachable { reason, .. } if reason == "link cut"), "{error}");
+        // A crashed node neither answers nor sends.
+        board.heal();
+        board.detach(1);
+        let error = board.transport(1).call(2, &BasicNode::default(), rpc).await.expect_err("detached");
+        assert!(matches!(&error, TransportError::Unreachable { reason, .. } if reason == "sender detached"), "{error}");
     }
 }

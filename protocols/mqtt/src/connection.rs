@@ -519,9 +519,7 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             connection.send(Packet::PubRel(PubResponse { packet_id, ..PubResponse::default() }));
         }
         if let Err(error) = connection.start_consumers().await {
-            connection
-                .finish(Close::Server(ReasonCode::SERVER_UNAVAILABLE, format!("consuming failed: {error}")))
-                .await;
+            connection.finish(Close::Server(ReasonCode::SERVER_BUSY, format!("consuming failed: {error}"))).await;
             return Err(format!("consuming failed: {error}"));
         }
         Ok(connection)
@@ -927,7 +925,18 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
                     }
                 }
             }
-            Event::Published { packet_id, qos, result } => self.answer_publish(packet_id, qos, result),
+            Event::Published { packet_id, qos, result } => {
+                if let (Some(_), Err(error)) = (packet_id, &result)
+                    && error.is_retryable()
+                {
+                    // Not stored, for now (no leader, a lost forward): acknowledging it would
+                    // lose it (MQTT 3.1.1 has no negative PUBACK), and an MQTT 5 error PUBACK
+                    // would end the exchange. Closing without an answer makes the client send it
+                    // again, flagged DUP, on its next connection [MQTT-4.4.0-1].
+                    return Some(Close::Server(ReasonCode::SERVER_BUSY, format!("publish not stored: {error}")));
+                }
+                self.answer_publish(packet_id, qos, result);
+            }
             Event::Released { packet_id, result } => {
                 if let Err(error) = result {
                     // Without the record a retransmitted PUBLISH could be stored twice: close, and
