@@ -16,28 +16,44 @@ use wharf_core::node::{ConsumeOptions, Consumer, ConsumerEvent, QueueSpec};
 use wharf_core::queue::{ConsumerId, Outcome};
 use wharf_core::raft::storage::MemStorage;
 use wharf_core::raft::transport::{RaftService, Switchboard};
-use wharf_core::{ClusterLink, Core, CoreError};
+use wharf_core::{ClusterLink, Core, CoreConfig, CoreError};
 
 const NODES: u64 = 3;
 const TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Open nodes 1..=3 at once (each waits for a majority to elect leaders).
 async fn cluster(board: &Arc<Switchboard>) -> Vec<Core> {
-    let voters: BTreeMap<u64, String> = (1..=NODES).map(|id| (id, format!("node-{id}"))).collect();
+    cluster_with(board, |_| {}).await
+}
+
+/// [`cluster`], each node's configuration changed by `adjust` first.
+async fn cluster_with(board: &Arc<Switchboard>, adjust: impl Fn(&mut CoreConfig)) -> Vec<Core> {
     let mut opening = Vec::new();
     for id in 1..=NODES {
-        let mut config = common::memory_config(2);
-        config.node_id = id;
-        let service = Arc::new(RaftService::new());
-        board.attach(id, Arc::clone(&service));
-        let link = ClusterLink { voters: voters.clone(), transport: board.transport(id), service };
-        opening.push(tokio::spawn(Core::open_in(config, Arc::new(MemStorage::new()), Some(link))));
+        opening.push(open_node(board, id, &adjust));
     }
     let mut cores = Vec::new();
     for opened in opening {
         cores.push(tokio::time::timeout(TIMEOUT, opened).await.expect("nodes open").unwrap().expect("open core"));
     }
     cores
+}
+
+/// Start opening node `id` of the three (attached to `board` at once), its configuration changed
+/// by `adjust`.
+fn open_node(
+    board: &Arc<Switchboard>,
+    id: u64,
+    adjust: impl Fn(&mut CoreConfig),
+) -> tokio::task::JoinHandle<Result<Core, CoreError>> {
+    let voters: BTreeMap<u64, String> = (1..=NODES).map(|id| (id, format!("node-{id}"))).collect();
+    let mut config = common::memory_config(2);
+    adjust(&mut config);
+    config.node_id = id;
+    let service = Arc::new(RaftService::new());
+    board.attach(id, Arc::clone(&service));
+    let link = ClusterLink { voters, transport: board.transport(id), service };
+    tokio::spawn(Core::open_in(config, Arc::new(MemStorage::new()), Some(link)))
 }
 
 /// Publish `payload` with its own idempotency key, retrying while leadership moves: a retry of a
@@ -211,4 +227,75 @@ async fn a_node_whose_catalogue_is_behind_catches_up_before_routing_rather_than_
     assert!(!published.unroutable() && published.confirmed(), "{published:?}");
     heal.await.unwrap();
     assert_eq!(cores[(declaring - 1) as usize].queue_status("/", "late").expect("status").0, 1);
+}
+
+/// A leader cut off from the others still takes writes; they cannot commit. The others elect a
+/// new leader, write on, snapshot and purge their logs, so on healing the old leader gets a
+/// snapshot in place of its log. openraft 0.9 then never answers the entry it had proposed, and the
+/// group commit on that node waited for it for ever, with every later command of the group on that
+/// node behind it (found by the real-process fault run: a restarted node could not rejoin because
+/// the shard's leader answered nothing).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_left_unanswered_by_a_deposed_leader_does_not_block_its_node() {
+    let board = Switchboard::new();
+    let cores = cluster_with(&board, |config| {
+        config.shard_count = 1;
+        config.snapshot_logs_since_last = 8;
+    })
+    .await;
+    let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
+    cores[0].declare_queue(spec).await.expect("declare");
+    publish(&cores[0], "first").await;
+    let deposed = cores[0].group_status()[1].leader.expect("a leader of shard-0");
+    let old_leader = cores[(deposed - 1) as usize].clone();
+    let others: Vec<Core> =
+        (1..=NODES).filter(|&id| id != deposed).map(|id| cores[(id - 1) as usize].clone()).collect();
+
+    board.isolate(&[deposed]);
+    // No idempotency key: the publish goes straight to the shard's group commit on this node.
+    let stale =
+        tokio::spawn(async move { old_leader.publish_confirmed("/", Message::new("", "orders", "stale")).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The new leader purges the log below each snapshot only while no append to the cut-off node
+    // is in flight, which its retries interleave with: pauses let it.
+    for n in 0..200 {
+        publish(&others[n % 2], &format!("m{n:04}")).await;
+        if n % 20 == 19 {
+            tokio::time::sleep(Duration::from_millis(600)).await;
+        }
+    }
+    board.heal();
+
+    let outcome = tokio::time::timeout(TIMEOUT, stale).await.expect("the stale write is answered").unwrap();
+    if let Err(error) = &outcome {
+        assert!(error.is_retryable(), "an unknown outcome is reported as retryable: {error}");
+    }
+    let old_leader = &cores[(deposed - 1) as usize];
+    tokio::time::timeout(TIMEOUT, publish(old_leader, "after"))
+        .await
+        .expect("a write through the deposed leader completes");
+    // Read where "after" was written: that replica has applied everything confirmed before it.
+    let stored = old_leader.queue_status("/", "orders").expect("status").0;
+    let stale_stored = u64::from(matches!(outcome, Ok(ref published) if published.confirmed()));
+    assert_eq!(stored, 202 + stale_stored, "first, 200 more, after (and the stale one if it was confirmed)");
+}
+
+/// A cluster node that starts while no majority is up (a whole cluster restarting one node at a
+/// time) waits for one for as long as it takes, rather than giving up: its own replicas are part of
+/// what brings the majority back. (On virtual time: the wait is minutes.)
+#[tokio::test(start_paused = true)]
+async fn a_node_started_alone_waits_for_a_majority_however_long() {
+    let board = Switchboard::new();
+    let first = open_node(&board, 1, |_| {});
+    tokio::time::sleep(Duration::from_secs(300)).await;
+    assert!(!first.is_finished(), "node 1 is still waiting: {:?}", first.await);
+    let second = open_node(&board, 2, |_| {});
+    let third = open_node(&board, 3, |_| {});
+    let mut cores = Vec::new();
+    for opening in [first, second, third] {
+        cores.push(tokio::time::timeout(TIMEOUT, opening).await.expect("nodes open").unwrap().expect("open core"));
+    }
+    let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
+    cores[0].declare_queue(spec).await.expect("declare");
+    publish(&cores[0], "after the wait").await;
 }

@@ -525,15 +525,20 @@ async fn fjall_restart_keeps_catalogue_and_messages_and_refuses_another_shard_co
     core.shutdown().await.expect("shutdown");
 }
 
-#[tokio::test]
-async fn overload_is_a_retryable_error() {
-    let storage = MemStorage::new();
+/// A single shard whose request queue holds 4 commands, one entry in flight, and queue `q`.
+async fn overloadable() -> Core {
     let mut config = config();
     config.shard_count = 1;
     config.limits.pending_requests_max = 4;
     config.limits.pipeline_entries_max = 1;
-    let core = common::open_on(config, &storage).await;
+    let core = common::open_on(config, &MemStorage::new()).await;
     queue(&core, "q", Headers::new()).await;
+    core
+}
+
+#[tokio::test]
+async fn overload_is_a_retryable_error() {
+    let core = overloadable().await;
     let mut pending = Vec::new();
     let mut overloaded = None;
     for _ in 0..10_000 {
@@ -550,6 +555,50 @@ async fn overload_is_a_retryable_error() {
     for p in pending {
         p.confirm().await.expect("queued publishes still commit");
     }
+    core.shutdown().await.expect("shutdown");
+}
+
+/// A connection whose publishes must keep their order (MQTT) gets, once one of them failed with a
+/// retryable error, every later one refused too, rather than stored ahead of the failed one (its
+/// client sends them again, in order); until the connection is closed. Other connections are
+/// not held back.
+#[tokio::test]
+async fn after_a_failed_ordered_publish_the_connections_later_ones_are_refused_until_it_closes() {
+    let core = overloadable().await;
+    let connection = core.new_connection();
+    let mut outcomes = Vec::new();
+    for n in 0..2_000 {
+        let published = core.publish_ordered("/", Message::new("", "q", format!("{n}")), connection).await;
+        outcomes.push(match published {
+            Ok(pending) => tokio::spawn(pending.confirm()),
+            Err(error) => tokio::spawn(async move { Err(error) }),
+        });
+    }
+    let mut results = Vec::new();
+    for outcome in outcomes {
+        results.push(outcome.await.unwrap());
+    }
+    let first_failure = results.iter().position(Result::is_err).expect("the request queue filled up");
+    assert!(first_failure > 0, "some were stored");
+    for (n, result) in results.iter().enumerate().skip(first_failure) {
+        let error = result.as_ref().expect_err(&format!("publish {n}, after {first_failure} failed, is refused"));
+        assert!(error.is_retryable(), "{error}");
+    }
+    let stored = core.queue_status("/", "q").expect("status").0;
+    assert_eq!(stored, first_failure as u64, "exactly those before the first failure are stored");
+
+    // Another connection is not held back; this one is, until it closes.
+    let other = core.new_connection();
+    core.publish_ordered("/", Message::new("", "q", "other"), other).await.unwrap().confirm().await.expect("other");
+    let held = core.publish_ordered("/", Message::new("", "q", "held"), connection).await.unwrap().confirm().await;
+    assert!(held.is_err(), "still fenced: {held:?}");
+    core.close_connection(connection).await.expect("close");
+    core.publish_ordered("/", Message::new("", "q", "again"), connection)
+        .await
+        .unwrap()
+        .confirm()
+        .await
+        .expect("again");
     core.shutdown().await.expect("shutdown");
 }
 

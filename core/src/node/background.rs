@@ -156,7 +156,7 @@ async fn republish(core: &Core, batch: Vec<DeadLetter>) {
         message.exchange = job.exchange.clone();
         message.routing_key = job.routing_key.clone();
         loop {
-            match core.publish_to(&vhost, message.clone(), |queue| !is_cycle(&message, &queue.name.name)).await {
+            match core.publish_to(&vhost, message.clone(), None, |queue| !is_cycle(&message, &queue.name.name)).await {
                 Ok(pending) => {
                     confirms.push((target, job.position.offset, pending));
                     break;

@@ -55,8 +55,10 @@ openraft::declare_raft_types!(
     pub ShardTypes: D = Proposal<ShardCommand>, R = Replies<ShardReply>, AsyncRuntime = WharfRuntime,
 );
 
-/// How long start-up waits for each group to elect itself.
+/// How long start-up on a single node waits for each group to elect itself.
 const LEADER_WAIT_SECS: u64 = 30;
+/// How often a cluster node still starting says what it waits for.
+const START_REPORT_SECS: u64 = 10;
 /// Pause before running recovery again after a leadership change interrupted it.
 const RECOVER_RETRY_MS: u64 = 100;
 /// Attempts at committing an acknowledgement, and the pauses between them (doubling).
@@ -470,10 +472,13 @@ impl Core {
             tasks.push(task);
             shards.push(shard);
         }
-        let leader_wait = Duration::from_secs(LEADER_WAIT_SECS);
-        wait_for_leader(&meta.raft, leader_wait).await.map_err(group_error)?;
+        // On a single node a group elects itself at once. In a cluster a node may start while no
+        // majority is up (a whole cluster restarting, node by node), and its own replicas are part
+        // of what brings the majority back: it waits as long as it takes, saying so.
+        let patient = cluster.is_some();
+        wait_for_leader_patiently(&meta.name, &meta.raft, patient).await.map_err(group_error)?;
         for shard in &shards {
-            wait_for_leader(&shard.raft, leader_wait).await.map_err(group_error)?;
+            wait_for_leader_patiently(&shard.name, &shard.raft, patient).await.map_err(group_error)?;
         }
 
         let (stop, _) = tokio::sync::watch::channel(false);
@@ -499,18 +504,23 @@ impl Core {
                 alarms,
             }),
         };
-        // In a cluster, leaderships can still move while the nodes start: what recovery proposes
-        // may be refused as not led here; every step is idempotent, so it is run again.
-        let deadline = tokio::time::Instant::now() + leader_wait;
+        // In a cluster, leaderships can still move while the nodes start, and a majority may not
+        // be up yet: what recovery proposes may be refused or not committed. Every step is
+        // idempotent, so it is run again until it goes through (the operator stops a node that
+        // should not wait; the serve command abandons the open on a signal).
+        let started = tokio::time::Instant::now();
+        let mut reported = started;
         loop {
             match core.recover().await {
                 Ok(()) => break,
-                Err(error)
-                    if core.inner.cluster.is_some()
-                        && error.is_retryable()
-                        && tokio::time::Instant::now() < deadline =>
-                {
-                    tracing::debug!(%error, "recovery interrupted by a leadership change: again");
+                Err(error) if patient && error.is_retryable() => {
+                    if reported.elapsed() >= Duration::from_secs(START_REPORT_SECS) {
+                        reported = tokio::time::Instant::now();
+                        tracing::warn!(%error, waited_secs = started.elapsed().as_secs(),
+                            "start-up recovery not committed yet (is a majority of the cluster up?): trying again");
+                    } else {
+                        tracing::debug!(%error, "start-up recovery interrupted: again");
+                    }
                     tokio::time::sleep(Duration::from_millis(RECOVER_RETRY_MS)).await;
                 }
                 Err(error) => return Err(error),
@@ -984,14 +994,30 @@ impl Core {
     /// Route a message and queue it for commit on every shard it goes to. Publishes queued by one
     /// caller keep their order within each partition. Await the result's `confirm()`.
     pub async fn publish(&self, vhost: &str, message: Message) -> CoreResult<PendingPublish> {
-        self.publish_to(vhost, message, |_| true).await
+        self.publish_to(vhost, message, None, |_| true).await
     }
 
-    /// [`Core::publish`] to the routed queues `keep` accepts.
+    /// [`Core::publish`] for a connection whose publishes must keep their order even across
+    /// failures (MQTT, [MQTT-4.6.0-6]): once one of them fails with an error that may be retried,
+    /// the connection's later publishes to the same shard are refused (retryably) rather than
+    /// stored ahead of it, until [`Core::close_connection`]. The connection is expected to close
+    /// on such a failure, so that its client sends again, in order.
+    pub async fn publish_ordered(
+        &self,
+        vhost: &str,
+        message: Message,
+        connection: ConnectionId,
+    ) -> CoreResult<PendingPublish> {
+        self.publish_to(vhost, message, Some(connection), |_| true).await
+    }
+
+    /// [`Core::publish`] to the routed queues `keep` accepts, in order for `source` if given
+    /// ([`Core::publish_ordered`]).
     pub(crate) async fn publish_to(
         &self,
         vhost: &str,
         message: Message,
+        source: Option<ConnectionId>,
         keep: impl Fn(&RoutedQueue) -> bool,
     ) -> CoreResult<PendingPublish> {
         self.check_open()?;
@@ -1023,7 +1049,7 @@ impl Core {
             let targets = indexes.iter().map(|(_, target)| *target).collect();
             let command = ShardCommand::Publish { targets, message: Arc::clone(&message) };
             let size = command.size_bytes();
-            waits.push((indexes, self.inner.shards[shard].proposer.submit(command, size)?));
+            waits.push((indexes, self.inner.shards[shard].proposer.submit_ordered(command, size, source)?));
         }
         metrics::counter!("wharf_core_published_messages_total").increment(1);
         Ok(PendingPublish { routed: route.queues, waits })
@@ -1317,6 +1343,9 @@ impl Core {
     /// A client connection closed: what its `basic.get` calls hold returns to the queues, and its
     /// exclusive queues are deleted. (Its consumers are cancelled by dropping their handles.)
     pub async fn close_connection(&self, connection: ConnectionId) -> CoreResult<()> {
+        for shard in &self.inner.shards {
+            shard.proposer.lower_fence(connection);
+        }
         let held = self
             .inner
             .getters
@@ -1470,6 +1499,34 @@ fn designated(voters: &BTreeMap<u64, openraft::BasicNode>, group: usize) -> Opti
 
 /// Effects of a shard's state machine, for this node: deliveries and cancellations to local
 /// consumers, dead-letter work to the republishing task.
+/// Wait until `raft`'s group has a leader: at most [`LEADER_WAIT_SECS`], or, when `patient` (a
+/// cluster node), for as long as it takes, with a warning every [`START_REPORT_SECS`].
+async fn wait_for_leader_patiently<C>(
+    name: &str,
+    raft: &Raft<C>,
+    patient: bool,
+) -> Result<u64, crate::raft::group::GroupError>
+where
+    C: openraft::RaftTypeConfig<NodeId = u64>,
+{
+    if !patient {
+        return wait_for_leader(raft, Duration::from_secs(LEADER_WAIT_SECS)).await;
+    }
+    let started = tokio::time::Instant::now();
+    loop {
+        match wait_for_leader(raft, Duration::from_secs(START_REPORT_SECS)).await {
+            Err(crate::raft::group::GroupError::Wait(openraft::metrics::WaitError::Timeout(..))) => {
+                tracing::warn!(
+                    group = name,
+                    waited_secs = started.elapsed().as_secs(),
+                    "no leader known yet (is a majority of the cluster up?): still waiting"
+                );
+            }
+            outcome => return outcome,
+        }
+    }
+}
+
 fn shard_effect_sink(registry: Arc<Registry>, dead_letters: mpsc::UnboundedSender<DeadLetter>) -> EffectSink<Effect> {
     Arc::new(move |effects: Vec<Effect>| {
         for effect in effects {

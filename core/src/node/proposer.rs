@@ -6,7 +6,9 @@
 //! order), and its replies are given once this node's replica has applied them too. Touches the
 //! group's `Raft` handle and the cluster transport only.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use openraft::error::ClientWriteError;
@@ -17,6 +19,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::config::Limits;
 use crate::error::{CoreError, CoreResult};
+use crate::model::ConnectionId;
 use crate::raft::runtime::{WharfRuntime, wall_clock_ms};
 use crate::raft::transport::{GroupRpc, RpcKind, Transport, TransportError, call_encoded};
 use crate::raft::{GroupConfig, Proposal, ReplicatedState, Replies};
@@ -27,6 +30,11 @@ const FORWARD_TIMEOUT_SECS: u64 = 10;
 /// How long one attempt of a request that may be sent again (a read barrier) waits for its
 /// answer before it is sent again.
 const RESEND_ATTEMPT_MS: u64 = 1_000;
+/// How long an entry proposed by this node while it led may still wait for its answer once the
+/// leadership moved (see [`deposed`]).
+const ABANDON_AFTER_DEPOSED_MS: u64 = 3_000;
+/// How long a fence raised for a connection (see [`Fences`]) lasts when nobody lowers it.
+const FENCE_SECS: u64 = 60;
 /// Pause before sending a forwarded batch again after it could not be delivered.
 const FORWARD_RETRY_MS: u64 = 50;
 
@@ -39,6 +47,62 @@ struct Pending<S: ReplicatedState> {
     reply: oneshot::Sender<CoreResult<S::Reply>>,
     /// Forwarded here by another node: proposed here or refused, never forwarded again.
     forwarded: bool,
+    /// The connection that submitted it, when its commands must keep their order (see [`Fences`]),
+    /// and the command's place among everything queued here.
+    order: Order,
+}
+
+/// A command's connection, when its commands keep their order, and its place in the queue.
+type Order = Option<(ConnectionId, u64)>;
+
+/// Connections whose commands must keep their order, and one of whose commands failed with an
+/// error that may be retried (not stored, or its outcome unknown). Their later commands are
+/// refused rather than committed ahead of the failed one: the client sends it again, and what
+/// followed it, in order (an MQTT connection closes on such a failure and its client resends in
+/// order, [MQTT-4.6.0-6]). Without the fence, a batch cut after the failed one could still commit
+/// (sent to a new leader, say), and the failed message would arrive after it. Commands queued
+/// before the failed one are not held back: they come first anyway. A fence lasts until the
+/// connection is closed ([`Proposer::lower_fence`]) or [`FENCE_SECS`] pass.
+#[derive(Clone, Default)]
+struct Fences(Arc<Mutex<HashMap<ConnectionId, Fence>>>);
+
+/// A connection's fence: the place of its latest failed command, and when it failed.
+#[derive(Clone, Copy)]
+struct Fence {
+    after: u64,
+    raised: Instant,
+}
+
+impl Fences {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ConnectionId, Fence>> {
+        self.0.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// Fence the connection of each of `orders`, commands that failed with `error`, when it may be
+    /// retried.
+    fn raise<'a>(&self, orders: impl IntoIterator<Item = &'a Order>, error: &CoreError) {
+        if !error.is_retryable() {
+            return;
+        }
+        let raised = Instant::now();
+        let mut fences = self.lock();
+        for &(source, place) in orders.into_iter().flatten() {
+            let fence = fences.entry(source).or_insert(Fence { after: place, raised });
+            *fence = Fence { after: fence.after.max(place), raised };
+        }
+    }
+
+    /// Whether a command at `order` is held back by a fence (forgetting fences past [`FENCE_SECS`]).
+    fn holds(&self, order: Order) -> bool {
+        let Some((source, place)) = order else { return false };
+        let mut fences = self.lock();
+        if fences.is_empty() {
+            return false;
+        }
+        let now = Instant::now();
+        fences.retain(|_, fence| now.duration_since(fence.raised) < Duration::from_secs(FENCE_SECS));
+        fences.get(&source).is_some_and(|fence| place > fence.after)
+    }
 }
 
 /// How a node that does not lead a group reaches its leader.
@@ -68,11 +132,19 @@ struct ForwardReply<R> {
 pub(crate) struct Proposer<S: ReplicatedState> {
     name: Arc<str>,
     tx: mpsc::Sender<Pending<S>>,
+    fences: Fences,
+    /// The place of the next command queued (see [`Order`]).
+    next_place: Arc<AtomicU64>,
 }
 
 impl<S: ReplicatedState> Clone for Proposer<S> {
     fn clone(&self) -> Self {
-        Self { name: Arc::clone(&self.name), tx: self.tx.clone() }
+        Self {
+            name: Arc::clone(&self.name),
+            tx: self.tx.clone(),
+            fences: self.fences.clone(),
+            next_place: Arc::clone(&self.next_place),
+        }
     }
 }
 
@@ -102,19 +174,43 @@ impl<S: ReplicatedState> Proposer<S> {
     {
         let (tx, rx) = mpsc::channel(limits.pending_requests_max as usize);
         let name: Arc<str> = Arc::from(name);
-        let task = tokio::spawn(run::<C, S>(Arc::clone(&name), raft, rx, limits.clone(), forwarder));
-        (Self { name, tx }, task)
+        let fences = Fences::default();
+        let task = tokio::spawn(run::<C, S>(Arc::clone(&name), raft, rx, limits.clone(), forwarder, fences.clone()));
+        (Self { name, tx, fences, next_place: Arc::default() }, task)
     }
 
     /// Queue a command. Commands queued by one caller are applied in the order queued. Fails with
     /// `Overloaded` when `pending_requests_max` requests are already waiting.
     pub(crate) fn submit(&self, command: S::Command, size_bytes: u64) -> CoreResult<ReplyReceiver<S::Reply>> {
-        self.enqueue(command, size_bytes, false)
+        self.enqueue(command, size_bytes, false, None)
     }
 
-    fn enqueue(&self, command: S::Command, size_bytes: u64, forwarded: bool) -> CoreResult<ReplyReceiver<S::Reply>> {
+    /// [`Proposer::submit`] for `source`, whose commands keep their order across failures: after
+    /// one fails with an error that may be retried, its later ones are refused (see [`Fences`]).
+    pub(crate) fn submit_ordered(
+        &self,
+        command: S::Command,
+        size_bytes: u64,
+        source: Option<ConnectionId>,
+    ) -> CoreResult<ReplyReceiver<S::Reply>> {
+        self.enqueue(command, size_bytes, false, source)
+    }
+
+    /// `source` is closed: nothing it sends any more needs fencing.
+    pub(crate) fn lower_fence(&self, source: ConnectionId) {
+        self.fences.lock().remove(&source);
+    }
+
+    fn enqueue(
+        &self,
+        command: S::Command,
+        size_bytes: u64,
+        forwarded: bool,
+        source: Option<ConnectionId>,
+    ) -> CoreResult<ReplyReceiver<S::Reply>> {
         let (reply, rx) = oneshot::channel();
-        self.tx.try_send(Pending { command, size_bytes, reply, forwarded }).map_err(|e| match e {
+        let order = source.map(|source| (source, self.next_place.fetch_add(1, Ordering::Relaxed)));
+        let queued = self.tx.try_send(Pending { command, size_bytes, reply, forwarded, order }).map_err(|e| match e {
             mpsc::error::TrySendError::Full(_) => {
                 metrics::counter!("wharf_core_overloaded_total", "group" => self.name.to_string()).increment(1);
                 CoreError::Overloaded(format!(
@@ -124,7 +220,11 @@ impl<S: ReplicatedState> Proposer<S> {
                 ))
             }
             mpsc::error::TrySendError::Closed(_) => CoreError::Unavailable(format!("group {} is stopped", self.name)),
-        })?;
+        });
+        if let Err(error) = &queued {
+            self.fences.raise([&order], error);
+        }
+        queued?;
         Ok(rx)
     }
 
@@ -145,6 +245,7 @@ async fn run<C, S>(
     mut rx: mpsc::Receiver<Pending<S>>,
     limits: Limits,
     forwarder: Option<Forwarder>,
+    fences: Fences,
 ) where
     S: ReplicatedState,
     C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = WharfRuntime>,
@@ -181,33 +282,70 @@ async fn run<C, S>(
                 Err(_) => break,
             }
         }
+        let (fenced, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|pending| fences.holds(pending.order));
+        for pending in fenced {
+            let _ = pending.reply.send(Err(CoreError::Unavailable(format!(
+                "group {group}: an earlier command of this connection failed; this one is refused to keep their order"
+            ))));
+        }
+        if batch.is_empty() {
+            continue;
+        }
         metrics::histogram!("wharf_core_batch_commands", "group" => group.clone()).record(batch.len() as f64);
         if let Some(forwarder) = &forwarder
             && let Some((leader, node)) = leader_elsewhere(&raft, forwarder.me).await
         {
             // Inline: the next batch waits, so commands reach the leader in the order queued.
-            forward::<C, S>(&group, &raft, forwarder, leader, &node, batch).await;
+            forward::<C, S>(&group, &raft, forwarder, (leader, &node), batch, &fences).await;
             drop(permit);
             continue;
         }
+        let orders: Vec<Order> = batch.iter().map(|p| p.order).collect();
         let (commands, replies): (Vec<_>, Vec<_>) = batch.into_iter().map(|p| (p.command, p.reply)).unzip();
         let started = Instant::now();
+        let proposed_by = leader_term(&raft);
         match raft.client_write_ff(Proposal { time_ms: now_ms(), commands }).await {
             Ok(receiver) => {
                 let group = group.clone();
+                let raft = raft.clone();
+                let fences = fences.clone();
                 tokio::spawn(async move {
-                    let result = receiver.await;
+                    let result = tokio::select! {
+                        biased;
+                        result = receiver => Some(result),
+                        () = deposed(&raft, proposed_by) => None,
+                    };
                     metrics::histogram!("wharf_core_commit_seconds", "group" => group.clone())
                         .record(started.elapsed().as_secs_f64());
-                    deliver_replies::<C, S>(&group, result, replies);
+                    let failed = match result {
+                        Some(result) => deliver_replies::<C, S>(&group, result, replies),
+                        None => {
+                            metrics::counter!("wharf_core_entries_abandoned_total", "group" => group.clone())
+                                .increment(1);
+                            tracing::warn!(group, "leadership moved and no answer came for an entry proposed before");
+                            let error = CoreError::Unavailable(format!(
+                                "group {group}: leadership moved before the commit was confirmed; the outcome is unknown"
+                            ));
+                            for reply in replies {
+                                let _ = reply.send(Err(error.clone()));
+                            }
+                            Some(error)
+                        }
+                    };
+                    // Before the permit is freed: the next batch is cut after the fences are up.
+                    if let Some(error) = failed {
+                        fences.raise(&orders, &error);
+                    }
                     // Freed only after the replies went out, so that callers woken by them can
                     // queue their next requests before the next entry is cut.
                     drop(permit);
                 });
             }
             Err(fatal) => {
+                let error = CoreError::Unavailable(format!("group {group} stopped: {fatal}"));
+                fences.raise(&orders, &error);
                 for reply in replies {
-                    let _ = reply.send(Err(CoreError::Unavailable(format!("group {group} stopped: {fatal}"))));
+                    let _ = reply.send(Err(error.clone()));
                 }
             }
         }
@@ -217,6 +355,35 @@ async fn run<C, S>(
     while let Ok(pending) = rx.try_recv() {
         let _ = pending.reply.send(Err(CoreError::Unavailable(format!("group {name} is shutting down"))));
     }
+}
+
+/// The term and leader of the vote this node holds (which leadership an entry proposed now
+/// belongs to).
+fn leader_term<C: RaftTypeConfig<NodeId = u64>>(raft: &Raft<C>) -> (u64, Option<u64>) {
+    let vote = raft.metrics().borrow().vote;
+    (vote.leader_id().term, vote.leader_id().voted_for())
+}
+
+/// Resolves [`ABANDON_AFTER_DEPOSED_MS`] after this node's vote left `proposed_by`; never while
+/// it holds it. Within that grace an entry proposed under the old leadership is normally answered:
+/// applied (it survived) or refused (the new leader's log replaced it). But openraft 0.9 keeps the
+/// answer channel by log index and drops none when a snapshot from the new leader replaces the
+/// log below it: such an entry is never answered, and the group commit, which keeps
+/// `pipeline_entries_max` entries in flight, would wait for it for ever, and every later command
+/// of the group on this node behind it.
+async fn deposed<C: RaftTypeConfig<NodeId = u64>>(raft: &Raft<C>, proposed_by: (u64, Option<u64>)) {
+    let moved = raft
+        .wait(None)
+        .metrics(
+            |m| (m.vote.leader_id().term, m.vote.leader_id().voted_for()) != proposed_by,
+            "the leadership an entry was proposed under moved",
+        )
+        .await;
+    if moved.is_err() {
+        // The group is shutting down: its answer channels are dropped, which answers the entry.
+        std::future::pending::<()>().await;
+    }
+    tokio::time::sleep(Duration::from_millis(ABANDON_AFTER_DEPOSED_MS)).await;
 }
 
 /// Whether node `me` leads the group.
@@ -257,9 +424,9 @@ async fn forward<C, S>(
     group: &str,
     raft: &Raft<C>,
     forwarder: &Forwarder,
-    leader: u64,
-    node: &BasicNode,
+    (leader, node): (u64, &BasicNode),
     batch: Vec<Pending<S>>,
+    fences: &Fences,
 ) where
     S: ReplicatedState,
     C: GroupConfig<S>,
@@ -271,6 +438,7 @@ async fn forward<C, S>(
     if sent.is_empty() {
         return;
     }
+    let orders: Vec<Order> = sent.iter().map(|p| p.order).collect();
     let (commands, replies): (Vec<_>, Vec<_>) = sent.into_iter().map(|p| ((p.command, p.size_bytes), p.reply)).unzip();
     let request = ForwardRequest { commands };
     let outcome = match ask_leader::<S>(group, raft, forwarder, (leader, node.clone()), &request, false).await {
@@ -285,6 +453,7 @@ async fn forward<C, S>(
     let answer = match outcome {
         Ok(answer) => answer,
         Err(error) => {
+            fences.raise(&orders, &error);
             for reply in replies {
                 let _ = reply.send(Err(error.clone()));
             }
@@ -299,7 +468,10 @@ async fn forward<C, S>(
     if let Err(error) = applied {
         tracing::warn!(group, %error, "forwarded commands committed, but this replica has not applied them yet");
     }
-    for (reply, answer) in replies.into_iter().zip(answer.replies) {
+    for ((reply, answer), order) in replies.into_iter().zip(answer.replies).zip(&orders) {
+        if let Err(error) = &answer {
+            fences.raise([order], error);
+        }
         let _ = reply.send(answer);
     }
 }
@@ -409,8 +581,11 @@ where
         }
         let request: ForwardRequest<S::Command> =
             postcard::from_bytes(body).map_err(|e| format!("malformed forwarded commands: {e}"))?;
-        let waits: Vec<_> =
-            request.commands.into_iter().map(|(command, size)| self.proposer.enqueue(command, size, true)).collect();
+        let waits: Vec<_> = request
+            .commands
+            .into_iter()
+            .map(|(command, size)| self.proposer.enqueue(command, size, true, None))
+            .collect();
         let mut replies = Vec::with_capacity(waits.len());
         for queued in waits {
             replies.push(match queued {
@@ -431,7 +606,12 @@ type WriteOutcome<C> = Result<
     oneshot::error::RecvError,
 >;
 
-fn deliver_replies<C, S>(group: &str, result: WriteOutcome<C>, replies: Vec<oneshot::Sender<CoreResult<S::Reply>>>)
+/// Answer an entry's commands; returns the error they all got, if they failed.
+fn deliver_replies<C, S>(
+    group: &str,
+    result: WriteOutcome<C>,
+    replies: Vec<oneshot::Sender<CoreResult<S::Reply>>>,
+) -> Option<CoreError>
 where
     S: ReplicatedState,
     C: RaftTypeConfig<D = Proposal<S::Command>, R = Replies<S::Reply>, NodeId = u64>,
@@ -444,7 +624,7 @@ where
                     // A caller that stopped waiting is not an error: the command is committed.
                     let _ = reply.send(Ok(answer));
                 }
-                return;
+                return None;
             }
             CoreError::Internal(format!(
                 "group {group}: {} replies for {} commands in one entry",
@@ -459,4 +639,5 @@ where
     for reply in replies {
         let _ = reply.send(Err(error.clone()));
     }
+    Some(error)
 }

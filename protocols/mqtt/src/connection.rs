@@ -807,7 +807,8 @@ impl<S: AsyncRead + AsyncWrite + Send + 'static> Connection<S> {
             self.outcome(packet_id, qos, Err(error));
             return None;
         }
-        match self.broker.core().publish(&self.broker.config.vhost, message).await {
+        // In order even across a failure: the connection closes on one, and its client resends.
+        match self.broker.core().publish_ordered(&self.broker.config.vhost, message, self.connection_id).await {
             Ok(pending) => {
                 let _ = self.confirmer().send((packet_id, qos, PublishOutcome::Pending(pending)));
             }
