@@ -159,6 +159,8 @@ pub struct CoreSettings {
     pub raft_heartbeat_interval_ms: u64,
     /// Raft election timeout lower bound, milliseconds.
     pub raft_election_timeout_min_ms: u64,
+    /// How long a leader waits for a follower to take one piece of a snapshot, milliseconds.
+    pub raft_install_snapshot_timeout_ms: u64,
     /// Interval of the leader's time tick (TTLs, delays, expiry), milliseconds.
     pub tick_interval_ms: u64,
 }
@@ -172,6 +174,7 @@ impl Default for CoreSettings {
             snapshot_logs_since_last: core.snapshot_logs_since_last,
             raft_heartbeat_interval_ms: core.raft_heartbeat_interval_ms,
             raft_election_timeout_min_ms: core.raft_election_timeout_min_ms,
+            raft_install_snapshot_timeout_ms: core.raft_install_snapshot_timeout_ms,
             tick_interval_ms: core.tick_interval_ms,
         }
     }
@@ -462,6 +465,7 @@ impl Settings {
             snapshot_logs_since_last: self.core.snapshot_logs_since_last,
             raft_heartbeat_interval_ms: self.core.raft_heartbeat_interval_ms,
             raft_election_timeout_min_ms: self.core.raft_election_timeout_min_ms,
+            raft_install_snapshot_timeout_ms: self.core.raft_install_snapshot_timeout_ms,
             tick_interval_ms: self.core.tick_interval_ms,
             limits: self.limits.clone().into(),
             alarms: self.alarms.clone(),
@@ -552,6 +556,12 @@ pub fn default_file() -> String {
         "Raft election timeout lower bound, milliseconds (the upper bound is twice this).",
         "raft_election_timeout_min_ms",
         core.raft_election_timeout_min_ms,
+    );
+    entry(
+        &mut out,
+        "How long a leader waits for a follower to take one piece of a snapshot, milliseconds.",
+        "raft_install_snapshot_timeout_ms",
+        core.raft_install_snapshot_timeout_ms,
     );
     entry(
         &mut out,

@@ -36,6 +36,9 @@ pub struct CoreConfig {
     pub raft_heartbeat_interval_ms: u64,
     /// Raft election timeout, lower bound (upper bound is twice this).
     pub raft_election_timeout_min_ms: u64,
+    /// How long a leader waits for a follower to take one piece of a snapshot (a follower too far
+    /// behind the purged log catches up by snapshot; its last piece includes installing it).
+    pub raft_install_snapshot_timeout_ms: u64,
     /// How often the leader proposes a time tick so that TTLs, delays and queue expiry advance.
     pub tick_interval_ms: u64,
     /// Limits.
@@ -55,6 +58,7 @@ impl CoreConfig {
             snapshot_logs_since_last: 5_000,
             raft_heartbeat_interval_ms: 100,
             raft_election_timeout_min_ms: 300,
+            raft_install_snapshot_timeout_ms: 5_000,
             tick_interval_ms: 100,
             limits: Limits::default(),
             alarms: crate::alarms::AlarmConfig::default(),
@@ -75,6 +79,9 @@ impl CoreConfig {
         }
         if self.raft_heartbeat_interval_ms == 0 {
             return fail("raft_heartbeat_interval_ms", "must be at least 1".into());
+        }
+        if self.raft_install_snapshot_timeout_ms == 0 {
+            return fail("raft_install_snapshot_timeout_ms", "must be at least 1".into());
         }
         if self.raft_election_timeout_min_ms <= self.raft_heartbeat_interval_ms {
             return fail("raft_election_timeout_min_ms", "must be greater than raft_heartbeat_interval_ms".into());

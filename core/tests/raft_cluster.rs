@@ -117,7 +117,7 @@ impl Cluster {
             Net::Switchboard => self.board.transport(id),
             Net::Grpc(_) => GrpcTransport::new(MESSAGE_SIZE_MAX_BYTES),
         };
-        let config = raft_config(50, 150, self.snapshot_logs_since_last).unwrap();
+        let config = raft_config(50, 150, self.snapshot_logs_since_last, 5_000).unwrap();
         let board = Arc::clone(&self.board);
         let node = self.nodes.iter_mut().find(|node| node.id == id).unwrap();
         assert!(node.running.is_none(), "node {id} runs already");

@@ -90,7 +90,7 @@ struct Expected {
 }
 
 fn config(snapshot_logs_since_last: u64) -> Arc<openraft::Config> {
-    raft_config(50, 150, snapshot_logs_since_last).unwrap()
+    raft_config(50, 150, snapshot_logs_since_last, 5_000).unwrap()
 }
 
 struct Group {

@@ -437,6 +437,7 @@ impl Core {
             config.raft_heartbeat_interval_ms,
             config.raft_election_timeout_min_ms,
             config.snapshot_logs_since_last,
+            config.raft_install_snapshot_timeout_ms,
         )
         .map_err(|e| CoreError::InvalidArgument(e.to_string()))?;
         let group_error = |e: crate::raft::group::GroupError| CoreError::Unavailable(e.to_string());

@@ -70,11 +70,13 @@ pub enum GroupError {
 /// The openraft configuration for a group: heartbeats every `heartbeat_interval_ms`, elections
 /// after a random timeout in `[election_timeout_min_ms, 2 × election_timeout_min_ms)`, a snapshot
 /// every `snapshot_logs_since_last` applied entries, after which the log is purged up to
-/// [`LOGS_KEPT_AFTER_SNAPSHOT`] entries below it.
+/// [`LOGS_KEPT_AFTER_SNAPSHOT`] entries below it, and `install_snapshot_timeout_ms` for a follower
+/// to take each piece of a snapshot.
 pub fn raft_config(
     heartbeat_interval_ms: u64,
     election_timeout_min_ms: u64,
     snapshot_logs_since_last: u64,
+    install_snapshot_timeout_ms: u64,
 ) -> Result<Arc<Config>, GroupError> {
     let config = Config {
         cluster_name: "wharf".into(),
@@ -84,6 +86,7 @@ pub fn raft_config(
         snapshot_policy: SnapshotPolicy::LogsSinceLast(snapshot_logs_since_last),
         max_in_snapshot_log_to_keep: LOGS_KEPT_AFTER_SNAPSHOT,
         max_payload_entries: APPEND_ENTRIES_PER_RPC_MAX,
+        install_snapshot_timeout: install_snapshot_timeout_ms,
         ..Config::default()
     };
     Ok(Arc::new(config.validate().map_err(|e| GroupError::Config(Box::new(e)))?))
