@@ -4,7 +4,6 @@
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Mutex;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 
@@ -14,10 +13,6 @@ use crate::queue::{ConsumerId, Delivery};
 use crate::shard::{PartitionKey, ShardCommand, ShardReply};
 
 use super::Core;
-
-/// First and longest pause between attempts to detach a consumer whose detach was not committed.
-const DETACH_RETRY_MS_MIN: u64 = 50;
-const DETACH_RETRY_MS_MAX: u64 = 2_000;
 
 /// Something that happens to a consumer.
 #[derive(Debug, Clone, PartialEq)]
@@ -186,17 +181,8 @@ impl Consumer {
             .collect();
         // Tried again until committed, as a detach is: a stop that was lost would leave the
         // consumer attached (Drop does not detach it any more).
-        let mut pause_ms = DETACH_RETRY_MS_MIN;
-        let replies = loop {
-            match core.on_shards(commands.iter().cloned()).await {
-                Err(error) if error.is_retryable() && core.check_open().is_ok() => {
-                    tracing::debug!(%error, consumer = ?self.id, "consumer stop not committed; trying again");
-                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-                    pause_ms = (pause_ms * 2).min(DETACH_RETRY_MS_MAX);
-                }
-                outcome => break outcome,
-            }
-        };
+        let replies =
+            core.retry_uncommitted("consumer stop", u32::MAX, || core.on_shards(commands.iter().cloned())).await;
         // Every delivery applied before the stop is in the channel now; none comes after it.
         core.inner.registry.unregister(self.id);
         let replies = replies?;
@@ -284,21 +270,9 @@ impl std::fmt::Debug for AttachUndo {
 /// committed or this node stops. A consumer whose detach was lost would otherwise stay attached
 /// for as long as the node runs, holding its unacknowledged deliveries from every other consumer.
 pub(crate) async fn detach_until_done(core: &Core, id: ConsumerId, targets: &[PartitionKey]) -> CoreResult<u32> {
-    let mut pause_ms = DETACH_RETRY_MS_MIN;
-    loop {
-        match detach_all(core, id, targets).await {
-            Err(error) if error.is_retryable() && core.check_open().is_ok() => {
-                tracing::debug!(%error, consumer = ?id, "detach not committed; trying again");
-                tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-                pause_ms = (pause_ms * 2).min(DETACH_RETRY_MS_MAX);
-            }
-            Err(error) => {
-                tracing::warn!(%error, consumer = ?id, "detaching a consumer failed");
-                return Err(error);
-            }
-            outcome => return outcome,
-        }
-    }
+    core.retry_uncommitted("detach", u32::MAX, || detach_all(core, id, targets))
+        .await
+        .inspect_err(|error| tracing::warn!(%error, consumer = ?id, "detaching a consumer failed"))
 }
 
 /// Pushing consumers left on a queue, from its partitions' detach (or stop) replies.

@@ -61,10 +61,11 @@ const LEADER_WAIT_SECS: u64 = 30;
 const START_REPORT_SECS: u64 = 10;
 /// Pause before running recovery again after a leadership change interrupted it.
 const RECOVER_RETRY_MS: u64 = 100;
-/// Attempts at committing an acknowledgement, and the pauses between them (doubling).
+/// Attempts at committing an acknowledgement.
 const SETTLE_ATTEMPTS_MAX: u32 = 8;
-const SETTLE_RETRY_MS_MIN: u64 = 50;
-const SETTLE_RETRY_MS_MAX: u64 = 2_000;
+/// First and longest pause between attempts at a command that was not committed (doubling).
+const RETRY_MS_MIN: u64 = 50;
+const RETRY_MS_MAX: u64 = 2_000;
 /// How long shutdown waits for queued and in-flight commits to finish.
 const DRAIN_WAIT_SECS: u64 = 20;
 /// The default virtual host, created on first start.
@@ -254,27 +255,18 @@ impl PendingSettle {
     /// message may have come back to the same consumer meanwhile.)
     pub async fn done(self) -> CoreResult<Vec<Position>> {
         let mut unknown = Vec::new();
-        for (target, command, mut rx) in self.waits {
+        for (target, command, rx) in self.waits {
             let resend = matches!(command, ShardCommand::Settle { outcome: Outcome::Ack, .. });
-            let mut attempts = 1;
-            let mut pause_ms = SETTLE_RETRY_MS_MIN;
-            let reply = loop {
-                match wait(rx).await {
-                    Err(error)
-                        if resend
-                            && error.is_retryable()
-                            && attempts < SETTLE_ATTEMPTS_MAX
-                            && self.core.check_open().is_ok() =>
-                    {
-                        tracing::debug!(%error, attempts, "acknowledgement not committed; sending it again");
-                        tokio::time::sleep(Duration::from_millis(pause_ms)).await;
-                        pause_ms = (pause_ms * 2).min(SETTLE_RETRY_MS_MAX);
-                        attempts += 1;
-                        rx = self.core.shard_for(target).submit(command.clone(), command.size_bytes())?;
-                    }
-                    outcome => break outcome?,
-                }
-            };
+            let mut queued = Some(rx);
+            let reply = self
+                .core
+                .retry_uncommitted("acknowledgement", if resend { SETTLE_ATTEMPTS_MAX } else { 1 }, || {
+                    let rx = queued
+                        .take()
+                        .map_or_else(|| self.core.shard_for(target).submit(command.clone(), command.size_bytes()), Ok);
+                    async move { wait(rx?).await }
+                })
+                .await?;
             match reply {
                 ShardReply::Settled { unknown: offsets } => {
                     unknown.extend(offsets.into_iter().map(|offset| Position {
@@ -671,6 +663,33 @@ impl Core {
         Ok(())
     }
 
+    /// Run `attempt` until it is committed or fails for good: after a retryable failure (no
+    /// leader, a lost forward) it runs again, after a pause doubling from [`RETRY_MS_MIN`] to
+    /// [`RETRY_MS_MAX`], while this node is open and fewer than `attempts_max` attempts were made.
+    pub(crate) async fn retry_uncommitted<T, F>(
+        &self,
+        what: &str,
+        attempts_max: u32,
+        mut attempt: impl FnMut() -> F,
+    ) -> CoreResult<T>
+    where
+        F: Future<Output = CoreResult<T>>,
+    {
+        let mut attempts = 1;
+        let mut pause_ms = RETRY_MS_MIN;
+        loop {
+            match attempt().await {
+                Err(error) if error.is_retryable() && attempts < attempts_max && self.check_open().is_ok() => {
+                    tracing::debug!(%error, attempts, "{what} not committed; trying again");
+                    tokio::time::sleep(Duration::from_millis(pause_ms)).await;
+                    pause_ms = (pause_ms * 2).min(RETRY_MS_MAX);
+                    attempts += 1;
+                }
+                outcome => return outcome,
+            }
+        }
+    }
+
     /// Stop at once, as a killed process does: no draining, no final sync (what the storage had
     /// not synced is the storage's to lose). For crash tests and the simulation.
     #[doc(hidden)]
@@ -713,8 +732,7 @@ impl Core {
     /// In a cluster, bring this node's catalogue replica up to what the meta group's leader had
     /// applied (a read barrier); `false` on a single node, where the replica is never behind.
     async fn catch_up_catalogue(&self) -> CoreResult<bool> {
-        let Some(link) = &self.inner.cluster else { return Ok(false) };
-        let forwarder = Forwarder { me: self.inner.config.node_id, transport: Arc::clone(&link.transport) };
+        let Some(forwarder) = self.forwarder() else { return Ok(false) };
         catch_up::<MetaTypes, Catalogue>("meta", &self.inner.meta.raft, &forwarder).await?;
         Ok(true)
     }
@@ -722,10 +740,14 @@ impl Core {
     /// In a cluster, bring this node's replica of shard `index` up to what its leader had applied
     /// (a read barrier); nothing to do on a single node.
     pub(crate) async fn catch_up_shard(&self, index: usize) -> CoreResult<()> {
-        let Some(link) = &self.inner.cluster else { return Ok(()) };
-        let Some(shard) = self.inner.shards.get(index) else { return Ok(()) };
-        let forwarder = Forwarder { me: self.inner.config.node_id, transport: Arc::clone(&link.transport) };
+        let (Some(forwarder), Some(shard)) = (self.forwarder(), self.inner.shards.get(index)) else { return Ok(()) };
         catch_up::<ShardTypes, ShardState>(&shard.name, &shard.raft, &forwarder).await
+    }
+
+    /// How this node reaches the groups' leaders; `None` on a single node.
+    fn forwarder(&self) -> Option<Forwarder> {
+        let link = self.inner.cluster.as_ref()?;
+        Some(Forwarder { me: self.inner.config.node_id, transport: Arc::clone(&link.transport) })
     }
 
     /// Every Raft group as this node sees it: its role, the leader, the log, the voters.
@@ -1498,8 +1520,6 @@ fn designated(voters: &BTreeMap<u64, openraft::BasicNode>, group: usize) -> Opti
     voters.keys().nth(group % voters.len()).copied()
 }
 
-/// Effects of a shard's state machine, for this node: deliveries and cancellations to local
-/// consumers, dead-letter work to the republishing task.
 /// Wait until `raft`'s group has a leader: at most [`LEADER_WAIT_SECS`], or, when `patient` (a
 /// cluster node), for as long as it takes, with a warning every [`START_REPORT_SECS`].
 async fn wait_for_leader_patiently<C>(
@@ -1528,6 +1548,8 @@ where
     }
 }
 
+/// Effects of a shard's state machine, for this node: deliveries and cancellations to local
+/// consumers, dead-letter work to the republishing task.
 fn shard_effect_sink(registry: Arc<Registry>, dead_letters: mpsc::UnboundedSender<DeadLetter>) -> EffectSink<Effect> {
     Arc::new(move |effects: Vec<Effect>| {
         for effect in effects {

@@ -283,11 +283,10 @@ async fn run<C, S>(
             }
         }
         let (fenced, batch): (Vec<_>, Vec<_>) = batch.into_iter().partition(|pending| fences.holds(pending.order));
-        for pending in fenced {
-            let _ = pending.reply.send(Err(CoreError::Unavailable(format!(
-                "group {group}: an earlier command of this connection failed; this one is refused to keep their order"
-            ))));
-        }
+        let refused = CoreError::Unavailable(format!(
+            "group {group}: an earlier command of this connection failed; this one is refused to keep their order"
+        ));
+        answer_all(fenced.into_iter().map(|pending| pending.reply), &refused);
         if batch.is_empty() {
             continue;
         }
@@ -326,9 +325,7 @@ async fn run<C, S>(
                             let error = CoreError::Unavailable(format!(
                                 "group {group}: leadership moved before the commit was confirmed; the outcome is unknown"
                             ));
-                            for reply in replies {
-                                let _ = reply.send(Err(error.clone()));
-                            }
+                            answer_all(replies, &error);
                             Some(error)
                         }
                     };
@@ -344,9 +341,7 @@ async fn run<C, S>(
             Err(fatal) => {
                 let error = CoreError::Unavailable(format!("group {group} stopped: {fatal}"));
                 fences.raise(&orders, &error);
-                for reply in replies {
-                    let _ = reply.send(Err(error.clone()));
-                }
+                answer_all(replies, &error);
             }
         }
     }
@@ -360,8 +355,24 @@ async fn run<C, S>(
 /// The term and leader of the vote this node holds (which leadership an entry proposed now
 /// belongs to).
 fn leader_term<C: RaftTypeConfig<NodeId = u64>>(raft: &Raft<C>) -> (u64, Option<u64>) {
-    let vote = raft.metrics().borrow().vote;
+    vote_leadership(&raft.metrics().borrow().vote)
+}
+
+fn vote_leadership(vote: &openraft::Vote<u64>) -> (u64, Option<u64>) {
     (vote.leader_id().term, vote.leader_id().voted_for())
+}
+
+/// Resolves once `raft`'s metrics satisfy `holds` (within `timeout`, if given); never otherwise,
+/// shut-down groups included.
+async fn until<C: RaftTypeConfig<NodeId = u64>>(
+    raft: &Raft<C>,
+    timeout: Option<Duration>,
+    holds: impl Fn(&openraft::RaftMetrics<u64, C::Node>) -> bool + Send,
+    what: &str,
+) {
+    if raft.wait(timeout).metrics(holds, what).await.is_err() {
+        std::future::pending::<()>().await;
+    }
 }
 
 /// Resolves [`ABANDON_AFTER_DEPOSED_MS`] after this node's vote left `proposed_by`; never while
@@ -372,17 +383,10 @@ fn leader_term<C: RaftTypeConfig<NodeId = u64>>(raft: &Raft<C>) -> (u64, Option<
 /// `pipeline_entries_max` entries in flight, would wait for it for ever, and every later command
 /// of the group on this node behind it.
 async fn deposed<C: RaftTypeConfig<NodeId = u64>>(raft: &Raft<C>, proposed_by: (u64, Option<u64>)) {
-    let moved = raft
-        .wait(None)
-        .metrics(
-            |m| (m.vote.leader_id().term, m.vote.leader_id().voted_for()) != proposed_by,
-            "the leadership an entry was proposed under moved",
-        )
+    // A group shutting down never resolves this: its answer channels are dropped, which answers
+    // the entry.
+    until(raft, None, |m| vote_leadership(&m.vote) != proposed_by, "the leadership an entry was proposed under moved")
         .await;
-    if moved.is_err() {
-        // The group is shutting down: its answer channels are dropped, which answers the entry.
-        std::future::pending::<()>().await;
-    }
     tokio::time::sleep(Duration::from_millis(ABANDON_AFTER_DEPOSED_MS)).await;
 }
 
@@ -454,9 +458,7 @@ async fn forward<C, S>(
         Ok(answer) => answer,
         Err(error) => {
             fences.raise(&orders, &error);
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
+            answer_all(replies, &error);
             return;
         }
     };
@@ -555,11 +557,7 @@ async fn ask_leader<S: ReplicatedState>(
 /// Resolves once this node knows of a leader other than `leader`, within `timeout`; never
 /// otherwise.
 async fn leadership_moved(raft: &Raft<impl RaftTypeConfig<NodeId = u64>>, leader: u64, timeout: Duration) {
-    let moved =
-        raft.wait(Some(timeout)).metrics(|m| m.current_leader.is_some_and(|now| now != leader), "another leader").await;
-    if moved.is_err() {
-        std::future::pending::<()>().await;
-    }
+    until(raft, Some(timeout), |m| m.current_leader.is_some_and(|now| now != leader), "another leader").await;
 }
 
 /// A group's side of the cluster transport on this node: Raft's RPCs go to openraft, forwarded
@@ -636,8 +634,13 @@ where
         Ok(Err(other)) => CoreError::Unavailable(format!("group {group}: {other}")),
         Err(_) => CoreError::Unavailable(format!("group {group} stopped before committing")),
     };
+    answer_all(replies, &error);
+    Some(error)
+}
+
+/// Answer every one of `replies` with `error` (a caller that stopped waiting is no error).
+fn answer_all<R>(replies: impl IntoIterator<Item = oneshot::Sender<CoreResult<R>>>, error: &CoreError) {
     for reply in replies {
         let _ = reply.send(Err(error.clone()));
     }
-    Some(error)
 }

@@ -522,26 +522,30 @@ impl Core {
         // A decided transaction that no participant holds any more is done everywhere. The
         // participants are read on this node's replicas, which in a cluster may be behind their
         // leaders: a replica that has not applied the prepare yet would make a committed
-        // transaction look done, and forgetting it would have its participants abort it. So each
-        // replica first catches up with its leader (a read barrier). A commit is decided only
-        // after every prepare was applied, so a caught-up replica that holds nothing has applied
-        // the decision too; an abort forgotten early is still an abort.
-        let decided: Vec<(TxnId, Vec<u32>)> = self.with_catalogue(|c| {
-            c.txns().filter(|(_, r)| r.decision.is_some()).map(|(t, r)| (*t, r.participants.clone())).collect()
-        });
-        let participants: std::collections::BTreeSet<u32> =
-            decided.iter().flat_map(|(_, participants)| participants.iter().copied()).collect();
-        for shard in participants {
-            self.catch_up_shard(shard as usize).await?;
-        }
-        for (txn, participants) in decided {
-            let held = participants.iter().any(|&shard| {
+        // transaction look done, and forgetting it would have its participants abort it. So
+        // before one that looks done is forgotten, its participants' replicas catch up with their
+        // leaders (a read barrier) and are read again. A commit is decided only after every
+        // prepare was applied, so a caught-up replica that holds nothing has applied the decision
+        // too; an abort forgotten early is still an abort.
+        let held = |txn: TxnId, participants: &[u32]| {
+            participants.iter().any(|&shard| {
                 self.inner
                     .shards
                     .get(shard as usize)
                     .is_none_or(|s| s.reader.read(|s| s.prepared().any(|(t, _)| *t == txn)))
-            });
-            if !held {
+            })
+        };
+        let mut done: Vec<(TxnId, Vec<u32>)> = self.with_catalogue(|c| {
+            c.txns().filter(|(_, r)| r.decision.is_some()).map(|(t, r)| (*t, r.participants.clone())).collect()
+        });
+        done.retain(|(txn, participants)| !held(*txn, participants));
+        let participants: std::collections::BTreeSet<u32> =
+            done.iter().flat_map(|(_, participants)| participants.iter().copied()).collect();
+        for shard in participants {
+            self.catch_up_shard(shard as usize).await?;
+        }
+        for (txn, participants) in done {
+            if !held(txn, &participants) {
                 self.meta(MetaCommand::TxnForget { txn }).await?;
             }
         }

@@ -1,8 +1,8 @@
 //! The cluster transport under every group's Raft network: what a Raft RPC is on the wire
 //! ([`RaftRpc`]), the [`Transport`] that carries it to a peer, the [`RaftService`] that hands an
 //! incoming one to the right local group, and [`Switchboard`], an in-process transport between
-//! nodes of one process with partitions, loss and delay, for tests and the simulation. Touches no storage; the
-//! in-process transport touches no sockets (the gRPC one, on the cluster port, is in
+//! nodes of one process with partitions, loss and delay, for tests and the simulation. Touches no
+//! storage; the in-process transport touches no sockets (the gRPC one, on the cluster port, is in
 //! [`super::grpc`]).
 //!
 //! A transport moves opaque bodies: the Raft network ([`super::network`]) encodes requests and
@@ -298,11 +298,18 @@ impl Switchboard {
         });
     }
 
-    /// Draw this message's fate from the noise: lost or not, and its delay.
-    fn noise(&self) -> (bool, Duration) {
-        match self.links().noise.as_mut() {
+    /// Carry one request or reply through the noise: held back by its delay, and never
+    /// arriving (the sender hears nothing, see [`silence`]) if it is lost.
+    async fn cross(&self) {
+        let (lost, delay) = match self.links().noise.as_mut() {
             Some(noise) => (noise.lost(), noise.delay()),
             None => (false, Duration::ZERO),
+        };
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if lost {
+            std::future::pending::<()>().await;
         }
     }
 
@@ -334,21 +341,9 @@ impl Transport for LocalTransport {
         };
         let service =
             service.ok_or_else(|| TransportError::Unreachable { target, reason: "node not attached".into() })?;
-        let (request_lost, request_delay) = self.board.noise();
-        if !request_delay.is_zero() {
-            tokio::time::sleep(request_delay).await;
-        }
-        if request_lost {
-            return silence().await;
-        }
+        self.board.cross().await;
         let reply = service.serve(target, rpc).await?;
-        let (reply_lost, reply_delay) = self.board.noise();
-        if !reply_delay.is_zero() {
-            tokio::time::sleep(reply_delay).await;
-        }
-        if reply_lost {
-            return silence().await;
-        }
+        self.board.cross().await;
         // The link may have been cut, or the node detached, while the request was served.
         let reply_cut = {
             let links = self.board.links();
