@@ -47,6 +47,49 @@ pub enum ClusterCommand {
         #[arg(long)]
         json: bool,
     },
+    /// Add a node to every Raft group of the cluster, online: a learner first, a voter once it
+    /// has caught up. Start the new node first, with `cluster.join = true`.
+    Join {
+        /// The admin HTTP address of a node of the cluster (on this host, unless that node has
+        /// `admin.remote_changes`).
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15672")]
+        admin: SocketAddr,
+        /// The new node as `ID@HOST:PORT`: its `node.id` and its cluster listener's address.
+        #[arg(long, value_name = "ID@HOST:PORT")]
+        node: String,
+        /// How long the change may take, catching up included, seconds.
+        #[arg(long, value_name = "SECS", default_value_t = crate::admin::CHANGE_TIMEOUT_SECS_DEFAULT)]
+        timeout_secs: u64,
+    },
+    /// Hand the leadership of one Raft group, or of every group, over to a node (for balancing
+    /// leaderships, or before maintenance).
+    TransferLeader {
+        /// The admin HTTP address of a node of the cluster.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15672")]
+        admin: SocketAddr,
+        /// The node that is to lead.
+        #[arg(long, value_name = "ID")]
+        to: u64,
+        /// One group (`meta`, `shard-3`); every group when absent.
+        #[arg(long, value_name = "GROUP")]
+        group: Option<String>,
+        /// How long the hand-over may take, seconds.
+        #[arg(long, value_name = "SECS", default_value_t = crate::admin::CHANGE_TIMEOUT_SECS_DEFAULT)]
+        timeout_secs: u64,
+    },
+    /// Remove a node from every Raft group of the cluster, online (the node may be down). Ask
+    /// another node than the one removed.
+    Leave {
+        /// The admin HTTP address of a node that stays.
+        #[arg(long, value_name = "ADDR", default_value = "127.0.0.1:15672")]
+        admin: SocketAddr,
+        /// The id of the node to remove.
+        #[arg(long, value_name = "ID")]
+        node: u64,
+        /// How long the change may take, seconds.
+        #[arg(long, value_name = "SECS", default_value_t = crate::admin::CHANGE_TIMEOUT_SECS_DEFAULT)]
+        timeout_secs: u64,
+    },
 }
 
 /// Flags of `wharf serve`. Flags override the configuration file and the environment.
@@ -123,6 +166,23 @@ mod tests {
         assert_eq!(overrides.data_dir.as_deref(), Some(std::path::Path::new("/d")));
         assert_eq!(overrides.admin_listen, Some("127.0.0.1:1".parse().expect("address")));
         assert_eq!(overrides.log_level.as_deref(), Some("debug"));
+    }
+
+    #[test]
+    fn cluster_join_and_leave_parse() {
+        let cli = Cli::try_parse_from(["wharf", "cluster", "join", "--node", "4@127.0.0.1:7685"]).expect("parses");
+        let Command::Cluster(ClusterCommand::Join { admin, node, timeout_secs }) = cli.command else { panic!("join") };
+        assert_eq!((admin.port(), node.as_str(), timeout_secs), (15672, "4@127.0.0.1:7685", 300));
+        let cli = Cli::try_parse_from(["wharf", "cluster", "leave", "--admin", "127.0.0.1:1", "--node", "2"])
+            .expect("parses");
+        assert!(matches!(cli.command, Command::Cluster(ClusterCommand::Leave { node: 2, .. })));
+        assert!(Cli::try_parse_from(["wharf", "cluster", "leave"]).is_err(), "--node is required");
+        let cli = Cli::try_parse_from(["wharf", "cluster", "transfer-leader", "--to", "3", "--group", "shard-1"])
+            .expect("parses");
+        assert!(matches!(
+            cli.command,
+            Command::Cluster(ClusterCommand::TransferLeader { to: 3, group: Some(ref g), .. }) if g == "shard-1"
+        ));
     }
 
     #[test]

@@ -98,10 +98,14 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
     info!(address = %listener.local_addr()?, "admin HTTP listening");
     let core_cell = Arc::new(OnceLock::new());
     let (stop_admin, admin_stopped) = oneshot::channel::<()>();
-    let mut admin = tokio::spawn(admin::serve(listener, AdminState::new(core_cell.clone(), metrics, started), async {
-        // A dropped sender stops the endpoint too.
-        let _ = admin_stopped.await;
-    }));
+    let mut admin = tokio::spawn(admin::serve(
+        listener,
+        AdminState::new(core_cell.clone(), metrics, started, settings.admin.remote_changes),
+        async {
+            // A dropped sender stops the endpoint too.
+            let _ = admin_stopped.await;
+        },
+    ));
 
     // A node of a cluster serves its peers before it opens the core: electing leaders takes
     // their votes, and theirs take this node's.
@@ -116,8 +120,9 @@ async fn serve(settings: Settings, started: Instant) -> anyhow::Result<ExitCode>
                 size_max,
             )
             .await?;
-            info!(peers = ?voters, "joining the cluster");
-            let link = ClusterLink { voters, transport: GrpcTransport::new(size_max), service };
+            let join = settings.cluster.join;
+            info!(peers = ?voters, join, "joining the cluster");
+            let link = ClusterLink { voters, transport: GrpcTransport::new(size_max), service, join };
             (Some(link), Some(listener))
         }
         // Validated when the settings were loaded.

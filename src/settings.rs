@@ -108,8 +108,13 @@ impl Default for NodeSettings {
 pub struct ClusterSettings {
     /// Every node of the cluster, this one included, as `ID@HOST:PORT`: its `node.id` and the
     /// address of its `listeners.cluster` as the others reach it. Empty: a single node. Used to
-    /// form the Raft groups on first start; the same list on every node.
+    /// form the Raft groups on first start; the same list on every node. Afterwards the groups'
+    /// stored members win (they change with `wharf cluster join|leave`), as long as the list
+    /// still names one of them besides this node.
     pub peers: Vec<String>,
+    /// This node joins a running cluster: on first start it forms no group and waits until
+    /// `wharf cluster join` (on a node of the cluster) adds it. Its `peers` must list itself.
+    pub join: bool,
     /// Largest Raft message or forwarded batch between nodes, bytes.
     pub message_size_max_bytes: u64,
 }
@@ -120,7 +125,7 @@ const CLUSTER_MESSAGE_SIZE_MAX_BYTES_DEFAULT: u64 = 64 << 20;
 
 impl Default for ClusterSettings {
     fn default() -> Self {
-        Self { peers: Vec::new(), message_size_max_bytes: CLUSTER_MESSAGE_SIZE_MAX_BYTES_DEFAULT }
+        Self { peers: Vec::new(), join: false, message_size_max_bytes: CLUSTER_MESSAGE_SIZE_MAX_BYTES_DEFAULT }
     }
 }
 
@@ -260,11 +265,17 @@ impl Default for LimitsSettings {
 pub struct AdminSettings {
     /// Address of the admin HTTP endpoint (`/healthz`, `/readyz`, `/metrics`).
     pub listen: SocketAddr,
+    /// Take membership changes (`POST /cluster/join`, `/cluster/leave`) from other hosts too,
+    /// not only from this one. The endpoint has no authentication yet: only on a trusted network.
+    pub remote_changes: bool,
 }
 
 impl Default for AdminSettings {
     fn default() -> Self {
-        Self { listen: ADMIN_LISTEN_DEFAULT.parse().expect("the default admin address is valid") }
+        Self {
+            listen: ADMIN_LISTEN_DEFAULT.parse().expect("the default admin address is valid"),
+            remote_changes: false,
+        }
     }
 }
 
@@ -400,6 +411,9 @@ impl Settings {
     fn validate_cluster(&self) -> Result<(), SettingsError> {
         let invalid = |key: &str, reason: String| SettingsError::Invalid { key: key.into(), reason };
         let Some(voters) = self.cluster.voters().map_err(|reason| invalid("cluster.peers", reason))? else {
+            if self.cluster.join {
+                return Err(invalid("cluster.join", "a node joining a cluster needs cluster.peers".into()));
+            }
             return Ok(());
         };
         if !voters.contains_key(&self.node.id) {
@@ -576,9 +590,17 @@ pub fn default_file() -> String {
     section(&mut out, "admin");
     entry(
         &mut out,
-        "Admin HTTP address: /healthz, /readyz and /metrics (Prometheus).",
+        "Admin HTTP address: /healthz, /readyz, /metrics (Prometheus), /cluster and the cluster's\n\
+         membership changes (POST /cluster/join, /cluster/leave).",
         "listen",
         toml_string(&settings.admin.listen.to_string()),
+    );
+    entry(
+        &mut out,
+        "Take membership changes from other hosts too, not only from this one. The endpoint has no\n\
+         authentication yet: only on a trusted network.",
+        "remote_changes",
+        settings.admin.remote_changes,
     );
 
     section(&mut out, "listeners");
@@ -634,9 +656,17 @@ pub fn default_file() -> String {
     entry(
         &mut out,
         "Every node of the cluster, this one included, as \"ID@HOST:PORT\" (its node.id and the address\n\
-         its listeners.cluster is reached at); the same list on every node. Empty: a single node.",
+         its listeners.cluster is reached at); the same list on every node. Empty: a single node.\n\
+         Forms the groups on first start; then the stored members (wharf cluster join|leave) win.",
         "peers",
         "[]",
+    );
+    entry(
+        &mut out,
+        "This node joins a running cluster: on first start it forms no group and waits until\n\
+         `wharf cluster join` on a node of the cluster adds it (peers must list this node).",
+        "join",
+        settings.cluster.join,
     );
     entry(
         &mut out,

@@ -398,6 +398,65 @@ fn three_nodes_form_a_cluster_carry_mqtt_messages_between_them_and_survive_a_kil
 }
 
 #[test]
+fn a_node_joins_a_running_cluster_with_wharf_cluster_join_and_another_leaves() {
+    let cluster_ports: Vec<u16> = (0..4).map(|_| free_port()).collect();
+    let peers: Vec<String> =
+        cluster_ports.iter().enumerate().map(|(i, port)| format!("\"{}@127.0.0.1:{port}\"", i + 1)).collect();
+    let start = |i: usize, config: &str| {
+        Node::start_with(
+            Some(config),
+            &[
+                ("WHARF__NODE__ID", (i + 1).to_string()),
+                ("WHARF__LISTENERS__CLUSTER", format!("127.0.0.1:{}", cluster_ports[i])),
+                ("WHARF__CORE__SHARD_COUNT", "2".into()),
+            ],
+        )
+    };
+    let three = format!("[cluster]\npeers = [{}]\n", peers[..3].join(", "));
+    let mut nodes: Vec<Node> = (0..3).map(|i| start(i, &three)).collect();
+    for node in &mut nodes {
+        wait_for(node, "/readyz", 200);
+    }
+    // Node 4 lists the running nodes and itself, and waits to be added.
+    let mut joining = start(3, &format!("[cluster]\njoin = true\npeers = [{}]\n", peers.join(", ")));
+    wait_for(&mut joining, "/healthz", 200);
+    sleep(Duration::from_secs(2));
+    assert_eq!(get(joining.admin, "/readyz").map(|(code, _)| code), Some(503), "{}", joining.log());
+
+    let cluster = |args: &[&str]| run(wharf().arg("cluster").args(args));
+    let node4 = format!("4@127.0.0.1:{}", cluster_ports[3]);
+    let output = cluster(&["join", "--admin", &nodes[0].admin.to_string(), "--node", &node4]);
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{}\n{}", stderr(&output), joining.log());
+    assert!(printed.starts_with("node 4 added (through node 1)"), "{printed}");
+    assert_eq!(printed.lines().filter(|line| line.ends_with("voters 1,2,3,4")).count(), 3, "{printed}");
+    wait_for(&mut joining, "/readyz", 200);
+    let output = cluster(&["status", "--admin", &joining.admin.to_string()]);
+    let table = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(table.lines().skip(2).all(|line| line.contains("1,2,3,4")), "{table}");
+
+    // Every leadership to the new node, asked through node 2.
+    let output = cluster(&["transfer-leader", "--admin", &nodes[1].admin.to_string(), "--to", "4"]);
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(printed.lines().filter(|line| line.ends_with("leader 4")).count(), 3, "{printed}");
+
+    // Node 1 leaves, asked through node 4; asking node 1 to remove itself is refused.
+    let output = cluster(&["leave", "--admin", &nodes[0].admin.to_string(), "--node", "1"]);
+    assert_eq!(output.status.code(), Some(1));
+    assert!(stderr(&output).contains("400") && stderr(&output).contains("cannot remove itself"), "{}", stderr(&output));
+    let output = cluster(&["leave", "--admin", &joining.admin.to_string(), "--node", "1"]);
+    let printed = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert_eq!(output.status.code(), Some(0), "{}", stderr(&output));
+    assert_eq!(printed.lines().filter(|line| line.ends_with("voters 2,3,4")).count(), 3, "{printed}");
+    nodes[0].kill();
+    // A malformed request is refused with 400 and the reason.
+    let output =
+        cluster(&["join", "--admin", &joining.admin.to_string(), "--node", "5@127.0.0.1:1", "--timeout-secs", "0"]);
+    assert!(stderr(&output).contains("400") && stderr(&output).contains("timeout_secs"), "{}", stderr(&output));
+}
+
+#[test]
 fn the_example_cluster_configs_pass_config_check() {
     for node in 1..=3 {
         let file = Path::new(env!("CARGO_MANIFEST_DIR")).join(format!("examples/cluster/node{node}.toml"));

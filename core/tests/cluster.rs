@@ -46,14 +46,27 @@ fn open_node(
     id: u64,
     adjust: impl Fn(&mut CoreConfig),
 ) -> tokio::task::JoinHandle<Result<Core, CoreError>> {
-    let voters: BTreeMap<u64, String> = (1..=NODES).map(|id| (id, format!("node-{id}"))).collect();
+    open_node_on(board, id, MemStorage::new(), false, adjust)
+}
+
+/// [`open_node`] on `storage`; with `join`, as a node joining the running cluster (peers 1..=3
+/// and itself), which waits to be added.
+fn open_node_on(
+    board: &Arc<Switchboard>,
+    id: u64,
+    storage: MemStorage,
+    join: bool,
+    adjust: impl Fn(&mut CoreConfig),
+) -> tokio::task::JoinHandle<Result<Core, CoreError>> {
+    let voters: BTreeMap<u64, String> =
+        (1..=NODES).chain(join.then_some(id)).map(|id| (id, format!("node-{id}"))).collect();
     let mut config = common::memory_config(2);
     adjust(&mut config);
     config.node_id = id;
     let service = Arc::new(RaftService::new());
     board.attach(id, Arc::clone(&service));
-    let link = ClusterLink { voters, transport: board.transport(id), service };
-    tokio::spawn(Core::open_in(config, Arc::new(MemStorage::new()), Some(link)))
+    let link = ClusterLink { voters, transport: board.transport(id), service, join };
+    tokio::spawn(Core::open_in(config, Arc::new(storage), Some(link)))
 }
 
 /// Publish `payload` with its own idempotency key, retrying while leadership moves: a retry of a
@@ -175,7 +188,12 @@ async fn a_node_not_among_the_voters_is_refused() {
     let mut config = common::memory_config(1);
     config.node_id = 9;
     let service = Arc::new(RaftService::new());
-    let link = ClusterLink { voters: BTreeMap::from([(1, "node-1".into())]), transport: board.transport(9), service };
+    let link = ClusterLink {
+        voters: BTreeMap::from([(1, "node-1".into())]),
+        transport: board.transport(9),
+        service,
+        join: false,
+    };
     let error = Core::open_in(config, Arc::new(MemStorage::new()), Some(link)).await.expect_err("refused");
     assert!(matches!(&error, CoreError::InvalidArgument(text) if text.contains("node 9")), "{error}");
 }
@@ -192,7 +210,7 @@ async fn a_data_directory_written_by_a_single_node_is_refused_as_a_node_of_a_clu
     let board = Switchboard::new();
     let voters: BTreeMap<u64, String> = (1..=NODES).map(|id| (id, format!("node-{id}"))).collect();
     let service = Arc::new(RaftService::new());
-    let link = ClusterLink { voters, transport: board.transport(1), service };
+    let link = ClusterLink { voters, transport: board.transport(1), service, join: false };
     let error = Core::open_in(common::memory_config(1), Arc::new(storage), Some(link)).await.expect_err("refused");
     let text = error.to_string();
     assert!(matches!(error, CoreError::InvalidArgument(_)), "{text}");
@@ -298,4 +316,158 @@ async fn a_node_started_alone_waits_for_a_majority_however_long() {
     let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
     cores[0].declare_queue(spec).await.expect("declare");
     publish(&cores[0], "after the wait").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_node_joins_online_catches_up_and_serves_then_another_is_removed() {
+    let board = Switchboard::new();
+    // Snapshots every 16 entries: the new node catches up from a snapshot, not only from the log.
+    let small_snapshots = |config: &mut CoreConfig| config.snapshot_logs_since_last = 16;
+    let cores = cluster_with(&board, small_snapshots).await;
+    let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
+    cores[0].declare_queue(spec).await.expect("declare");
+    for n in 0..60 {
+        publish(&cores[n % 3], &format!("m{n:04}")).await;
+    }
+
+    // Node 4 starts to join: it forms no group of its own and waits to be added.
+    let joining = open_node_on(&board, 4, MemStorage::new(), true, small_snapshots);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(!joining.is_finished(), "a joining node waits until it is added");
+    let members = cores[1].add_node(4, "node-4", TIMEOUT).await.expect("add node 4");
+    let groups: Vec<&str> = members.iter().map(|m| m.group.as_str()).collect();
+    assert_eq!(groups, ["meta", "shard-0", "shard-1"]);
+    assert!(members.iter().all(|m| m.voters == [1, 2, 3, 4]), "{members:?}");
+    let node4 = tokio::time::timeout(TIMEOUT, joining).await.expect("node 4 opens").unwrap().expect("open node 4");
+    assert!(node4.is_ready());
+    for group in node4.group_status() {
+        assert_eq!(group.voters, vec![1, 2, 3, 4], "{group:?}");
+    }
+    // Asking again changes nothing; the same id at another address is refused.
+    let again = cores[2].add_node(4, "node-4", TIMEOUT).await.expect("add node 4 again");
+    assert_eq!(again, members);
+    let error = cores[2].add_node(4, "elsewhere", TIMEOUT).await.expect_err("another address");
+    assert!(matches!(&error, CoreError::InvalidArgument(text) if text.contains("already a member")), "{error}");
+
+    // Node 4 serves: what was published before it joined comes from its own replicas, and what it
+    // publishes goes to the groups' leaders.
+    for n in 60..80 {
+        publish(&node4, &format!("m{n:04}")).await;
+    }
+    let id = ConsumerId { connection: node4.new_connection(), seq: 1 };
+    let mut consumer = node4.consume("/", "orders", id, ConsumeOptions::default()).await.expect("consume on 4");
+    let received = consume(&node4, &mut consumer, id, 80).await;
+    let expected: Vec<String> = (0..80).map(|n| format!("m{n:04}")).collect();
+    assert_eq!(received, expected, "every message once, in order");
+
+    // Node 3 stops and is removed while down, through node 4; a node cannot remove itself.
+    cores[2].shutdown().await.expect("stop node 3");
+    board.detach(3);
+    let error = node4.remove_node(4, TIMEOUT).await.expect_err("not itself");
+    assert!(matches!(error, CoreError::InvalidArgument(_)), "{error}");
+    let members = node4.remove_node(3, TIMEOUT).await.expect("remove node 3");
+    assert!(members.iter().all(|m| m.voters == [1, 2, 4]), "{members:?}");
+    // Node 1, the meta group's first leader, is removed while it runs, and then stopped.
+    let members = cores[1].remove_node(1, TIMEOUT).await.expect("remove node 1");
+    assert!(members.iter().all(|m| m.voters == [2, 4]), "{members:?}");
+    cores[0].shutdown().await.expect("stop node 1");
+    board.detach(1);
+    // Nodes 2 and 4 carry on as the whole cluster.
+    for n in 80..100 {
+        publish(&cores[1], &format!("m{n:04}")).await;
+    }
+    let more = consume(&node4, &mut consumer, id, 20).await;
+    assert_eq!(more, (80..100).map(|n| format!("m{n:04}")).collect::<Vec<_>>());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_removed_node_refuses_to_start_on_its_data_and_the_stored_members_win_over_the_peers() {
+    let board = Switchboard::new();
+    let storages: Vec<MemStorage> = (1..=NODES).map(|_| MemStorage::new()).collect();
+    let mut opening = Vec::new();
+    for (id, storage) in (1..=NODES).zip(&storages) {
+        opening.push(open_node_on(&board, id, storage.clone(), false, |_| {}));
+    }
+    let mut cores = Vec::new();
+    for opened in opening {
+        cores.push(tokio::time::timeout(TIMEOUT, opened).await.expect("open").unwrap().expect("open core"));
+    }
+    // Node 3 leads shard-1 (the third group) from the start: it commits its own removal there.
+    assert_eq!(cores[2].group_status()[2].leader, Some(3));
+    let members = cores[0].remove_node(3, TIMEOUT).await.expect("remove node 3");
+    assert!(members.iter().all(|m| m.voters == [1, 2]), "{members:?}");
+    let deadline = tokio::time::Instant::now() + TIMEOUT;
+    while cores[2].group_status()[2].voters != [1, 2] {
+        assert!(tokio::time::Instant::now() < deadline, "node 3 never saw its removal");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    cores[2].shutdown().await.expect("stop node 3");
+    board.detach(3);
+    let error = open_node_on(&board, 3, storages[2].clone(), false, |_| {}).await.unwrap().expect_err("refused");
+    assert!(matches!(&error, CoreError::InvalidArgument(text) if text.contains("no longer a member")), "{error}");
+
+    // Node 1 restarts with its configured peers still 1..=3: the stored members (1 and 2) win.
+    cores[0].shutdown().await.expect("stop node 1");
+    board.detach(1);
+    let node1 = open_node_on(&board, 1, storages[0].clone(), false, |_| {});
+    let node1 = tokio::time::timeout(TIMEOUT, node1).await.expect("reopen").unwrap().expect("reopened");
+    assert!(node1.group_status().iter().all(|group| group.voters == [1, 2]));
+    assert!(node1.is_ready());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leaderships_are_handed_over_on_request_and_at_a_graceful_shutdown_while_publishing() {
+    let board = Switchboard::new();
+    let cores = cluster(&board).await;
+    let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
+    cores[0].declare_queue(spec).await.expect("declare");
+    // A publisher through node 2 keeps going while leaderships move.
+    let publisher = {
+        let core = cores[1].clone();
+        tokio::spawn(async move {
+            for n in 0..200 {
+                publish(&core, &format!("m{n:04}")).await;
+            }
+        })
+    };
+
+    // Every group to node 3, asked through node 1 (which leads the meta group).
+    let leaders = cores[0].transfer_leadership(None, 3, TIMEOUT).await.expect("hand over to 3");
+    assert_eq!(leaders.len(), 3);
+    assert!(leaders.iter().all(|group| group.leader == 3), "{leaders:?}");
+    // The node asked has seen it; the others hear of it at the new leader's next append.
+    for core in &cores {
+        let deadline = tokio::time::Instant::now() + TIMEOUT;
+        while !core.group_status().iter().all(|group| group.leader == Some(3)) {
+            assert!(tokio::time::Instant::now() < deadline, "{:?}", core.group_status());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    // One group back to node 2, asked through node 3; already there is no change.
+    let leaders = cores[2].transfer_leadership(Some("shard-0"), 2, TIMEOUT).await.expect("shard-0 to 2");
+    assert_eq!(leaders.iter().map(|g| (g.group.as_str(), g.leader)).collect::<Vec<_>>(), [("shard-0", 2)]);
+    let again = cores[0].transfer_leadership(Some("shard-0"), 2, TIMEOUT).await.expect("again");
+    assert_eq!(again, leaders);
+    let error = cores[0].transfer_leadership(None, 9, TIMEOUT).await.expect_err("not a voter");
+    assert!(matches!(&error, CoreError::InvalidArgument(text) if text.contains("not a voter")), "{error}");
+    let error = cores[0].transfer_leadership(Some("shard-9"), 2, TIMEOUT).await.expect_err("no such group");
+    assert!(matches!(error, CoreError::NotFound(_)), "{error}");
+
+    // Node 3 leads the meta group and shard-1: stopping it hands them over first, so a survivor
+    // leads each of them as soon as the shutdown returns, without waiting for an election timeout.
+    tokio::time::timeout(TIMEOUT, publisher).await.expect("publisher finishes").expect("publisher");
+    cores[2].shutdown().await.expect("stop node 3");
+    board.detach(3);
+    let survivors = [&cores[0], &cores[1]];
+    for group in ["meta", "shard-1"] {
+        let led: Vec<bool> = survivors
+            .iter()
+            .map(|core| core.group_status().iter().any(|status| status.group == group && status.state == "leader"))
+            .collect();
+        assert!(led.contains(&true), "{group}: no survivor leads it once node 3 has stopped");
+    }
+    let id = ConsumerId { connection: cores[0].new_connection(), seq: 1 };
+    let mut consumer = cores[0].consume("/", "orders", id, ConsumeOptions::default()).await.expect("consume");
+    let received = consume(&cores[0], &mut consumer, id, 200).await;
+    assert_eq!(received, (0..200).map(|n| format!("m{n:04}")).collect::<Vec<_>>(), "every message once, in order");
 }

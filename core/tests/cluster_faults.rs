@@ -44,7 +44,7 @@ impl Nodes {
         config.node_id = id;
         let service = Arc::new(RaftService::new());
         self.board.attach(id, Arc::clone(&service));
-        let link = ClusterLink { voters: Self::voters(), transport: self.board.transport(id), service };
+        let link = ClusterLink { voters: Self::voters(), transport: self.board.transport(id), service, join: false };
         let storage = Arc::new(self.storages[(id - 1) as usize].clone());
         tokio::time::timeout(TIMEOUT, Core::open_in(config, storage, Some(link)))
             .await

@@ -124,7 +124,8 @@ impl Cluster {
         let storage: Arc<dyn Storage> = node.storage.clone();
         let syncer = Syncer::new(Arc::clone(&storage)).unwrap();
         let no_effects: EffectSink<CounterEffect> = Arc::new(|_| {});
-        let start = GroupStart { name: GROUP, node_id: id, raft_config: config, voters, elect_first: id == 1 };
+        let start =
+            GroupStart { name: GROUP, node_id: id, raft_config: config, voters, elect_first: id == 1, form: true };
         let network = ClusterNetwork::new(GROUP, transport);
         let (raft, reader) =
             start_group::<TestConfig, Counters, _>(start, network, storage, syncer, no_effects).await.unwrap();

@@ -114,6 +114,7 @@ async fn start_named(name: &str, storage: &Arc<dyn Storage>, syncer: &Syncer, sn
         raft_config: config(snapshot_logs_since_last),
         voters,
         elect_first: false,
+        form: true,
     };
     let (raft, reader) = start_group::<TestConfig, Counters, _>(
         start,
@@ -167,7 +168,7 @@ async fn restart_scenario(first: Arc<dyn Storage>, reopen: impl Fn() -> Arc<dyn 
     const SNAPSHOT_EVERY: u64 = 40;
 
     let mut expected = Expected::default();
-    assert_eq!(first.next_incarnation().unwrap(), 1);
+    assert_eq!(first.next_incarnation(0).unwrap(), 1);
     let syncer = Syncer::new(Arc::clone(&first)).unwrap();
     let group = start(&first, &syncer, SNAPSHOT_EVERY).await;
     propose(&group, &mut expected, 1, PROPOSALS).await;
@@ -203,7 +204,7 @@ async fn restart_scenario(first: Arc<dyn Storage>, reopen: impl Fn() -> Arc<dyn 
 
     // What is on storage, seen through the log store and state machine.
     let storage = reopen();
-    assert_eq!(storage.next_incarnation().unwrap(), 2, "incarnation survives restarts");
+    assert_eq!(storage.next_incarnation(0).unwrap(), 2, "incarnation survives restarts");
     assert!(storage.first_index(GROUP).unwrap().unwrap() > 1, "log purged");
     {
         let syncer = Syncer::new(Arc::clone(&storage)).unwrap();

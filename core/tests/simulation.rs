@@ -1,7 +1,8 @@
 //! The deterministic simulation: a three- or five-node core and its clients in one thread, on
 //! tokio's paused (virtual) clock, over the in-process switchboard, each node on in-memory storage
 //! that loses its un-synced writes when the node crashes. A seed draws everything: the fault
-//! schedule (partitions, one-way cuts, crashes and restarts, message loss and delay, clock jumps),
+//! schedule (partitions, one-way cuts, crashes and restarts, message loss and delay, clock jumps,
+//! and membership changes: a node replaced by a new one with an empty disk, removed then added),
 //! the clients' choices, openraft's election timeouts and the network's noise, so a seed replays
 //! exactly (`a_seed_replays_exactly` checks that two runs of one seed leave the same trace).
 //!
@@ -15,7 +16,7 @@
 //!
 //! `WHARF_SIM_SEED` (first seed) and `WHARF_SIM_SEEDS` (how many; default 200 in a release build,
 //! 3 in a debug one) choose the seeds; `WHARF_SIM_TRACE` prints the clients' events and
-//! `WHARF_SIM_LOG` (a tracing filter) the broker's log. A
+//! `WHARF_SIM_LOG` (a tracing filter) the broker's log, `WHARF_SIM_PROGRESS` a line per seed. A
 //! failing seed prints the command that replays it. Built with the `canary-confirm-before-commit`
 //! feature, the canary test instead requires some seed to fail, so the checker is known to see a
 //! broken build. Touches only in-memory storage.
@@ -32,12 +33,12 @@ use proptest::prelude::RngExt;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 use tokio::time::Instant;
 use wharf_core::model::{FieldValue, Headers, Message};
-use wharf_core::node::{ConsumeOptions, ConsumerEvent, QueueSpec};
+use wharf_core::node::{ConsumeOptions, ConsumerEvent, GroupMembers, QueueSpec};
 use wharf_core::queue::{ConsumerId, Outcome};
 use wharf_core::raft::runtime::{end_simulation, jump_simulated_clock, simulate_this_thread};
 use wharf_core::raft::storage::MemStorage;
 use wharf_core::raft::transport::{RaftService, Switchboard};
-use wharf_core::{ClusterLink, Core};
+use wharf_core::{ClusterLink, Core, CoreError};
 
 /// Publishers of orders, and orders each.
 const PUBLISHERS: usize = 4;
@@ -51,6 +52,8 @@ const LEDGER_TXNS_PER_WRITER: usize = 300;
 /// faults.
 const PUBLISH_PAUSE_MS_MAX: u64 = 60;
 const LEDGER_PAUSE_MS_MAX: u64 = 100;
+/// How long one attempt at a membership change may take.
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 /// Faults drawn per seed, one at a time.
 const FAULTS: usize = 16;
 /// Client operations a seed must reach (publishes, commits, deliveries and acknowledgements).
@@ -79,7 +82,7 @@ struct Sim {
     /// Each group snapshots (and purges its log below) every this many entries.
     snapshot_logs_since_last: u64,
     board: Arc<Switchboard>,
-    storages: Vec<MemStorage>,
+    storages: Mutex<Vec<MemStorage>>,
     cores: Mutex<Vec<Option<Core>>>,
     rng: Mutex<TestRng>,
     started: Instant,
@@ -112,13 +115,18 @@ impl Sim {
     }
 
     async fn open(&self, id: u64) -> Core {
+        self.open_as(id, false).await
+    }
+
+    /// Open node `id` on its storage; with `join`, as a node that waits to be added.
+    async fn open_as(&self, id: u64, join: bool) -> Core {
         let mut config = common::memory_config(3);
         config.node_id = id;
         config.snapshot_logs_since_last = self.snapshot_logs_since_last;
         let service = Arc::new(RaftService::new());
         self.board.attach(id, Arc::clone(&service));
-        let link = ClusterLink { voters: self.voters(), transport: self.board.transport(id), service };
-        let storage = Arc::new(self.storages[(id - 1) as usize].clone());
+        let link = ClusterLink { voters: self.voters(), transport: self.board.transport(id), service, join };
+        let storage = Arc::new(self.storages.lock().unwrap()[(id - 1) as usize].clone());
         tokio::time::timeout(DEADLINE, Core::open_in(config, storage, Some(link)))
             .await
             .unwrap_or_else(|_| panic!("node {id} did not open"))
@@ -155,13 +163,56 @@ impl Sim {
         if let Some(core) = core {
             self.board.detach(id);
             let _ = core.kill().await;
-            self.storages[(id - 1) as usize].crash();
+            self.storages.lock().unwrap()[(id - 1) as usize].crash();
         }
     }
 
     async fn start(&self, id: u64) {
         let core = self.open(id).await;
         self.cores.lock().unwrap()[(id - 1) as usize] = Some(core);
+    }
+
+    /// Replace node `id` as a dead machine is: it crashes and its disk is gone, a running node
+    /// removes it from the cluster, and a new node with the same id and an empty disk starts to
+    /// join and is added through a running node (membership changes under load, and a replica
+    /// that catches up from nothing).
+    async fn replace(&self, id: u64) {
+        self.crash(id).await;
+        self.change_members(&format!("remove node {id}"), |core| async move {
+            core.remove_node(id, MEMBERSHIP_TIMEOUT).await
+        })
+        .await;
+        self.storages.lock().unwrap()[(id - 1) as usize] = MemStorage::new();
+        let joining = async { self.open_as(id, true).await };
+        let what = format!("add node {id}");
+        let adding = self.change_members(&what, |core| async move {
+            core.add_node(id, &format!("node-{id}"), MEMBERSHIP_TIMEOUT).await
+        });
+        let (core, ()) = tokio::join!(joining, adding);
+        self.cores.lock().unwrap()[(id - 1) as usize] = Some(core);
+    }
+
+    /// Make a membership change through a running node drawn at random, again (through another,
+    /// perhaps) while it fails retryably, within [`DEADLINE`].
+    async fn change_members<F, Fut>(&self, what: &str, change: F)
+    where
+        F: Fn(Core) -> Fut,
+        Fut: Future<Output = Result<Vec<GroupMembers>, CoreError>>,
+    {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            let (node, core) = self.any_node().await;
+            match change(core).await {
+                Ok(members) => {
+                    self.note(&format!("{what} through node {node}: {members:?}"));
+                    return;
+                }
+                Err(error) if error.is_retryable() && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                Err(error) => panic!("{what} through node {node}: {error}"),
+            }
+        }
     }
 }
 
@@ -400,6 +451,10 @@ async fn inject_faults(sim: &Sim, seed: u64) -> BTreeMap<&'static str, u32> {
                 jump_simulated_clock(sim.draw(0..20_000) as i64 - 10_000);
                 "clock jump"
             }
+            5 if sim.draw(0..2) == 0 => {
+                sim.replace(a).await;
+                "replace"
+            }
             _ => "quiet",
         };
         sim.note(&format!("fault {name} on {a}/{b}"));
@@ -477,7 +532,7 @@ async fn run(seed: u64) -> Trace {
         nodes,
         snapshot_logs_since_last,
         board: Switchboard::new(),
-        storages: (0..nodes).map(|_| MemStorage::new()).collect(),
+        storages: Mutex::new((0..nodes).map(|_| MemStorage::new()).collect()),
         cores: Mutex::new(vec![None; nodes as usize]),
         rng: Mutex::new(TestRng::from_seed(RngAlgorithm::ChaCha, &seed_bytes)),
         started: Instant::now(),
@@ -660,15 +715,24 @@ fn seeds() -> std::ops::Range<u64> {
 #[test]
 fn every_seed_keeps_confirmed_messages_once_in_order_and_transactions_whole() {
     let mut operations = 0;
+    let mut faults: BTreeMap<&str, u32> = BTreeMap::new();
     for seed in seeds() {
         match run_seed(seed) {
-            Ok(trace) => operations += trace.operations,
+            Ok(trace) => {
+                if std::env::var_os("WHARF_SIM_PROGRESS").is_some() {
+                    eprintln!("seed {seed}: {} operations, faults {:?}", trace.operations, trace.faults);
+                }
+                operations += trace.operations;
+                for (fault, count) in trace.faults {
+                    *faults.entry(fault).or_default() += count;
+                }
+            }
             Err(why) => panic!(
                 "seed {seed} failed: {why}\nreplay: WHARF_SIM_SEED={seed} WHARF_SIM_SEEDS=1 cargo test -p wharf-core --test simulation"
             ),
         }
     }
-    eprintln!("simulation: seeds {:?}, {operations} client operations, all passed", seeds());
+    eprintln!("simulation: seeds {:?}, {operations} client operations, faults {faults:?}, all passed", seeds());
 }
 
 #[cfg(not(feature = "canary-confirm-before-commit"))]

@@ -8,6 +8,7 @@
 
 mod background;
 mod consumers;
+mod membership;
 pub(crate) mod proposer;
 mod state;
 mod txn;
@@ -24,6 +25,7 @@ use tokio::task::JoinHandle;
 
 use self::consumers::Registry;
 pub use self::consumers::{ConsumeOptions, Consumer, ConsumerEvent, Stopped};
+pub use self::membership::{GroupLeader, GroupMembers};
 use self::proposer::{Forwarder, GroupEndpoint, Proposer, ReplyReceiver, catch_up, wait};
 pub use self::txn::{CheckBack, PreparedTxn, Txn, TxnCommitted, TxnStop};
 use crate::alarms::AlarmMonitor;
@@ -362,11 +364,15 @@ pub struct ClusterLink {
     /// Where the peers' RPCs arrive: the core registers its groups there. Serve it on the
     /// cluster port (or attach it to an in-process switchboard).
     pub service: Arc<RaftService>,
+    /// This node joins a running cluster (`cluster.join`): on first start it forms no group and
+    /// waits until a node of the cluster adds it ([`Core::add_node`]). Ignored once its groups
+    /// have members.
+    pub join: bool,
 }
 
 impl std::fmt::Debug for ClusterLink {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ClusterLink").field("voters", &self.voters).finish_non_exhaustive()
+        f.debug_struct("ClusterLink").field("voters", &self.voters).field("join", &self.join).finish_non_exhaustive()
     }
 }
 
@@ -423,7 +429,11 @@ impl Core {
         let storage_error = |e: crate::raft::storage::StorageError| CoreError::Storage(e.to_string());
         check_node_id(&storage, config.node_id).await?;
         check_shard_count(&storage, config.shard_count).await?;
-        let incarnation = run_io(&storage, |s| s.next_incarnation()).await.map_err(storage_error)?;
+        // At least the wall clock's milliseconds: a node id given a new, empty data directory
+        // (a replaced machine joining again) starts above the ids its earlier directory handed
+        // out, which the cluster may still hold (connections, transactions).
+        let at_least = crate::raft::runtime::wall_clock_ms();
+        let incarnation = run_io(&storage, move |s| s.next_incarnation(at_least)).await.map_err(storage_error)?;
         let syncer = Syncer::new(Arc::clone(&storage)).map_err(storage_error)?;
         let raft = raft_config(
             config.raft_heartbeat_interval_ms,
@@ -469,9 +479,10 @@ impl Core {
         // majority is up (a whole cluster restarting, node by node), and its own replicas are part
         // of what brings the majority back: it waits as long as it takes, saying so.
         let patient = cluster.is_some();
-        wait_for_leader_patiently(&meta.name, &meta.raft, patient).await.map_err(group_error)?;
+        let joining = cluster.as_ref().is_some_and(|link| link.join);
+        wait_for_leader_patiently(&meta.name, &meta.raft, patient, joining).await.map_err(group_error)?;
         for shard in &shards {
-            wait_for_leader_patiently(&shard.name, &shard.raft, patient).await.map_err(group_error)?;
+            wait_for_leader_patiently(&shard.name, &shard.raft, patient, joining).await.map_err(group_error)?;
         }
 
         let (stop, _) = tokio::sync::watch::channel(false);
@@ -609,9 +620,16 @@ impl Core {
         Ok(())
     }
 
-    /// Whether every Raft group has a leader and the node serves requests.
+    /// Whether every Raft group has a leader and the node serves requests: not while it opens or
+    /// closes, nor once it was removed from the cluster ([`Core::remove_node`]).
     pub fn is_ready(&self) -> bool {
-        self.inner.ready.load(Ordering::Acquire) && !self.inner.closing.load(Ordering::Acquire)
+        self.inner.ready.load(Ordering::Acquire) && !self.inner.closing.load(Ordering::Acquire) && self.is_member()
+    }
+
+    /// Whether this node is a member of the cluster (always, on a single node).
+    pub fn is_member(&self) -> bool {
+        let me = self.inner.config.node_id;
+        self.inner.meta.raft.metrics().borrow().membership_config.membership().get_node(&me).is_some()
     }
 
     /// The node's memory and disk alarms: front-ends watch them to hold back publishers.
@@ -657,6 +675,9 @@ impl Core {
                 tracing::warn!("a shard did not drain within {DRAIN_WAIT_SECS} s");
             }
         }
+        // The groups this node leads elect their next leader now rather than after an election
+        // timeout, and nothing is left waiting on a leader that is going.
+        self.hand_over_leaderships().await;
         self.stop_groups().await?;
         run_io(&self.inner.storage, |s| s.sync()).await.map_err(|e| CoreError::Storage(e.to_string()))?;
         tracing::info!("core stopped");
@@ -1441,25 +1462,41 @@ async fn check_fixed(
     if stored == value { Ok(()) } else { Err(CoreError::InvalidArgument(refusal(stored))) }
 }
 
-/// Refuse a group whose stored membership is not the configured voters: the data directory was
-/// written by another cluster, or by this node alone (its groups would go on without the peers, a
-/// second cluster beside theirs). A group not formed yet has no membership and passes.
-fn check_membership<C: openraft::RaftTypeConfig<NodeId = u64>>(
+/// Refuse a group whose stored membership does not fit the configuration: this node is no longer
+/// a member (it was removed from the cluster), or the data directory was written by another
+/// cluster, or by this node alone (its groups would go on without the peers, a second cluster
+/// beside theirs). The stored membership, which membership changes keep up to date, wins over
+/// the configured peers as long as they share a voter other than this node. A group not formed
+/// yet has no membership and passes.
+fn check_membership<C: openraft::RaftTypeConfig<NodeId = u64, Node = openraft::BasicNode>>(
     group: &str,
     raft: &Raft<C>,
+    me: u64,
     voters: &BTreeMap<u64, openraft::BasicNode>,
 ) -> CoreResult<()> {
-    let stored: Vec<u64> = raft.metrics().borrow().membership_config.membership().voter_ids().collect();
+    let membership = raft.metrics().borrow().membership_config.membership().clone();
+    let stored: Vec<u64> = membership.voter_ids().collect();
     let configured: Vec<u64> = voters.keys().copied().collect();
     if stored.is_empty() || stored == configured {
+        return Ok(());
+    }
+    if membership.get_node(&me).is_none() {
+        return Err(CoreError::InvalidArgument(format!(
+            "node {me} is no longer a member of the cluster: the data directory's group {group} has the voters \
+             {stored:?}; give this node an empty data directory and add it again (wharf cluster join)"
+        )));
+    }
+    let shared = stored.iter().any(|id| *id != me && voters.contains_key(id));
+    if shared {
+        tracing::info!(group, ?stored, ?configured, "the group's members changed since the configuration was written");
         return Ok(());
     }
     let peers =
         if configured.len() == 1 { "no peers (a single node)".to_owned() } else { format!("peers {configured:?}") };
     Err(CoreError::InvalidArgument(format!(
         "invalid configuration: cluster.peers: the data directory's group {group} has the voters {stored:?}, \
-         but {peers} are configured; membership changes are not supported yet: configure the voters \
-         the data was written with, or give this node an empty data directory"
+         but {peers} are configured, none of them among those voters: configure the voters the data was \
+         written with (or some of them), or give this node an empty data directory"
     )))
 }
 
@@ -1495,17 +1532,24 @@ impl GroupLaunch<'_> {
             raft_config: Arc::clone(self.raft_config),
             voters: self.voters.clone(),
             elect_first: designated(self.voters, index) == Some(me),
+            form: !self.cluster.is_some_and(|link| link.join),
         };
         let network = ClusterNetwork::new(name, Arc::clone(self.transport));
         let (raft, reader) =
             start_group::<C, S, _>(start, network, Arc::clone(self.storage), self.syncer.clone(), effects)
                 .await
                 .map_err(|e| CoreError::Unavailable(e.to_string()))?;
-        check_membership(name, &raft, self.voters)?;
+        check_membership(name, &raft, me, self.voters)?;
         let forwarder = self.cluster.map(|_| Forwarder { me, transport: Arc::clone(self.transport) });
         let (proposer, task) = Proposer::spawn(name, raft.clone(), &self.config.limits, forwarder);
         if let Some(link) = self.cluster {
-            link.service.register(name, Arc::new(GroupEndpoint { raft: raft.clone(), proposer: proposer.clone() }));
+            let endpoint = GroupEndpoint {
+                name: name.to_owned(),
+                raft: raft.clone(),
+                proposer: proposer.clone(),
+                transport: Arc::clone(&link.transport),
+            };
+            link.service.register(name, Arc::new(endpoint));
         }
         Ok((Group { name: name.to_owned(), raft, reader, proposer }, task))
     }
@@ -1521,11 +1565,13 @@ fn designated(voters: &BTreeMap<u64, openraft::BasicNode>, group: usize) -> Opti
 }
 
 /// Wait until `raft`'s group has a leader: at most [`LEADER_WAIT_SECS`], or, when `patient` (a
-/// cluster node), for as long as it takes, with a warning every [`START_REPORT_SECS`].
+/// cluster node), for as long as it takes, with a warning every [`START_REPORT_SECS`] (saying what
+/// is awaited: a majority, or, for a node `joining` the cluster, to be added).
 async fn wait_for_leader_patiently<C>(
     name: &str,
     raft: &Raft<C>,
     patient: bool,
+    joining: bool,
 ) -> Result<u64, crate::raft::group::GroupError>
 where
     C: openraft::RaftTypeConfig<NodeId = u64>,
@@ -1537,11 +1583,20 @@ where
     loop {
         match wait_for_leader(raft, Duration::from_secs(START_REPORT_SECS)).await {
             Err(crate::raft::group::GroupError::Wait(openraft::metrics::WaitError::Timeout(..))) => {
-                tracing::warn!(
-                    group = name,
-                    waited_secs = started.elapsed().as_secs(),
-                    "no leader known yet (is a majority of the cluster up?): still waiting"
-                );
+                let waited_secs = started.elapsed().as_secs();
+                if joining {
+                    tracing::warn!(
+                        group = name,
+                        waited_secs,
+                        "not added to the group yet (wharf cluster join, on a node of the cluster): still waiting"
+                    );
+                } else {
+                    tracing::warn!(
+                        group = name,
+                        waited_secs,
+                        "no leader known yet (is a majority of the cluster up?): still waiting"
+                    );
+                }
             }
             outcome => return outcome,
         }

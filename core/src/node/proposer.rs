@@ -135,6 +135,10 @@ pub(crate) struct Proposer<S: ReplicatedState> {
     fences: Fences,
     /// The place of the next command queued (see [`Order`]).
     next_place: Arc<AtomicU64>,
+    /// The pipeline's slots (`pipeline_entries_max`): each entry in flight, and each forwarded
+    /// batch, holds one. Holding them all holds the group commit ([`Proposer::hold`]).
+    in_flight: Arc<Semaphore>,
+    slots: u32,
 }
 
 impl<S: ReplicatedState> Clone for Proposer<S> {
@@ -144,6 +148,8 @@ impl<S: ReplicatedState> Clone for Proposer<S> {
             tx: self.tx.clone(),
             fences: self.fences.clone(),
             next_place: Arc::clone(&self.next_place),
+            in_flight: Arc::clone(&self.in_flight),
+            slots: self.slots,
         }
     }
 }
@@ -175,8 +181,28 @@ impl<S: ReplicatedState> Proposer<S> {
         let (tx, rx) = mpsc::channel(limits.pending_requests_max as usize);
         let name: Arc<str> = Arc::from(name);
         let fences = Fences::default();
-        let task = tokio::spawn(run::<C, S>(Arc::clone(&name), raft, rx, limits.clone(), forwarder, fences.clone()));
-        (Self { name, tx, fences, next_place: Arc::default() }, task)
+        let slots = limits.pipeline_entries_max;
+        let in_flight = Arc::new(Semaphore::new(slots as usize));
+        let task = tokio::spawn(run::<C, S>(
+            Arc::clone(&name),
+            raft,
+            rx,
+            limits.clone(),
+            forwarder,
+            fences.clone(),
+            Arc::clone(&in_flight),
+        ));
+        (Self { name, tx, fences, next_place: Arc::default(), in_flight, slots }, task)
+    }
+
+    /// Hold the group commit: once every entry in flight has been answered, nothing more is
+    /// proposed or forwarded until the returned guard is dropped (requests keep queueing). For a
+    /// leadership hand-over, during which a new entry would only be refused.
+    pub(crate) async fn hold(&self) -> CoreResult<tokio::sync::OwnedSemaphorePermit> {
+        Arc::clone(&self.in_flight)
+            .acquire_many_owned(self.slots)
+            .await
+            .map_err(|_| CoreError::Unavailable(format!("group {} is stopped", self.name)))
     }
 
     /// Queue a command. Commands queued by one caller are applied in the order queued. Fails with
@@ -246,11 +272,11 @@ async fn run<C, S>(
     limits: Limits,
     forwarder: Option<Forwarder>,
     fences: Fences,
+    in_flight: Arc<Semaphore>,
 ) where
     S: ReplicatedState,
     C: GroupConfig<S, Responder = OneshotResponder<C>, AsyncRuntime = WharfRuntime>,
 {
-    let in_flight = Arc::new(Semaphore::new(limits.pipeline_entries_max as usize));
     let commands_max = limits.batch_commands_max as usize;
     let mut carry: Option<Pending<S>> = None;
     let group = name.to_string();
@@ -563,17 +589,26 @@ async fn leadership_moved(raft: &Raft<impl RaftTypeConfig<NodeId = u64>>, leader
 /// A group's side of the cluster transport on this node: Raft's RPCs go to openraft, forwarded
 /// commands to the proposer (proposed here if this node leads, refused otherwise).
 pub(crate) struct GroupEndpoint<C: RaftTypeConfig, S: ReplicatedState> {
+    pub(crate) name: String,
     pub(crate) raft: Raft<C>,
     pub(crate) proposer: Proposer<S>,
+    /// Reaches the other voters, for a leadership hand-over.
+    pub(crate) transport: Arc<dyn Transport>,
 }
 
 #[async_trait::async_trait]
 impl<C, S> GroupRpc for GroupEndpoint<C, S>
 where
     S: ReplicatedState,
-    C: GroupConfig<S>,
+    C: GroupConfig<S, Responder = OneshotResponder<C>>,
 {
     async fn serve(&self, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, String> {
+        if kind == RpcKind::Transfer {
+            let to: u64 = postcard::from_bytes(body).map_err(|e| format!("malformed hand-over: {e}"))?;
+            let answer =
+                super::membership::hand_over(&self.name, &self.raft, &self.proposer, &*self.transport, to).await;
+            return postcard::to_allocvec(&answer).map_err(|e| format!("encode: {e}"));
+        }
         if kind != RpcKind::Forward {
             return self.raft.serve(kind, body).await;
         }

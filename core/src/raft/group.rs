@@ -108,6 +108,10 @@ pub struct GroupStart<'a> {
     /// stands for election) while the other voters wait to be reached, for a few election
     /// timeouts. This is how leaderships start spread over the nodes.
     pub elect_first: bool,
+    /// Whether this node may form the group on first start. `false` for a node joining a running
+    /// cluster (`cluster.join`): it waits for the group's leader to add it, and never forms a
+    /// group of its own (which would share its first log entry's id with the cluster's).
+    pub form: bool,
 }
 
 /// Start a Raft group on this node, with its log and snapshots in `storage`, reaching its peers
@@ -132,7 +136,7 @@ where
     S: ReplicatedState,
     N: RaftNetworkFactory<C>,
 {
-    let GroupStart { name, node_id, raft_config, voters, elect_first } = start;
+    let GroupStart { name, node_id, raft_config, voters, elect_first, form } = start;
     let storage_err = |source| GroupError::Storage { group: name.to_owned(), source };
     let log_store = LogStore::<C>::new(name, Arc::clone(&storage), syncer).map_err(storage_err)?;
     let state_machine = StateMachineStore::<C, S>::open(name, storage, effects).await.map_err(storage_err)?;
@@ -141,7 +145,7 @@ where
     let fatal = |source| GroupError::Fatal { group: name.to_owned(), source: Box::new(source) };
     let raft = Raft::new(node_id, Arc::clone(&raft_config), network, log_store, state_machine).await.map_err(fatal)?;
     let alone = voters.keys().all(|&id| id == node_id);
-    if !raft.is_initialized().await.map_err(fatal)? {
+    if form && !raft.is_initialized().await.map_err(fatal)? {
         if elect_first || alone {
             // Forming the group makes this node stand for election at once.
             initialize(&raft, name, voters).await?;

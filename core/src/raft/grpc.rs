@@ -40,6 +40,9 @@ impl From<RpcKind> for Kind {
             RpcKind::Vote => Kind::Vote,
             RpcKind::InstallSnapshot => Kind::InstallSnapshot,
             RpcKind::Forward => Kind::Forward,
+            RpcKind::Membership => Kind::Membership,
+            RpcKind::Transfer => Kind::Transfer,
+            RpcKind::Election => Kind::Election,
         }
     }
 }
@@ -128,6 +131,9 @@ impl proto::raft_server::Raft for RaftEndpoint {
             Ok(Kind::Vote) => RpcKind::Vote,
             Ok(Kind::InstallSnapshot) => RpcKind::InstallSnapshot,
             Ok(Kind::Forward) => RpcKind::Forward,
+            Ok(Kind::Membership) => RpcKind::Membership,
+            Ok(Kind::Transfer) => RpcKind::Transfer,
+            Ok(Kind::Election) => RpcKind::Election,
             Ok(Kind::Unspecified) | Err(_) => {
                 return Err(Status::invalid_argument(format!("unknown rpc kind {}", request.kind)));
             }

@@ -5,6 +5,7 @@
 pub mod group;
 pub mod grpc;
 pub mod log_store;
+pub mod membership;
 pub mod network;
 pub mod runtime;
 pub mod state_machine;

@@ -159,9 +159,11 @@ pub trait Storage: Send + Sync + fmt::Debug + 'static {
     /// `group`'s last saved snapshot.
     fn load_snapshot(&self, group: &str) -> Result<Option<Vec<u8>>, StorageError>;
 
-    /// Increment the node's incarnation counter, durably, and return the new value (1 on the first
-    /// start). Called once per process start; distinguishes this run's ids from earlier runs'.
-    fn next_incarnation(&self) -> Result<u64, StorageError>;
+    /// Increment the node's incarnation counter, durably, and return the new value: one more than
+    /// the last, and at least `at_least` (1 on the first start with `at_least` 0). Called once per
+    /// process start; distinguishes this run's ids from earlier runs', and, with the wall clock as
+    /// `at_least`, from the runs of an earlier data directory of the same node id.
+    fn next_incarnation(&self, at_least: u64) -> Result<u64, StorageError>;
 }
 
 /// Run a storage call from async code: on tokio's blocking pool when the storage blocks on IO, so
@@ -459,11 +461,11 @@ impl Storage for FjallStorage {
         }
     }
 
-    fn next_incarnation(&self) -> Result<u64, StorageError> {
+    fn next_incarnation(&self, at_least: u64) -> Result<u64, StorageError> {
         let _guard = self.write_lock.lock().unwrap_or_else(PoisonError::into_inner);
         self.check_poisoned()?;
         let previous = decode_incarnation(self.meta.get(INCARNATION_KEY)?.as_deref())?;
-        let next = previous + 1;
+        let next = (previous + 1).max(at_least);
         let mut batch = self.db.batch().durability(Some(PersistMode::SyncData));
         batch.insert(&self.meta, INCARNATION_KEY, next.to_be_bytes());
         batch.commit()?;
@@ -782,13 +784,13 @@ impl Storage for MemStorage {
         Ok(self.lock().live.snapshots.get(group).map(|data| data.to_vec()))
     }
 
-    fn next_incarnation(&self) -> Result<u64, StorageError> {
+    fn next_incarnation(&self, at_least: u64) -> Result<u64, StorageError> {
         let mut inner = self.lock();
         if inner.poisoned {
             return Err(StorageError::Poisoned);
         }
         let previous = decode_incarnation(inner.live.meta.get(INCARNATION_KEY).map(|v| v.as_ref()))?;
-        let next = previous + 1;
+        let next = (previous + 1).max(at_least);
         let op = MemOp::PutMeta { key: INCARNATION_KEY.to_owned(), value: Bytes::copy_from_slice(&next.to_be_bytes()) };
         inner.live.apply(&op);
         inner.unsynced.push(op);
@@ -1027,8 +1029,8 @@ mod tests {
         storage.save_snapshot(g, b"snap-2").unwrap();
         assert_eq!(storage.load_snapshot(g).unwrap(), Some(b"snap-2".to_vec()));
 
-        assert_eq!(storage.next_incarnation().unwrap(), 1);
-        assert_eq!(storage.next_incarnation().unwrap(), 2);
+        assert_eq!(storage.next_incarnation(0).unwrap(), 1);
+        assert_eq!(storage.next_incarnation(0).unwrap(), 2);
         assert!(matches!(storage.append("../etc", vec![]), Err(StorageError::InvalidGroupName { .. })));
         storage.sync().unwrap();
     }
@@ -1050,7 +1052,10 @@ mod tests {
         assert_eq!(storage.last_entry("shard-1").unwrap(), Some((7, vec![7; 3])));
         assert_eq!(storage.get_meta("shard-1", "vote").unwrap(), Some(b"v1".to_vec()));
         assert_eq!(storage.load_snapshot("shard-1").unwrap(), Some(b"snap-2".to_vec()));
-        assert_eq!(storage.next_incarnation().unwrap(), 3);
+        assert_eq!(storage.next_incarnation(0).unwrap(), 3);
+        // A floor (the wall clock) lifts it, once; the count goes on from there.
+        assert_eq!(storage.next_incarnation(1_000).unwrap(), 1_000);
+        assert_eq!(storage.next_incarnation(5).unwrap(), 1_001);
     }
 
     /// Purges one after another (each from where the last ended, as after every snapshot), after
@@ -1171,8 +1176,8 @@ mod tests {
         fn load_snapshot(&self, group: &str) -> Result<Option<Vec<u8>>, StorageError> {
             self.inner.load_snapshot(group)
         }
-        fn next_incarnation(&self) -> Result<u64, StorageError> {
-            self.inner.next_incarnation()
+        fn next_incarnation(&self, at_least: u64) -> Result<u64, StorageError> {
+            self.inner.next_incarnation(at_least)
         }
     }
 

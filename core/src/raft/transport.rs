@@ -32,6 +32,14 @@ pub enum RpcKind {
     /// Commands for the group's leader to propose, from a node that does not lead it (the
     /// any-node gateway). Served by the core, not by openraft.
     Forward,
+    /// A change of the group's members ([`super::membership::MembershipChange`]), for its leader
+    /// to make.
+    Membership,
+    /// Hand the group's leadership over to a voter (a node id, postcard), for its leader to do.
+    /// Served by the core, not by openraft.
+    Transfer,
+    /// A step a voter takes in a hand-over ([`super::membership::ElectionStep`]).
+    Election,
 }
 
 /// One Raft RPC addressed to a group on a peer: the group's name, the kind, and the request
@@ -136,7 +144,7 @@ pub(crate) async fn call_encoded<T: Serialize>(
 #[async_trait::async_trait]
 impl<C> GroupRpc for Raft<C>
 where
-    C: RaftTypeConfig<NodeId = u64, Node = BasicNode>,
+    C: RaftTypeConfig<NodeId = u64, Node = BasicNode, Responder = openraft::impls::OneshotResponder<C>>,
 {
     async fn serve(&self, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, String> {
         match kind {
@@ -153,7 +161,16 @@ where
                 let answer: Result<_, RaftError<u64, InstallSnapshotError>> = self.install_snapshot(request).await;
                 encode(&answer)
             }
-            RpcKind::Forward => Err("this group takes no forwarded commands".into()),
+            RpcKind::Membership => {
+                let change: super::membership::MembershipChange = decode(body)?;
+                encode(&super::membership::change_here(self, &change).await)
+            }
+            RpcKind::Election => {
+                let step: super::membership::ElectionStep = decode(body)?;
+                let done: Result<(), String> = super::membership::election_step(self, step).await;
+                encode(&done)
+            }
+            RpcKind::Forward | RpcKind::Transfer => Err("this group takes no forwarded commands".into()),
         }
     }
 }
