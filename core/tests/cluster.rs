@@ -417,6 +417,9 @@ async fn a_removed_node_refuses_to_start_on_its_data_and_the_stored_members_win_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn leaderships_are_handed_over_on_request_and_at_a_graceful_shutdown_while_publishing() {
+    if let Ok(filter) = std::env::var("WHARF_TEST_LOG") {
+        let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+    }
     let board = Switchboard::new();
     let cores = cluster(&board).await;
     let spec = QueueSpec { vhost: "/".into(), name: "orders".into(), durable: true, ..QueueSpec::default() };
@@ -453,19 +456,23 @@ async fn leaderships_are_handed_over_on_request_and_at_a_graceful_shutdown_while
     let error = cores[0].transfer_leadership(Some("shard-9"), 2, TIMEOUT).await.expect_err("no such group");
     assert!(matches!(error, CoreError::NotFound(_)), "{error}");
 
-    // Node 3 leads the meta group and shard-1: stopping it hands them over first, so a survivor
-    // leads each of them as soon as the shutdown returns, without waiting for an election timeout.
+    // Node 3 leads the meta group and shard-1: stepping down (as its graceful shutdown does
+    // first) hands them over, so that a survivor leads each of them at once, without waiting
+    // for an election timeout.
     tokio::time::timeout(TIMEOUT, publisher).await.expect("publisher finishes").expect("publisher");
+    let led: Vec<String> =
+        cores[2].group_status().into_iter().filter(|g| g.leader == Some(3)).map(|g| g.group).collect();
+    let handed = cores[2].step_down().await;
+    let groups: Vec<&str> = handed.iter().map(|g| g.group.as_str()).collect();
+    assert_eq!(groups, led, "every group node 3 led is handed over: {handed:?}");
+    assert!(!groups.is_empty() && handed.iter().all(|g| g.leader != 3), "{handed:?}");
+    for group in &handed {
+        let leader = &cores[(group.leader - 1) as usize];
+        let status = leader.group_status().into_iter().find(|g| g.group == group.group).expect("the group");
+        assert_eq!(status.state, "leader", "{group:?}: {status:?}");
+    }
     cores[2].shutdown().await.expect("stop node 3");
     board.detach(3);
-    let survivors = [&cores[0], &cores[1]];
-    for group in ["meta", "shard-1"] {
-        let led: Vec<bool> = survivors
-            .iter()
-            .map(|core| core.group_status().iter().any(|status| status.group == group && status.state == "leader"))
-            .collect();
-        assert!(led.contains(&true), "{group}: no survivor leads it once node 3 has stopped");
-    }
     let id = ConsumerId { connection: cores[0].new_connection(), seq: 1 };
     let mut consumer = cores[0].consume("/", "orders", id, ConsumeOptions::default()).await.expect("consume");
     let received = consume(&cores[0], &mut consumer, id, 200).await;

@@ -165,7 +165,8 @@ impl Core {
                 (Some(leader), _) if leader == me => change_here(raft, &change(deadline)).await,
                 (Some(leader), Some(transport)) => {
                     let request = change(deadline);
-                    let asked = ask_leader(raft, &**transport, name, leader, RpcKind::Membership, &request, deadline);
+                    let asked =
+                        ask_group_leader(raft, &**transport, name, leader, RpcKind::Membership, &request, deadline);
                     asked.await.unwrap_or_else(MembershipAnswer::Retry)
                 }
                 _ => MembershipAnswer::NotLeader { leader: None },
@@ -228,10 +229,12 @@ impl Core {
         Ok(leaders)
     }
 
-    /// At a graceful shutdown: hand every group this node leads over to its most up-to-date other
-    /// voter, all groups at once; whatever does not go through in time is left to an election.
-    pub(crate) async fn hand_over_leaderships(&self) {
-        let Some(link) = self.inner.cluster.as_ref() else { return };
+    /// Hand every group this node leads over to its most up-to-date other voter, all groups at
+    /// once: before maintenance, and at a graceful shutdown ([`Core::shutdown`]). The groups
+    /// handed over, with their new leader; what does not go through in time is left to an
+    /// election.
+    pub async fn step_down(&self) -> Vec<GroupLeader> {
+        let Some(link) = self.inner.cluster.as_ref() else { return Vec::new() };
         let meta = &self.inner.meta;
         let mut handing = vec![tokio::spawn(hand_over_to_best(
             meta.name.clone(),
@@ -247,15 +250,19 @@ impl Core {
                 Arc::clone(&link.transport),
             )));
         }
-        for handed in handing {
-            let _ = handed.await;
+        let mut handed = Vec::new();
+        for task in handing {
+            if let Ok(Some(group)) = task.await {
+                handed.push(group);
+            }
         }
+        handed
     }
 }
 
 /// Send `request` to group `name`'s leader, node `leader`, as a `kind` RPC, answered before
 /// `deadline`: its answer, or why none came (worth asking again).
-async fn ask_leader<C, T, A>(
+async fn ask_group_leader<C, T, A>(
     raft: &Raft<C>,
     transport: &dyn Transport,
     name: &str,
@@ -296,7 +303,7 @@ where
             Some(leader) if leader == to => HandOver::Done,
             Some(leader) if leader == metrics.id => hand_over(name, raft, proposer, transport, to).await,
             Some(leader) => {
-                let asked = ask_leader(raft, transport, name, leader, RpcKind::Transfer, &to, deadline);
+                let asked = ask_group_leader(raft, transport, name, leader, RpcKind::Transfer, &to, deadline);
                 asked.await.unwrap_or_else(HandOver::Retry)
             }
             None => HandOver::NotLeader { leader: None },
@@ -333,26 +340,37 @@ fn leading<C: RaftTypeConfig<NodeId = u64, Node = BasicNode>>(
     if metrics.current_leader == Some(metrics.id) { Ok(metrics) } else { Err(metrics.current_leader) }
 }
 
-/// At shutdown: hand group `name` over to the other voter that has replicated the most, if this
-/// node leads it.
-async fn hand_over_to_best<C, S>(name: String, raft: Raft<C>, proposer: Proposer<S>, transport: Arc<dyn Transport>)
+/// Hand group `name` over to the other voter that has replicated the most, if this node leads
+/// it (a second time if the first did not go through); the new leader.
+async fn hand_over_to_best<C, S>(
+    name: String,
+    raft: Raft<C>,
+    proposer: Proposer<S>,
+    transport: Arc<dyn Transport>,
+) -> Option<GroupLeader>
 where
     S: ReplicatedState,
     C: GroupConfig<S, Responder = OneshotResponder<C>>,
 {
-    let Ok(metrics) = leading(&raft) else { return };
-    let me = metrics.id;
-    let best = metrics
-        .membership_config
-        .membership()
-        .voter_ids()
-        .filter(|&voter| voter != me)
-        .max_by_key(|&voter| matched(&metrics, voter));
-    let Some(to) = best else { return };
-    match hand_over(&name, &raft, &proposer, &*transport, to).await {
-        HandOver::Done => tracing::info!(group = name, leader = to, "leadership handed over before stopping"),
-        outcome => tracing::info!(group = name, ?outcome, "leadership not handed over: left to an election"),
+    for _attempt in 0..2 {
+        let metrics = leading(&raft).ok()?;
+        let me = metrics.id;
+        let best = metrics
+            .membership_config
+            .membership()
+            .voter_ids()
+            .filter(|&voter| voter != me)
+            .max_by_key(|&voter| matched(&metrics, voter));
+        let to = best?;
+        match hand_over(&name, &raft, &proposer, &*transport, to).await {
+            HandOver::Done => {
+                tracing::info!(group = name, leader = to, "leadership handed over");
+                return Some(GroupLeader { group: name, leader: to });
+            }
+            outcome => tracing::info!(group = name, ?outcome, "leadership not handed over"),
+        }
     }
+    None
 }
 
 /// Hand group `name`'s leadership over to voter `to`, on its leader. openraft 0.9 has no leader

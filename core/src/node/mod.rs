@@ -677,7 +677,10 @@ impl Core {
         }
         // The groups this node leads elect their next leader now rather than after an election
         // timeout, and nothing is left waiting on a leader that is going.
-        self.hand_over_leaderships().await;
+        let handed = self.step_down().await;
+        if !handed.is_empty() {
+            tracing::info!(?handed, "leaderships handed over before stopping");
+        }
         self.stop_groups().await?;
         run_io(&self.inner.storage, |s| s.sync()).await.map_err(|e| CoreError::Storage(e.to_string()))?;
         tracing::info!("core stopped");
