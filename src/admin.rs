@@ -183,28 +183,23 @@ async fn cluster(State(state): State<AdminState>) -> Response {
     let Some(core) = state.core.get() else {
         return (StatusCode::SERVICE_UNAVAILABLE, "not ready: the core is opening\n").into_response();
     };
-    let status = ClusterStatus { node_id: core.config().node_id, groups: core.group_status() };
-    match serde_json::to_string(&status) {
-        Ok(body) => ([(header::CONTENT_TYPE, "application/json")], body).into_response(),
-        Err(error) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{error}\n")).into_response(),
-    }
+    json_or_error(Ok(ClusterStatus { node_id: core.config().node_id, groups: core.group_status() }))
 }
 
 async fn join(State(state): State<AdminState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, body: Bytes) -> Response {
-    let (core, request) = match change_request::<JoinRequest>(&state, peer, &body) {
+    let (core, request, timeout) = match change_request(&state, peer, &body, |r: &JoinRequest| r.timeout_secs) {
         Ok(checked) => checked,
         Err(refusal) => return refusal.into_response(),
     };
-    let timeout = Duration::from_secs(request.timeout_secs);
     members_changed(core, core.add_node(request.id, &request.addr, timeout).await)
 }
 
 async fn leave(State(state): State<AdminState>, ConnectInfo(peer): ConnectInfo<SocketAddr>, body: Bytes) -> Response {
-    let (core, request) = match change_request::<LeaveRequest>(&state, peer, &body) {
+    let (core, request, timeout) = match change_request(&state, peer, &body, |r: &LeaveRequest| r.timeout_secs) {
         Ok(checked) => checked,
         Err(refusal) => return refusal.into_response(),
     };
-    members_changed(core, core.remove_node(request.id, Duration::from_secs(request.timeout_secs)).await)
+    members_changed(core, core.remove_node(request.id, timeout).await)
 }
 
 async fn transfer(
@@ -212,22 +207,23 @@ async fn transfer(
     ConnectInfo(peer): ConnectInfo<SocketAddr>,
     body: Bytes,
 ) -> Response {
-    let (core, request) = match change_request::<TransferRequest>(&state, peer, &body) {
+    let (core, request, timeout) = match change_request(&state, peer, &body, |r: &TransferRequest| r.timeout_secs) {
         Ok(checked) => checked,
         Err(refusal) => return refusal.into_response(),
     };
-    let timeout = Duration::from_secs(request.timeout_secs);
     let moved = core.transfer_leadership(request.group.as_deref(), request.to, timeout).await;
     json_or_error(moved.map(|groups| LeadersChanged { node_id: core.config().node_id, groups }))
 }
 
-/// A membership change's core and request, or the answer refusing it: from another host (unless
-/// allowed), before the core opened, or with a body that is not the request.
-fn change_request<'a, T: serde::de::DeserializeOwned + TimeoutSecs>(
+/// A membership change's core, request and timeout (read by `timeout_secs`), or the answer
+/// refusing it: from another host (unless allowed), before the core opened, with a body that is
+/// not the request, or with a timeout out of range.
+fn change_request<'a, T: serde::de::DeserializeOwned>(
     state: &'a AdminState,
     peer: SocketAddr,
     body: &[u8],
-) -> Result<(&'a Core, T), (StatusCode, String)> {
+    timeout_secs: fn(&T) -> u64,
+) -> Result<(&'a Core, T, Duration), (StatusCode, String)> {
     if !state.remote_changes && !peer.ip().is_loopback() {
         let text = format!(
             "membership changes are taken from this host only (admin.remote_changes), not from {}\n",
@@ -240,35 +236,12 @@ fn change_request<'a, T: serde::de::DeserializeOwned + TimeoutSecs>(
     };
     let request: T = serde_json::from_slice(body)
         .map_err(|error| (StatusCode::BAD_REQUEST, format!("malformed request: {error}\n")))?;
-    let timeout_secs = request.timeout_secs();
+    let timeout_secs = timeout_secs(&request);
     if timeout_secs == 0 || timeout_secs > CHANGE_TIMEOUT_SECS_MAX {
         let text = format!("timeout_secs must be between 1 and {CHANGE_TIMEOUT_SECS_MAX}, not {timeout_secs}\n");
         return Err((StatusCode::BAD_REQUEST, text));
     }
-    Ok((core, request))
-}
-
-/// Requests that carry a timeout.
-trait TimeoutSecs {
-    fn timeout_secs(&self) -> u64;
-}
-
-impl TimeoutSecs for JoinRequest {
-    fn timeout_secs(&self) -> u64 {
-        self.timeout_secs
-    }
-}
-
-impl TimeoutSecs for TransferRequest {
-    fn timeout_secs(&self) -> u64 {
-        self.timeout_secs
-    }
-}
-
-impl TimeoutSecs for LeaveRequest {
-    fn timeout_secs(&self) -> u64 {
-        self.timeout_secs
-    }
+    Ok((core, request, Duration::from_secs(timeout_secs)))
 }
 
 /// The answer to a membership change: the groups' voters, or the core's error with its status.

@@ -58,7 +58,7 @@ pub(crate) enum HandOver {
 }
 
 /// One group's members after a change.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct GroupMembers {
     /// The group (`meta`, `shard-3`).
     pub group: String,
@@ -78,7 +78,8 @@ impl Core {
             return Err(CoreError::InvalidArgument("the new node's cluster address is empty".into()));
         }
         let deadline = tokio::time::Instant::now() + timeout;
-        let change = |deadline: tokio::time::Instant| MembershipChange::Add {
+        // The new node's catching up may take what is left of the whole change's time.
+        let change = || MembershipChange::Add {
             id,
             addr: addr.to_owned(),
             catch_up_timeout_ms: u64::try_from(
@@ -104,7 +105,7 @@ impl Core {
         }
         let deadline = tokio::time::Instant::now() + timeout;
         tracing::info!(node = id, "removing a node from the cluster");
-        let members = self.change_every_group(|_| MembershipChange::Remove { id }, deadline).await?;
+        let members = self.change_every_group(|| MembershipChange::Remove { id }, deadline).await?;
         // Gone for good: its consumers and exclusive queues will never be cleaned up by a restart.
         // Leaderships may still be moving (the node led some groups), so each step is retried.
         let gone = u64::MAX;
@@ -123,72 +124,68 @@ impl Core {
         Ok(members)
     }
 
-    /// Make the change `change(deadline)` to the meta group, then to every shard, by their
-    /// leaders; the groups' members afterwards.
+    /// Make the change `change()` to the meta group, then to every shard, by their leaders; the
+    /// groups' members afterwards.
     async fn change_every_group(
         &self,
-        change: impl Fn(tokio::time::Instant) -> MembershipChange,
+        change: impl Fn() -> MembershipChange,
         deadline: tokio::time::Instant,
     ) -> CoreResult<Vec<GroupMembers>> {
         self.check_open()?;
-        if self.inner.cluster.is_none() {
+        let Some(link) = self.inner.cluster.as_ref() else {
             return Err(CoreError::InvalidArgument(
                 "this node runs alone (no cluster.peers): the members of a single node cannot change".into(),
             ));
-        }
+        };
+        let transport = &*link.transport;
         let meta = &self.inner.meta;
-        let mut members = vec![self.change_group(&meta.name, &meta.raft, &change, deadline).await?];
+        let mut members = vec![change_group(&meta.name, &meta.raft, transport, &change, deadline).await?];
         for shard in &self.inner.shards {
-            members.push(self.change_group(&shard.name, &shard.raft, &change, deadline).await?);
+            members.push(change_group(&shard.name, &shard.raft, transport, &change, deadline).await?);
         }
         Ok(members)
     }
+}
 
-    /// Have group `name`'s leader make the change, this node or another, again while it is worth
-    /// it and the deadline allows.
-    async fn change_group<C>(
-        &self,
-        name: &str,
-        raft: &Raft<C>,
-        change: &impl Fn(tokio::time::Instant) -> MembershipChange,
-        deadline: tokio::time::Instant,
-    ) -> CoreResult<GroupMembers>
-    where
-        C: RaftTypeConfig<NodeId = u64, Node = BasicNode, Responder = OneshotResponder<C>>,
-    {
-        let me = self.inner.config.node_id;
-        let transport = self.inner.cluster.as_ref().map(|link| &link.transport);
-        loop {
-            let metrics = raft.metrics().borrow().clone();
-            let leader = metrics.current_leader;
-            let answer = match (leader, transport) {
-                (Some(leader), _) if leader == me => change_here(raft, &change(deadline)).await,
-                (Some(leader), Some(transport)) => {
-                    let request = change(deadline);
-                    let asked =
-                        ask_group_leader(raft, &**transport, name, leader, RpcKind::Membership, &request, deadline);
-                    asked.await.unwrap_or_else(MembershipAnswer::Retry)
-                }
-                _ => MembershipAnswer::NotLeader { leader: None },
-            };
-            match answer {
-                MembershipAnswer::Done { voters } => {
-                    tracing::info!(group = name, ?voters, "group members changed");
-                    return Ok(GroupMembers { group: name.to_owned(), voters });
-                }
-                MembershipAnswer::Refused(reason) => {
-                    return Err(CoreError::InvalidArgument(format!("group {name}: {reason}")));
-                }
-                answer if tokio::time::Instant::now() < deadline => {
-                    tracing::debug!(group = name, %answer, "membership change: asking again");
-                    tokio::time::sleep(Duration::from_millis(MEMBERSHIP_RETRY_MS)).await;
-                }
-                answer => {
-                    return Err(CoreError::Unavailable(format!(
-                        "group {name}: the membership change did not complete in time ({answer}); ask again to \
-                         finish it"
-                    )));
-                }
+/// Have group `name`'s leader make the change, this node or another, again while it is worth it
+/// and the deadline allows.
+async fn change_group<C>(
+    name: &str,
+    raft: &Raft<C>,
+    transport: &dyn Transport,
+    change: &impl Fn() -> MembershipChange,
+    deadline: tokio::time::Instant,
+) -> CoreResult<GroupMembers>
+where
+    C: RaftTypeConfig<NodeId = u64, Node = BasicNode, Responder = OneshotResponder<C>>,
+{
+    loop {
+        let metrics = raft.metrics().borrow().clone();
+        let answer = match metrics.current_leader {
+            Some(leader) if leader == metrics.id => change_here(raft, &change()).await,
+            Some(leader) => {
+                let request = change();
+                let asked = ask_group_leader(raft, transport, name, leader, RpcKind::Membership, &request, deadline);
+                asked.await.unwrap_or_else(MembershipAnswer::Retry)
+            }
+            None => MembershipAnswer::NotLeader { leader: None },
+        };
+        match answer {
+            MembershipAnswer::Done { voters } => {
+                tracing::info!(group = name, ?voters, "group members changed");
+                return Ok(GroupMembers { group: name.to_owned(), voters });
+            }
+            MembershipAnswer::Refused(reason) => {
+                return Err(CoreError::InvalidArgument(format!("group {name}: {reason}")));
+            }
+            answer if tokio::time::Instant::now() < deadline => {
+                tracing::debug!(group = name, %answer, "membership change: asking again");
+                tokio::time::sleep(Duration::from_millis(MEMBERSHIP_RETRY_MS)).await;
+            }
+            answer => {
+                return Err(CoreError::Unavailable(format!(
+                    "group {name}: the membership change did not complete in time ({answer}); ask again to finish it"
+                )));
             }
         }
     }
